@@ -1,0 +1,21 @@
+"""Model engines behind one interface: llama.cpp on the CPU, exllamav2 on NVIDIA GPUs."""
+
+from consumer.engine.base import (
+    ChatMessage,
+    Engine,
+    EngineError,
+    EngineInfo,
+    Generation,
+    GenerationRequest,
+    Scores,
+)
+
+__all__ = [
+    "ChatMessage",
+    "Engine",
+    "EngineError",
+    "EngineInfo",
+    "Generation",
+    "GenerationRequest",
+    "Scores",
+]
