@@ -83,9 +83,7 @@ class Engine(Protocol):
         """Generate the assistant's reply to `request.messages`."""
         ...
 
-    async def score(
-        self, messages: tuple[ChatMessage, ...], candidates: tuple[str, ...]
-    ) -> Scores:
+    async def score(self, messages: tuple[ChatMessage, ...], candidates: tuple[str, ...]) -> Scores:
         """Log-likelihood of each candidate as the *complete* assistant reply.
 
         A candidate's score is the sum of the log-probabilities of its tokens

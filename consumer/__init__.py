@@ -1,0 +1,1 @@
+"""The opstream consumer: a FastStream app that answers operation requests from Kafka."""

@@ -1,0 +1,21 @@
+"""The list of places that add subcommands to the `opstream` command line."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+Registrar = Callable[
+    ["argparse._SubParsersAction[argparse.ArgumentParser]", argparse.ArgumentParser], None
+]
+
+
+def _core(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    from consumer.core_cli import register
+
+    register(subparsers, common)
+
+
+REGISTRARS: list[Registrar] = [_core]

@@ -1,0 +1,140 @@
+"""The one settings object: defaults < TOML file < OPSTREAM_* environment < command-line flags."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from topics.catalog import TopicSettings
+
+
+class KafkaSettings(BaseModel):
+    """How to reach the broker. Security (TLS/SASL) lives in `security`."""
+
+    bootstrap_servers: str | None = Field(
+        default=None,
+        description="host:port[,host:port]. Unset: `opstream dev` starts an embedded broker.",
+    )
+    client_id: str = "opstream"
+    group_id: str = "opstream"
+    # Real Kafka answers a fetch as soon as data arrives; the local Tansu broker
+    # waits the whole interval, so dev and tests keep this small.
+    fetch_max_wait_ms: int = Field(default=500, ge=0, le=30_000)
+    session_timeout_ms: int = Field(default=10_000, ge=1_000)
+    heartbeat_interval_ms: int = Field(default=3_000, ge=100)
+    max_poll_interval_ms: int = Field(default=300_000, ge=1_000)
+    request_timeout_ms: int = Field(default=40_000, ge=1_000)
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+
+
+class LlamaCppSettings(BaseModel):
+    """The CPU engine: a GGUF file, given as a path or a Hugging Face repo + file."""
+
+    model_path: Path | None = None
+    hf_repo: str | None = Field(default=None, description="e.g. Qwen/Qwen2.5-7B-Instruct-GGUF")
+    hf_file: str | None = Field(default=None, description="e.g. qwen2.5-7b-instruct-q4_k_m.gguf")
+    n_ctx: int = Field(default=4096, ge=256)
+    n_threads: int | None = Field(default=None, ge=1)
+    n_batch: int = Field(default=512, ge=8)
+    seed: int = 0
+
+
+class EngineSettings(BaseModel):
+    """Which backend runs the model."""
+
+    backend: Literal["auto", "llamacpp", "exllamav2"] = Field(
+        default="auto", description="auto: exllamav2 when CUDA is usable, else llamacpp."
+    )
+    llamacpp: LlamaCppSettings = Field(default_factory=LlamaCppSettings)
+
+
+class OperationLimits(BaseModel):
+    """Per-operation bounds that are configurable (the others are fixed by the contract)."""
+
+    chat_max_input_chars: int = Field(default=16_000, ge=1, le=200_000)
+    chat_max_output_tokens: int = Field(default=1_024, ge=1, le=32_768)
+    chat_max_messages: int = Field(default=64, ge=1, le=1_024)
+
+
+class IntakeSettings(BaseModel):
+    """How much work is in flight and how offsets are committed."""
+
+    max_in_flight: int = Field(default=64, ge=1, le=10_000)
+    commit_interval_ms: int = Field(default=50, ge=1, le=60_000)
+    shutdown_grace_s: float = Field(default=30.0, ge=0)
+
+
+class HttpSettings(BaseModel):
+    """The ASGI app: health, readiness, metrics and admin endpoints."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65_535)
+
+
+def _default_instance_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Settings(BaseSettings):
+    """Everything opstream reads from its environment, built once and passed down."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="OPSTREAM_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    profile: Literal["production", "dev"] = "production"
+    instance_id: str = Field(default_factory=_default_instance_id)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    topics: TopicSettings = Field(default_factory=TopicSettings)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    limits: OperationLimits = Field(default_factory=OperationLimits)
+    intake: IntakeSettings = Field(default_factory=IntakeSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = settings_cls.model_config.get("toml_file")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings: flags (`overrides`) win over env, env over the TOML file.
+
+    `overrides` uses the nested shape, e.g. `kafka={"bootstrap_servers": "..."}`.
+    """
+    if config_file is None:
+        return Settings(**overrides)
+    if not config_file.is_file():
+        raise FileNotFoundError(f"config file not found: {config_file}")
+    bound = type(
+        "Settings",
+        (Settings,),
+        {"model_config": {**Settings.model_config, "toml_file": config_file}},
+    )
+    settings = bound(**overrides)
+    return Settings.model_validate(settings.model_dump())

@@ -1,0 +1,53 @@
+"""The wire contract: requests, replies and errors as pydantic v2 models (no I/O)."""
+
+from schemas.replies import (
+    HTTP_STATUS,
+    AssistantMessage,
+    ChatResult,
+    ClassifyResult,
+    ErrorCode,
+    ErrorInfo,
+    FieldError,
+    Meta,
+    OperationReply,
+    SummarizeResult,
+    TranslateResult,
+)
+from schemas.requests import (
+    OPERATION_LIMITS,
+    OPERATIONS,
+    SCHEMA_VERSION,
+    ChatRequest,
+    ChatTurn,
+    ClassifyRequest,
+    OperationRequest,
+    RequestEnvelope,
+    SummarizeRequest,
+    TranslateRequest,
+    operation_request_adapter,
+)
+
+__all__ = [
+    "HTTP_STATUS",
+    "OPERATIONS",
+    "OPERATION_LIMITS",
+    "SCHEMA_VERSION",
+    "AssistantMessage",
+    "ChatRequest",
+    "ChatResult",
+    "ChatTurn",
+    "ClassifyRequest",
+    "ClassifyResult",
+    "ErrorCode",
+    "ErrorInfo",
+    "FieldError",
+    "Meta",
+    "OperationReply",
+    "OperationRequest",
+    "RequestEnvelope",
+    "SummarizeRequest",
+    "SummarizeResult",
+    "TranslateRequest",
+    "TranslateResult",
+    "operation_request_adapter",
+]

@@ -1,0 +1,116 @@
+"""Replies: the JSON body the consumer publishes to a request's reply topic."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from schemas.requests import SCHEMA_VERSION
+
+ErrorCode = Literal[
+    "validation", "unauthorized", "quota_exceeded", "deadline_exceeded", "overloaded", "internal"
+]
+HTTP_STATUS: dict[str, int] = {
+    "validation": 422,
+    "unauthorized": 403,
+    "quota_exceeded": 429,
+    "deadline_exceeded": 504,
+    "overloaded": 503,
+    "internal": 500,
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FieldError(_Strict):
+    """One validation problem: where, what and why (never the offending input)."""
+
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ErrorInfo(_Strict):
+    """Why a request was not answered with a result."""
+
+    code: ErrorCode
+    message: str
+    retryable: bool
+    http_status: int = Field(description="The HTTP status the original platform used.")
+    errors: list[FieldError] | None = Field(default=None, description="validation: field errors")
+    limit: int | None = Field(default=None, description="quota_exceeded: the limit that tripped")
+    used: int | None = None
+    remaining: int | None = None
+    resets_at: datetime | None = None
+    limit_name: str | None = Field(
+        default=None, description="quota_exceeded: which limit, e.g. 'summarize.requests'"
+    )
+
+
+class Meta(_Strict):
+    """How the request was served."""
+
+    operation: str | None
+    model_used: str | None
+    input_chars: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    queue_ms: float = 0.0
+    execution_time_ms: float = 0.0
+    request_id: str | None
+    timestamp: datetime
+
+
+class SummarizeResult(_Strict):
+    summary: str
+    sentence_count: int
+
+
+class TranslateResult(_Strict):
+    translated_text: str
+    source_language: str
+    target_language: str
+
+
+class ClassifyResult(_Strict):
+    label: str
+    confidence: float = Field(ge=0.0, le=1.0)
+    scores: dict[str, float]
+
+
+class AssistantMessage(_Strict):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatResult(_Strict):
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+
+
+Result = Annotated[
+    SummarizeResult | TranslateResult | ClassifyResult | ChatResult,
+    Field(union_mode="left_to_right"),
+]
+
+
+class OperationReply(_Strict):
+    """Every reply: `status`, then a `result` (ok) or an `error` (error), and `meta`."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    status: Literal["ok", "error"]
+    result: Result | None = None
+    error: ErrorInfo | None = None
+    meta: Meta
+
+    @model_validator(mode="after")
+    def _result_xor_error(self) -> OperationReply:
+        if (self.status == "ok") != (self.result is not None) or (self.status == "error") != (
+            self.error is not None
+        ):
+            raise ValueError("status 'ok' carries a result; status 'error' carries an error")
+        return self
