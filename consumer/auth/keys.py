@@ -1,0 +1,303 @@
+"""Tenant signing keys: where they come from (settings, keys file) and `KeyRing.verify`."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, ValidationError
+
+from consumer.auth.signature import (
+    ID_PATTERN,
+    KEY_ID_HEADER,
+    SIGNATURE_HEADER,
+    SIGNATURE_HEADERS,
+    SIGNATURE_PATTERN,
+    TIMESTAMP_HEADER,
+    TIMESTAMP_PATTERN,
+    compute_signature,
+)
+from consumer.errors import Unauthorized
+
+MIN_SECRET_CHARS = 16
+
+IdStr = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
+
+
+class TenantKey(BaseModel):
+    """One signing key of a tenant. A tenant has several while a key is rotated."""
+
+    # A failed validation must not echo a secret back into a log or a terminal.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    key_id: IdStr
+    # Length is checked by `KeyRing`, not here: a failed field check would print the value.
+    secret: SecretStr
+    created_at: datetime | None = None
+
+
+TenantKeys = dict[IdStr, list[TenantKey]]
+_TENANT_KEYS = TypeAdapter(TenantKeys, config=ConfigDict(hide_input_in_errors=True))
+
+
+class AuthSettings(BaseModel):
+    """How requests prove their tenant (`Settings.auth`, env `OPSTREAM_AUTH__*`).
+
+    `keys` is tenant → [{key_id, secret}], e.g.
+    `OPSTREAM_AUTH__KEYS='{"acme": [{"key_id": "key_1", "secret": "..."}]}'`; it is merged
+    with `keys_file` (same shape, TOML or JSON). Key ids are unique across all tenants.
+    """
+
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
+
+    required: bool = Field(
+        default=True, description="False disables signature checks; only the dev profile may."
+    )
+    keys_file: Path | None = Field(
+        default=None, description="TOML or JSON file: tenant → list of {key_id, secret}."
+    )
+    keys: TenantKeys = Field(default_factory=dict)
+    max_skew_s: int = Field(
+        default=300, ge=1, le=86_400, description="Accepted clock difference, ± seconds."
+    )
+
+
+class SettingsWithAuth(Protocol):
+    """The part of `Settings` that decides whether signatures are checked."""
+
+    @property
+    def profile(self) -> str: ...
+
+    @property
+    def auth(self) -> AuthSettings: ...
+
+
+def auth_required(settings: SettingsWithAuth) -> bool:
+    """Whether requests must be signed.
+
+    True unless the profile is `dev` *and* `auth.required` is false. In any other profile
+    `auth.required = false` is a configuration error (ValueError), not a silent no-op,
+    so production can never run unauthenticated by accident.
+    """
+    if settings.auth.required:
+        return True
+    if settings.profile == "dev":
+        return False
+    raise ValueError(
+        f"auth.required=false is only allowed with profile=dev (profile is {settings.profile!r})"
+    )
+
+
+def read_keys_file(path: Path) -> TenantKeys:
+    """Parse a keys file: JSON when it ends in `.json`, TOML otherwise. Empty file: no keys."""
+    raw = path.read_bytes()
+    try:
+        if path.suffix.lower() == ".json":
+            data: Any = json.loads(raw) if raw.strip() else {}
+        else:
+            data = tomllib.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        # Parser messages can quote the offending line, which may hold a secret.
+        raise ValueError(f"keys file {path} is not valid {_format_name(path)}") from None
+    try:
+        return _TENANT_KEYS.validate_python(data)
+    except ValidationError as exc:
+        raise ValueError(f"keys file {path}: {_describe(exc)}") from None
+
+
+def append_key(path: Path, tenant_id: str, key: TenantKey) -> None:
+    """Add `key` for `tenant_id` to a keys file, creating it readable by its owner only."""
+    existing = read_keys_file(path) if path.exists() else {}
+    for tenant, keys in existing.items():
+        if any(k.key_id == key.key_id for k in keys):
+            raise ValueError(f"key id {key.key_id!r} already exists (tenant {tenant!r})")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".json":
+        existing.setdefault(tenant_id, []).append(key)
+        document = {tenant: [_key_document(k) for k in keys] for tenant, keys in existing.items()}
+        text = json.dumps(document, indent=2) + "\n"
+        tmp = path.with_name(f".{path.name}.tmp")
+        _write_private(tmp, text, append=False)
+        os.replace(tmp, path)
+        return
+    # TOML: appending keeps the operator's comments and layout; an array of tables may
+    # be continued anywhere in the file.
+    lines = [
+        "",
+        f"[[{json.dumps(tenant_id)}]]",
+        f"key_id = {json.dumps(key.key_id)}",
+        f"secret = {json.dumps(key.secret.get_secret_value())}",
+    ]
+    if key.created_at is not None:
+        lines.append(f"created_at = {key.created_at.isoformat()}")
+    _write_private(path, "\n".join(lines) + "\n", append=True)
+
+
+def is_private(path: Path) -> bool:
+    """Whether only the owner may read or write the file (no group/other bits)."""
+    return path.stat().st_mode & 0o077 == 0
+
+
+def _write_private(path: Path, text: str, *, append: bool) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+    fd = os.open(path, flags, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _key_document(key: TenantKey) -> dict[str, str]:
+    document = {"key_id": key.key_id, "secret": key.secret.get_secret_value()}
+    if key.created_at is not None:
+        document["created_at"] = key.created_at.isoformat()
+    return document
+
+
+def _format_name(path: Path) -> str:
+    return "JSON" if path.suffix.lower() == ".json" else "TOML"
+
+
+def _describe(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+        for err in exc.errors(include_input=False, include_url=False)
+    )
+
+
+class KeyRing:
+    """Every tenant's signing keys; `verify` says which key signed a request, or why none did."""
+
+    def __init__(self, keys: Mapping[str, Sequence[TenantKey]], *, max_skew_s: int = 300) -> None:
+        self.max_skew_s = max_skew_s
+        self._keys: dict[str, tuple[str, SecretStr]] = {}
+        for tenant_id, tenant_keys in keys.items():
+            for key in tenant_keys:
+                if len(key.secret.get_secret_value()) < MIN_SECRET_CHARS:
+                    raise ValueError(
+                        f"secret of key {key.key_id!r} is shorter than "
+                        f"{MIN_SECRET_CHARS} characters"
+                    )
+                known = self._keys.get(key.key_id)
+                if known is not None and (
+                    known[0] != tenant_id
+                    or known[1].get_secret_value() != key.secret.get_secret_value()
+                ):
+                    raise ValueError(f"key id {key.key_id!r} is configured twice, differently")
+                self._keys[key.key_id] = (tenant_id, key.secret)
+
+    @classmethod
+    def from_settings(cls, settings: AuthSettings) -> KeyRing:
+        """Keys from `settings.keys` and, when set, `settings.keys_file` (which must exist)."""
+        merged: dict[str, list[TenantKey]] = {t: list(ks) for t, ks in settings.keys.items()}
+        if settings.keys_file is not None:
+            for tenant_id, keys in read_keys_file(settings.keys_file).items():
+                merged.setdefault(tenant_id, []).extend(keys)
+        return cls(merged, max_skew_s=settings.max_skew_s)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __repr__(self) -> str:
+        return f"KeyRing(keys={len(self._keys)}, tenants={len(self.tenants())})"
+
+    def tenants(self) -> set[str]:
+        """The tenants that have at least one key."""
+        return {tenant for tenant, _ in self._keys.values()}
+
+    def key_ids(self, tenant_id: str) -> list[str]:
+        """The key ids of one tenant, sorted (never the secrets)."""
+        return sorted(k for k, (tenant, _) in self._keys.items() if tenant == tenant_id)
+
+    def verify(
+        self, headers: Sequence[tuple[str, bytes]], body: bytes, tenant_id: str, now: float
+    ) -> str:
+        """The id of the key that signed `body` for `tenant_id`, or `Unauthorized` saying why.
+
+        `headers` are the Kafka message's headers, `body` its exact value bytes, `tenant_id`
+        the tenant the decoded request claims, `now` the consumer's clock (unix seconds).
+        """
+        values = _signature_headers(headers)
+        if not values:
+            raise Unauthorized(
+                "request is not signed: headers " + ", ".join(SIGNATURE_HEADERS) + " are required",
+                reason="missing_signature",
+            )
+        missing = [name for name in SIGNATURE_HEADERS if name not in values]
+        if missing:
+            raise Unauthorized(
+                f"missing signature header(s): {', '.join(missing)}", reason="missing_signature"
+            )
+        key_id = values[KEY_ID_HEADER]
+        timestamp = values[TIMESTAMP_HEADER]
+        signature = values[SIGNATURE_HEADER]
+        if not ID_PATTERN.fullmatch(key_id):
+            raise Unauthorized(
+                f"{KEY_ID_HEADER} must match [A-Za-z0-9._:-]{{1,128}}", reason="malformed_signature"
+            )
+        if not TIMESTAMP_PATTERN.fullmatch(timestamp):
+            raise Unauthorized(
+                f"{TIMESTAMP_HEADER} must be whole unix seconds", reason="malformed_signature"
+            )
+        if not SIGNATURE_PATTERN.fullmatch(signature):
+            raise Unauthorized(
+                f"{SIGNATURE_HEADER} must be 64 hex digits (HMAC-SHA256)",
+                reason="malformed_signature",
+            )
+        entry = self._keys.get(key_id)
+        if entry is None:
+            raise Unauthorized(f"unknown key id {key_id!r}", reason="unknown_key", key_id=key_id)
+        owner, secret = entry
+        if owner != tenant_id:
+            # Do not say whose key it is.
+            raise Unauthorized(
+                f"key id {key_id!r} is not a key of tenant {tenant_id!r}",
+                reason="wrong_tenant",
+                key_id=key_id,
+            )
+        try:
+            expected = compute_signature(body, tenant_id, key_id, timestamp, secret)
+        except ValueError as exc:
+            raise Unauthorized(str(exc), reason="malformed_signature") from None
+        if not hmac.compare_digest(expected, bytes.fromhex(signature)):
+            raise Unauthorized(
+                "signature does not match the body, tenant, key id and timestamp",
+                reason="bad_signature",
+                key_id=key_id,
+            )
+        # Checked after the MAC, so only a genuine producer learns that its clock is off.
+        skew = now - int(timestamp)
+        if abs(skew) > self.max_skew_s:
+            raise Unauthorized(
+                f"signature timestamp is {skew:+.0f} s from the consumer's clock "
+                f"(allowed ±{self.max_skew_s} s)",
+                reason="stale",
+                key_id=key_id,
+            )
+        return key_id
+
+
+def _signature_headers(headers: Sequence[tuple[str, bytes]]) -> dict[str, str]:
+    """The signature headers present, decoded; a repeated one is refused as ambiguous."""
+    found: dict[str, str] = {}
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered not in SIGNATURE_HEADERS:
+            continue
+        if lowered in found:
+            raise Unauthorized(
+                f"header {lowered} appears more than once", reason="malformed_signature"
+            )
+        try:
+            found[lowered] = (value or b"").decode("ascii").strip()
+        except UnicodeDecodeError:
+            raise Unauthorized(
+                f"header {lowered} is not ASCII", reason="malformed_signature"
+            ) from None
+    return found

@@ -1,0 +1,248 @@
+"""GPU-side work units: a static (padded, masked) batch and prefix-shared label scoring.
+
+Written against exllamav2's model/cache API (`model.forward(ids, cache, input_mask=...,
+position_offsets=..., preprocess_only=..., last_id_only=...)`, `cache.current_seq_len`,
+`cache.all_tensors()`), duck-typed so the bookkeeping can be tested without a GPU.
+Runs only on the engine's worker thread.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from consumer.engine.base import FinishReason, Generation, GenerationRequest
+from consumer.engine.exllamav2.batching import (
+    chunks,
+    find_stop,
+    left_pad,
+    plan_scoring,
+    sum_candidate_logprobs,
+)
+from consumer.engine.exllamav2.sampling import RowSampling, sample_rows
+
+
+@dataclass(eq=False)
+class GenTicket:
+    """A generate request on its way through the worker; `deliver` hands back the outcome."""
+
+    ids: list[int]
+    request: GenerationRequest
+    deliver: Callable[[Generation | BaseException], None]
+    submitted: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+    started: float | None = None
+    first_token_at: float | None = None
+
+
+@dataclass(eq=False)
+class ScoreTicket:
+    """A score request: prompt ids, candidate ids, and where the logprobs go."""
+
+    prompt_ids: list[int]
+    candidates: list[list[int]]
+    deliver: Callable[[tuple[float, ...] | BaseException], None]
+    cancelled: bool = False
+
+
+def finish_generation(
+    ticket: GenTicket, text: str, reason: FinishReason, output_tokens: int
+) -> Generation:
+    """The Generation for a ticket, with queue and first-token timings in milliseconds."""
+    now = time.monotonic()
+    timings = {"total_ms": (now - ticket.submitted) * 1000.0}
+    if ticket.started is not None:
+        timings["queue_ms"] = (ticket.started - ticket.submitted) * 1000.0
+    first = ticket.first_token_at
+    return Generation(
+        text=text,
+        finish_reason=reason,
+        input_tokens=len(ticket.ids),
+        output_tokens=output_tokens,
+        first_token_ms=None if first is None else (first - ticket.submitted) * 1000.0,
+        timings=timings,
+    )
+
+
+@dataclass(eq=False)
+class _Row:
+    ticket: GenTicket
+    sampling: RowSampling
+    tokens: list[int] = field(default_factory=list)
+    done: bool = False
+    reason: FinishReason = "length"
+    text: str = ""
+
+
+class StaticBatch:
+    """Requests decoded in lockstep in one padded batch sharing a (batch x max_seq_len) cache.
+
+    Prompts are left-padded to a common width; an additive mask hides the padding and RoPE
+    position offsets start every row's real tokens at position 0, so each row computes what
+    it would alone. Rows that finish early ride along (their output is ignored) until the last
+    row finishes.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        cache: Any,
+        tickets: Sequence[GenTicket],
+        *,
+        pad_id: int,
+        stop_ids: frozenset[int],
+        decode: Callable[[list[int]], str],
+    ) -> None:
+        self._model = model
+        self._cache = cache
+        self._stop_ids = stop_ids
+        self._decode = decode
+        self._pad_id = pad_id
+        padded = left_pad([t.ids for t in tickets], pad_id)
+        longest = max(t.request.max_tokens for t in tickets)
+        if padded.width + longest > cache.max_seq_len:
+            raise ValueError("static batch does not fit a cache row")
+        self.rows = [
+            _Row(
+                ticket=t,
+                sampling=RowSampling(
+                    temperature=t.request.temperature,
+                    top_p=t.request.top_p,
+                    seed=t.request.seed,
+                ),
+            )
+            for t in tickets
+        ]
+        self._ids = torch.tensor(padded.ids, dtype=torch.long)
+        self._mask = torch.tensor(padded.attention_bias(), dtype=torch.float16)
+        self._offsets = torch.tensor(padded.position_offsets, dtype=torch.int)
+        self._next: torch.Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.rows)
+
+    @property
+    def finished(self) -> bool:
+        return all(r.done for r in self.rows)
+
+    def prefill(self) -> None:
+        """Ingest all prompts but the last column into the cache."""
+        now = time.monotonic()
+        for row in self.rows:
+            row.ticket.started = now
+        self._cache.current_seq_len = 0
+        if self._ids.shape[-1] > 1:
+            self._model.forward(
+                self._ids[:, :-1],
+                self._cache,
+                input_mask=self._mask,
+                preprocess_only=True,
+                position_offsets=self._offsets,
+            )
+        self._next = self._ids[:, -1:]
+
+    def step(self) -> None:
+        """One forward pass: sample one token for every row still running."""
+        assert self._next is not None, "prefill() first"
+        logits = self._model.forward(
+            self._next, self._cache, input_mask=self._mask, position_offsets=self._offsets
+        )
+        last = logits[:, -1, :].float()
+        tokens = sample_rows(last, [r.sampling for r in self.rows])
+        now = time.monotonic()
+        for row, token in zip(self.rows, tokens, strict=True):
+            if row.done:
+                continue
+            if row.ticket.cancelled:
+                row.done = True
+                continue
+            if row.ticket.first_token_at is None:
+                row.ticket.first_token_at = now
+            self._advance(row, token)
+        feed = [self._pad_id if r.done else t for r, t in zip(self.rows, tokens, strict=True)]
+        self._next = torch.tensor(feed, dtype=torch.long).view(-1, 1)
+
+    def _advance(self, row: _Row, token: int) -> None:
+        request = row.ticket.request
+        if token in self._stop_ids:
+            row.done, row.reason = True, "stop"
+            row.text = self._decode(row.tokens)
+            return
+        row.tokens.append(token)
+        if request.stop:
+            text = self._decode(row.tokens)
+            cut = find_stop(text, request.stop)
+            if cut is not None:
+                row.done, row.reason, row.text = True, "stop", text[:cut]
+                return
+        if len(row.tokens) >= request.max_tokens:
+            row.done, row.reason = True, "length"
+            row.text = self._decode(row.tokens)
+
+    def results(self) -> list[tuple[GenTicket, Generation]]:
+        """Outcomes of the rows that were not cancelled (call once `finished`)."""
+        return [
+            (r.ticket, finish_generation(r.ticket, r.text, r.reason, len(r.tokens)))
+            for r in self.rows
+            if not r.ticket.cancelled
+        ]
+
+
+def _copy_prefix_rows(cache: Any, rows: int, length: int) -> None:
+    """Copy cache row 0's first `length` positions into rows 1..rows-1 (all layers, K and V)."""
+    if rows <= 1 or length <= 0:
+        return
+    # Quantized caches pack some models' K/V in blocks of q_block tokens; copy whole blocks.
+    block = max(int(getattr(cache, "q_block", 0) or 1), 1)
+    length = min(-(-length // block) * block, cache.max_seq_len)
+    for tensor in cache.all_tensors():
+        source = tensor[0:1, :length]
+        tensor[1:rows, :length].copy_(source.expand(rows - 1, *source.shape[1:]))
+
+
+def score_candidates(
+    model: Any,
+    cache: Any,
+    ticket: ScoreTicket,
+    *,
+    end_of_turn_id: int,
+    pad_id: int,
+) -> tuple[float, ...]:
+    """Summed logprobs of each candidate + end-of-turn after the prompt, prompt computed once."""
+    plan = plan_scoring(ticket.prompt_ids, ticket.candidates, end_of_turn_id)
+    prefix = len(plan.prompt_ids)
+    longest = max([0, *plan.input_lengths])
+    if prefix + longest > cache.max_seq_len:
+        raise ValueError("prompt + candidate longer than the scoring cache")
+
+    cache.current_seq_len = 0
+    prompt = torch.tensor([plan.prompt_ids], dtype=torch.long)
+    last = model.forward(prompt, cache, last_id_only=True)[0, -1, :].float()
+    first_lp = torch.log_softmax(last, dim=-1)
+    first = [float(first_lp[t[0]].item()) for t in plan.targets]
+
+    group_size = min(cache.batch_size, max(len(plan.targets), 1))
+    _copy_prefix_rows(cache, group_size, prefix)
+
+    rest: list[list[float]] = [[] for _ in plan.targets]
+    for group in chunks(range(len(plan.targets)), group_size):
+        widths = [plan.input_lengths[i] for i in group]
+        if max(widths) == 0:
+            continue
+        batch = [plan.inputs[i] + [pad_id] * (max(widths) - len(plan.inputs[i])) for i in group]
+        cache.current_seq_len = prefix
+        logits = model.forward(torch.tensor(batch, dtype=torch.long), cache)
+        for row, i in enumerate(group):
+            n = plan.input_lengths[i]
+            if n == 0:
+                continue
+            lp = torch.log_softmax(logits[row, :n, :].float(), dim=-1)
+            wanted = torch.tensor(plan.targets[i][1:], dtype=torch.long, device=lp.device)
+            rest[i] = lp.gather(-1, wanted.view(-1, 1)).view(-1).tolist()
+    cache.current_seq_len = 0
+    return sum_candidate_logprobs(first, rest)

@@ -1,0 +1,89 @@
+"""Settings for the exllamav2 engine (nested under `exllamav2` in the app settings)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+CacheMode = Literal["fp16", "q8", "q6", "q4"]
+BatchingSetting = Literal["auto", "paged", "static"]
+
+# exllamav2's paged cache is allocated in pages of this many tokens.
+PAGE_TOKENS = 256
+
+
+class ExLlamaV2Settings(BaseModel):
+    """How to load an EXL2 model and batch requests on the GPU.
+
+    Env: the app nests this model, so each field is OPSTREAM_<path>__EXLLAMAV2__<FIELD>,
+    e.g. OPSTREAM_ENGINE__EXLLAMAV2__MAX_BATCH_SIZE=8 when nested under `engine`.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    model_dir: Path | None = Field(
+        default=None, description="EXL2 model directory (config.json, *.safetensors, tokenizer)"
+    )
+    model_name: str | None = Field(
+        default=None, description="Name reported in replies and health; default: the folder name"
+    )
+    max_seq_len: int = Field(
+        default=16384, ge=256, description="Longest prompt + completion of one request, in tokens"
+    )
+    cache_mode: CacheMode = Field(default="q4", description="KV cache precision")
+    batching_mode: BatchingSetting = Field(
+        default="auto",
+        description="auto: paged when flash-attn runs on this GPU (sm_80+), else static",
+    )
+    max_batch_size: int = Field(
+        default=8, ge=1, le=256, description="Sequences decoded together in one forward pass"
+    )
+    cache_tokens: int | None = Field(
+        default=None,
+        ge=PAGE_TOKENS,
+        description="Paged mode: KV cache pool in tokens (default max_seq_len * max_batch_size)",
+    )
+    prefill_chunk_tokens: int = Field(
+        default=2048,
+        ge=PAGE_TOKENS,
+        description="Tokens per forward pass while ingesting prompts (sizes scratch buffers)",
+    )
+    score_batch_size: int = Field(
+        default=8, ge=1, le=64, description="Candidate labels scored per forward pass"
+    )
+    score_max_seq_len: int = Field(
+        default=4096, ge=256, description="Longest classify prompt + label, in tokens"
+    )
+    attention_budget_mb: int = Field(
+        default=1024,
+        ge=64,
+        description="Static mode: working memory for masked attention (bounds prefill chunks)",
+    )
+    max_dq_elements: int = Field(
+        default=512 * 1024**2,
+        ge=16 * 1024**2,
+        description="exllamav2 max_dq_size: weights dequantized at once for long inputs",
+    )
+    gpu_split: list[float] | None = Field(
+        default=None, description="GiB of weights per GPU; None = autosplit across visible GPUs"
+    )
+    vram_reserve_mb: int = Field(
+        default=512, ge=0, description="VRAM kept free per GPU beyond the estimate"
+    )
+    progress_bar: bool = Field(default=True, description="Show a progress bar while loading")
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> ExLlamaV2Settings:
+        if self.prefill_chunk_tokens % PAGE_TOKENS:
+            raise ValueError(f"prefill_chunk_tokens must be a multiple of {PAGE_TOKENS}")
+        if self.cache_tokens is not None and self.cache_tokens < self.max_seq_len:
+            raise ValueError("cache_tokens must hold at least one max_seq_len sequence")
+        return self
+
+    @property
+    def paged_cache_tokens(self) -> int:
+        """The paged pool size, rounded up to whole pages."""
+        tokens = self.cache_tokens or self.max_seq_len * self.max_batch_size
+        return -(-tokens // PAGE_TOKENS) * PAGE_TOKENS

@@ -1,0 +1,153 @@
+"""Many requests in flight per partition, offsets committed up to the lowest unfinished one."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from consumer.offsets import OffsetTracker, Partition
+from consumer.pipeline import Outcome
+from consumer.records import InboundRecord
+
+log = logging.getLogger(__name__)
+
+Process = Callable[[InboundRecord], Awaitable[Outcome]]
+Durable = Callable[[Outcome], Awaitable[None]]
+Commit = Callable[[dict[Partition, int]], Awaitable[None]]
+
+
+class Intake:
+    """Runs records concurrently and owns their offsets (FastStream never auto-commits).
+
+    A record's offset becomes committable once `process` returned (its reply was
+    acknowledged by the broker) and `make_durable` returned (its usage row and
+    quota state are on disk / in Kafka). `submit` waits while `max_in_flight`
+    records are unfinished, which stops the fetch loop: back-pressure, never drops.
+    """
+
+    def __init__(
+        self,
+        process: Process,
+        commit: Commit,
+        *,
+        max_in_flight: int,
+        commit_interval_s: float,
+        make_durable: Durable | None = None,
+        retry_backoff_s: float = 1.0,
+    ) -> None:
+        self._process = process
+        self._commit = commit
+        self._make_durable = make_durable
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._tracker = OffsetTracker()
+        self._tasks: dict[asyncio.Task[None], Partition] = {}
+        self._commit_interval_s = commit_interval_s
+        self._retry_backoff_s = retry_backoff_s
+        self._closing = False
+        self._committer: asyncio.Task[None] | None = None
+        self._dirty = asyncio.Event()
+        self._commit_lock = asyncio.Lock()
+        self.on_outcome: list[Callable[[Outcome], None]] = []
+
+    def start(self) -> None:
+        self._committer = asyncio.create_task(self._commit_loop(), name="opstream-committer")
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    async def submit(self, record: InboundRecord) -> None:
+        """Start processing `record`; waits while the in-flight bound is reached."""
+        if self._closing:
+            # Shutting down: leave it uncommitted for the next owner.
+            await asyncio.Event().wait()
+        await self._slots.acquire()
+        partition = (record.topic, record.partition)
+        self._tracker.begin(partition, record.offset)
+        task = asyncio.create_task(
+            self._run(record), name=f"opstream-{record.partition}-{record.offset}"
+        )
+        self._tasks[task] = partition
+        task.add_done_callback(self._tasks.pop)
+
+    async def _run(self, record: InboundRecord) -> None:
+        try:
+            outcome = await self._retry_until_done(self._process, record)
+            if self._make_durable is not None:
+                await self._retry_until_done(self._make_durable, outcome)
+            for listener in self.on_outcome:
+                listener(outcome)
+        finally:
+            self._slots.release()
+        if self._tracker.finish((record.topic, record.partition), record.offset):
+            self._dirty.set()
+
+    async def _retry_until_done(
+        self, step: Callable[[object], Awaitable[object]], arg: object
+    ) -> object:
+        # Only broker/disk failures reach here (the processor turns request failures
+        # into replies), so waiting for the outage to pass is the right thing.
+        delay = self._retry_backoff_s
+        while True:
+            try:
+                return await step(arg)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning(
+                    "intake_step_failed_retrying",
+                    extra={"step": getattr(step, "__name__", "step"), "error": repr(exc)[:300]},
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    async def _commit_loop(self) -> None:
+        while True:
+            await self._dirty.wait()
+            await asyncio.sleep(self._commit_interval_s)
+            self._dirty.clear()
+            await self.commit_now()
+
+    async def commit_now(self) -> None:
+        """Commit every partition's watermark that moved since the last commit."""
+        async with self._commit_lock:
+            positions = self._tracker.to_commit()
+            if not positions:
+                return
+            try:
+                await self._commit(positions)
+            except Exception as exc:
+                # Not fatal: the next commit carries a later watermark; a crash only redelivers.
+                log.warning("commit_failed", extra={"error": repr(exc)[:300]})
+                self._dirty.set()
+                return
+            self._tracker.mark_committed(positions)
+
+    async def drain(self, partitions: set[Partition] | None, timeout_s: float) -> bool:
+        """Wait for in-flight work (of `partitions`, or all) to finish, then commit it."""
+        tasks = [t for t, p in self._tasks.items() if partitions is None or p in partitions]
+        done = True
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout_s)
+            done = not pending
+            for task in pending:
+                task.cancel()  # abandoned: uncommitted, so the next owner redoes it
+        await self.commit_now()
+        return done
+
+    async def revoke(self, partitions: set[Partition], timeout_s: float) -> None:
+        """Rebalance: finish (or abandon) the revoked partitions' work, commit, forget them."""
+        finished = await self.drain(partitions, timeout_s)
+        self._tracker.forget(partitions)
+        log.info(
+            "partitions_revoked",
+            extra={"partitions": sorted(p for _, p in partitions), "drained": finished},
+        )
+
+    async def close(self, timeout_s: float) -> None:
+        """Graceful shutdown: take no more records, finish in-flight ones, commit."""
+        self._closing = True
+        await self.drain(None, timeout_s)
+        if self._committer is not None:
+            self._committer.cancel()

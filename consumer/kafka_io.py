@@ -1,0 +1,44 @@
+"""The service's Kafka producer: replies, dead letters (acks=all, awaited)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+
+
+class KafkaRecordPublisher:
+    """Sends records and returns once the broker acknowledged them."""
+
+    def __init__(self, bootstrap_servers: str, client_id: str, **security: Any) -> None:
+        self._options = {
+            "bootstrap_servers": bootstrap_servers,
+            "client_id": f"{client_id}-replies",
+            "acks": "all",
+            "linger_ms": 1,
+            "request_timeout_ms": 30_000,
+            **security,
+        }
+        self._producer: AIOKafkaProducer | None = None
+
+    async def start(self) -> None:
+        # aiokafka binds to the running loop, so the producer is made here, not in __init__.
+        self._producer = AIOKafkaProducer(**self._options)
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
+
+    async def send(
+        self,
+        topic: str,
+        value: bytes,
+        *,
+        key: bytes | None,
+        headers: list[tuple[str, bytes]],
+    ) -> None:
+        if self._producer is None:
+            raise RuntimeError("publisher not started")
+        await self._producer.send_and_wait(topic, value, key=key, headers=headers)

@@ -1,0 +1,171 @@
+"""Structured logs: one event name plus key=value fields, as JSON lines or for a console.
+
+Log like `logger.info("request_answered", extra={"operation": "summarize", "queue_ms": 4})`.
+The message is the event name; everything passed in `extra=` becomes a field. Fields that
+usually carry request or secret text (`text`, `prompt`, `messages`, `secret`, …) are dropped
+by `TextFieldFilter` before any handler formats them, and the record says which were dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.handlers
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+LevelName = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+# Names a caller might use for prompt/completion text or credentials. Dropped, not masked:
+# a masked prompt still leaks its length and shape.
+TEXT_BEARING_FIELDS = frozenset(
+    {
+        "text",
+        "prompt",
+        "prompts",
+        "completion",
+        "completions",
+        "messages",
+        "content",
+        "body",
+        "payload",
+        "raw",
+        "summary",
+        "translated_text",
+        "system_prompt",
+        "secret",
+        "password",
+        "signature",
+        "sasl_password",
+        "ssl_password",
+    }
+)
+
+# Attributes every LogRecord has; anything else on a record came from `extra=`.
+_RECORD_ATTRIBUTES = frozenset(
+    vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys()
+    | {"message", "asctime", "taskName", "dropped_fields"}
+)
+_HANDLER_MARK = "_opstream_handler"
+_QUIET_LOGGERS: dict[str, LevelName] = {"aiokafka": "WARNING"}
+
+
+class LoggingSettings(BaseModel):
+    """Log level, format and optional rotating file (`Settings.logging`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    level: LevelName = "INFO"
+    format: Literal["json", "console"] = "json"
+    file: Path | None = Field(default=None, description="Also write JSON lines here, rotated.")
+    max_bytes: int = Field(default=50 * 1024 * 1024, ge=1024)
+    backups: int = Field(default=5, ge=0, le=1_000)
+    levels: dict[str, LevelName] = Field(
+        default_factory=lambda: dict(_QUIET_LOGGERS),
+        description="Per-logger level overrides, e.g. {'aiokafka': 'WARNING'}.",
+    )
+
+
+def event_fields(record: logging.LogRecord) -> dict[str, Any]:
+    """The key=value fields a record carries (what was passed in `extra=`)."""
+    return {k: v for k, v in vars(record).items() if k not in _RECORD_ATTRIBUTES}
+
+
+class TextFieldFilter(logging.Filter):
+    """Removes fields that may hold request text or secrets; never drops the record itself."""
+
+    def __init__(self, fields: frozenset[str] = TEXT_BEARING_FIELDS) -> None:
+        super().__init__()
+        self.fields = fields
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        dropped = sorted(name for name in self.fields if name in record.__dict__)
+        for name in dropped:
+            del record.__dict__[name]
+        if dropped:
+            record.dropped_fields = dropped
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, event, the fields, then any exception."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        document: dict[str, Any] = {
+            "ts": _timestamp(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
+        for key, value in event_fields(record).items():
+            document.setdefault(key, value)
+        dropped = getattr(record, "dropped_fields", None)
+        if dropped:
+            document["dropped_fields"] = dropped
+        if record.exc_info:
+            document["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            document["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(document, default=str, ensure_ascii=False)
+
+
+class ConsoleFormatter(logging.Formatter):
+    """`ts LEVEL logger event key=value …` for a human at a terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = event_fields(record)
+        dropped = getattr(record, "dropped_fields", None)
+        if dropped:
+            fields["dropped_fields"] = ",".join(dropped)
+        parts = [_timestamp(record), f"{record.levelname:<7}", record.name, record.getMessage()]
+        parts += [f"{key}={_console_value(value)}" for key, value in fields.items()]
+        line = " ".join(parts)
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def configure_logging(settings: LoggingSettings) -> list[logging.Handler]:
+    """Install opstream's handlers on the root logger (replacing ones installed before)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, _HANDLER_MARK, False):
+            root.removeHandler(handler)
+            handler.close()
+
+    console: logging.Handler = logging.StreamHandler(sys.stderr)
+    console.setFormatter(JsonFormatter() if settings.format == "json" else ConsoleFormatter())
+    handlers = [console]
+    if settings.file is not None:
+        settings.file.parent.mkdir(parents=True, exist_ok=True)
+        rotating = logging.handlers.RotatingFileHandler(
+            settings.file,
+            maxBytes=settings.max_bytes,
+            backupCount=settings.backups,
+            encoding="utf-8",
+        )
+        # Files are for machines: always JSON, whatever the console shows.
+        rotating.setFormatter(JsonFormatter())
+        handlers.append(rotating)
+
+    for handler in handlers:
+        handler.addFilter(TextFieldFilter())
+        setattr(handler, _HANDLER_MARK, True)
+        root.addHandler(handler)
+    root.setLevel(settings.level)
+    for name, level in settings.levels.items():
+        logging.getLogger(name).setLevel(level)
+    return handlers
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    return datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+
+
+def _console_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return json.dumps(text) if (" " in text or not text) else text

@@ -1,0 +1,423 @@
+"""One request's way through the consumer: decode, check, run, reply (the processing topology)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+from pydantic import ValidationError
+
+from consumer.engine.base import Engine, EngineError
+from consumer.errors import (
+    DeadlineExceeded,
+    InternalError,
+    OpstreamError,
+    ValidationFailed,
+)
+from consumer.operations import (
+    chat_prompt,
+    classify_prompt,
+    normalise_label_scores,
+    output_budget,
+    parse_summary,
+    parse_translation,
+    summarize_prompt,
+    translate_prompt,
+)
+from consumer.records import (
+    CONTENT_TYPE,
+    CORRELATION_ID,
+    DLQ_INSTANCE,
+    DLQ_ORIGIN_OFFSET,
+    DLQ_ORIGIN_PARTITION,
+    DLQ_ORIGIN_TOPIC,
+    DLQ_REASON,
+    JSON,
+    REPLY_TO,
+    InboundRecord,
+)
+from consumer.settings import OperationLimits
+from schemas.replies import (
+    HTTP_STATUS,
+    AssistantMessage,
+    ChatResult,
+    ClassifyResult,
+    ErrorInfo,
+    FieldError,
+    Meta,
+    OperationReply,
+    SummarizeResult,
+    TranslateResult,
+)
+from schemas.requests import (
+    OPERATIONS,
+    ChatRequest,
+    ClassifyRequest,
+    SummarizeRequest,
+    TranslateRequest,
+    operation_request_adapter,
+)
+from topics.catalog import TopicSettings
+
+log = logging.getLogger(__name__)
+
+AnyRequest = SummarizeRequest | TranslateRequest | ClassifyRequest | ChatRequest
+Result = SummarizeResult | TranslateResult | ClassifyResult | ChatResult
+
+
+class RecordPublisher(Protocol):
+    """Sends one record and returns once the broker has acknowledged it."""
+
+    async def send(
+        self,
+        topic: str,
+        value: bytes,
+        *,
+        key: bytes | None,
+        headers: list[tuple[str, bytes]],
+    ) -> None: ...
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What happened to one record: the facts a usage row and metrics need (no text)."""
+
+    record: InboundRecord
+    status: str  # "ok" | "error" | "dlq"
+    error_code: str | None = None
+    tenant_id: str | None = None
+    operation: str | None = None
+    request_id: str | None = None
+    correlation_id: str | None = None
+    reply_topic: str | None = None
+    model: str | None = None
+    input_chars: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    queue_ms: float = 0.0
+    execution_ms: float = 0.0
+    first_token_ms: float | None = None
+    finished_at: float = 0.0
+    dlq_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Served:
+    result: Result
+    input_tokens: int
+    output_tokens: int
+    execution_ms: float
+    first_token_ms: float | None
+
+
+Clock = Callable[[], float]
+Check = Callable[[InboundRecord, AnyRequest, str], Awaitable[None]]
+
+
+class RequestProcessor:
+    """Turns one inbound record into exactly one reply or dead letter (and an `Outcome`).
+
+    Every failure a request can cause becomes an error reply; only a failure to
+    reach the broker propagates, so the record stays uncommitted and is retried.
+    """
+
+    def __init__(
+        self,
+        *,
+        engine: Engine,
+        publisher: RecordPublisher,
+        topics: TopicSettings,
+        limits: OperationLimits,
+        instance_id: str,
+        checks: tuple[Check, ...] = (),
+        clock: Clock = time.time,
+    ) -> None:
+        self._engine = engine
+        self._publisher = publisher
+        self._topics = topics
+        self._limits = limits
+        self._instance_id = instance_id
+        self._checks = checks
+        self._clock = clock
+
+    async def process(self, record: InboundRecord) -> Outcome:
+        outcome = Outcome(record=record, status="error")
+        outcome.queue_ms = max(0.0, record.received_at * 1000 - record.timestamp_ms)
+        correlation_id = record.header(CORRELATION_ID)
+        reply_to = record.header(REPLY_TO) or self._topics.replies
+        outcome.correlation_id = correlation_id
+
+        body, decode_error = _decode_object(record.value)
+        if body is None:
+            await self._dead_letter(record, f"undecodable: {decode_error}", outcome)
+            if correlation_id and self._topics.reply_topic_allowed(reply_to):
+                await self._reply(
+                    reply_to,
+                    correlation_id,
+                    record.key,
+                    self._error_reply(
+                        ValidationFailed(f"body is not a JSON object: {decode_error}"), outcome
+                    ),
+                )
+                outcome.reply_topic = reply_to
+                outcome.status = "dlq"
+            return outcome
+
+        outcome.tenant_id = _str_or_none(body.get("tenant_id"), 128)
+        operation = body.get("operation")
+        outcome.operation = operation if operation in OPERATIONS else None
+        correlation_id = correlation_id or _str_or_none(body.get("request_id"), 128)
+        outcome.correlation_id = correlation_id
+        if not self._topics.reply_topic_allowed(reply_to):
+            await self._dead_letter(
+                record, f"reply_to topic '{reply_to[:200]}' is not allowed", outcome
+            )
+            return outcome
+        if not correlation_id:
+            await self._dead_letter(record, "no correlation_id header and no request_id", outcome)
+            return outcome
+
+        outcome.reply_topic = reply_to
+        reply = await self._serve(record, body, correlation_id, outcome)
+        await self._reply(reply_to, correlation_id, record.key, reply)
+        return outcome
+
+    async def _serve(
+        self, record: InboundRecord, body: dict[str, Any], correlation_id: str, outcome: Outcome
+    ) -> OperationReply:
+        try:
+            request = _parse_request(body)
+            outcome.request_id = request.request_id or correlation_id
+            outcome.input_chars = request.text_chars()
+            self._check_configured_limits(request)
+            self._check_deadline(request, record)
+            for check in self._checks:
+                await check(record, request, outcome.request_id)
+            served = await self._run(request)
+        except OpstreamError as exc:
+            return self._error_reply(exc, outcome)
+        except EngineError as exc:
+            log.warning(
+                "engine_failed",
+                extra={"request_id": outcome.request_id, "error": type(exc).__name__},
+            )
+            return self._error_reply(InternalError(str(exc), retryable=exc.retryable), outcome)
+        except Exception:
+            # A bug, not the request's fault: answer it (retryable) rather than block the partition.
+            log.exception("request_failed", extra={"request_id": outcome.request_id})
+            return self._error_reply(
+                InternalError("internal error while serving the request", retryable=True), outcome
+            )
+        outcome.status = "ok"
+        outcome.model = self._engine.info.model
+        outcome.input_tokens = served.input_tokens
+        outcome.output_tokens = served.output_tokens
+        outcome.execution_ms = served.execution_ms
+        outcome.first_token_ms = served.first_token_ms
+        outcome.finished_at = self._clock()
+        return OperationReply(status="ok", result=served.result, meta=self._meta(outcome))
+
+    async def _run(self, request: AnyRequest) -> _Served:
+        engine = self._engine
+        started = time.perf_counter()
+        result: Result
+        if isinstance(request, ClassifyRequest):
+            scores = await engine.score(classify_prompt(request), tuple(request.categories))
+            verdict = normalise_label_scores(request.categories, scores.logprobs)
+            result = ClassifyResult(
+                label=verdict.label, confidence=verdict.confidence, scores=verdict.scores
+            )
+            elapsed = (time.perf_counter() - started) * 1000
+            return _Served(result, scores.input_tokens, 0, elapsed, None)
+        if isinstance(request, SummarizeRequest):
+            generation = await engine.generate(
+                summarize_prompt(request, output_budget("summarize", request.max_tokens))
+            )
+            summary = parse_summary(generation.text, request.max_sentences)
+            result = SummarizeResult(summary=summary.text, sentence_count=summary.sentence_count)
+        elif isinstance(request, TranslateRequest):
+            generation = await engine.generate(
+                translate_prompt(request, output_budget("translate", request.max_tokens))
+            )
+            result = TranslateResult(
+                translated_text=parse_translation(generation.text),
+                source_language=request.source_language,
+                target_language=request.target_language,
+            )
+        else:
+            budget = output_budget("chat", request.max_tokens, self._limits.chat_max_output_tokens)
+            generation = await engine.generate(chat_prompt(request, budget))
+            result = ChatResult(
+                message=AssistantMessage(content=generation.text),
+                finish_reason=generation.finish_reason,
+            )
+        elapsed = (time.perf_counter() - started) * 1000
+        return _Served(
+            result,
+            generation.input_tokens,
+            generation.output_tokens,
+            elapsed,
+            generation.first_token_ms,
+        )
+
+    def _check_configured_limits(self, request: AnyRequest) -> None:
+        if not isinstance(request, ChatRequest):
+            return
+        limits = self._limits
+        problems: list[FieldError] = []
+        if len(request.messages) > limits.chat_max_messages:
+            problems.append(
+                FieldError(
+                    loc=["messages"],
+                    msg=f"at most {limits.chat_max_messages} messages are allowed",
+                    type="too_long",
+                )
+            )
+        if request.text_chars() > limits.chat_max_input_chars:
+            problems.append(
+                FieldError(
+                    loc=["messages"],
+                    msg=f"messages may hold at most {limits.chat_max_input_chars} characters",
+                    type="too_long",
+                )
+            )
+        if request.max_tokens is not None and request.max_tokens > limits.chat_max_output_tokens:
+            problems.append(
+                FieldError(
+                    loc=["max_tokens"],
+                    msg=f"max_tokens must be <= {limits.chat_max_output_tokens} for chat",
+                    type="less_than_equal",
+                )
+            )
+        if problems:
+            raise ValidationFailed("request exceeds the configured chat limits", errors=problems)
+
+    def _check_deadline(self, request: AnyRequest, record: InboundRecord) -> None:
+        deadline = deadline_of(request, record.timestamp_ms)
+        if deadline is None:
+            return
+        now = datetime.fromtimestamp(self._clock(), UTC)
+        if now >= deadline:
+            late_ms = int((now - deadline).total_seconds() * 1000)
+            raise DeadlineExceeded(f"the deadline passed {late_ms} ms before the request could run")
+
+    def _error_reply(self, exc: OpstreamError, outcome: Outcome) -> OperationReply:
+        outcome.status = "error"
+        outcome.error_code = exc.code
+        outcome.finished_at = self._clock()
+        details = dict(exc.details)
+        error = ErrorInfo(
+            code=exc.code,  # type: ignore[arg-type]
+            message=exc.message,
+            retryable=exc.retryable,
+            http_status=HTTP_STATUS.get(exc.code, 500),
+            **details,
+        )
+        return OperationReply(status="error", error=error, meta=self._meta(outcome))
+
+    def _meta(self, outcome: Outcome) -> Meta:
+        return Meta(
+            operation=outcome.operation,
+            model_used=outcome.model,
+            input_chars=outcome.input_chars,
+            input_tokens=outcome.input_tokens,
+            output_tokens=outcome.output_tokens,
+            queue_ms=round(outcome.queue_ms, 3),
+            execution_time_ms=round(outcome.execution_ms, 3),
+            request_id=outcome.request_id,
+            timestamp=datetime.fromtimestamp(outcome.finished_at or self._clock(), UTC),
+        )
+
+    async def _reply(
+        self, topic: str, correlation_id: str, key: bytes | None, reply: OperationReply
+    ) -> None:
+        headers = [
+            (CORRELATION_ID, correlation_id.encode()),
+            (CONTENT_TYPE, JSON.encode()),
+        ]
+        await self._publisher.send(
+            topic, reply.model_dump_json(exclude_none=True).encode(), key=key, headers=headers
+        )
+
+    async def _dead_letter(self, record: InboundRecord, reason: str, outcome: Outcome) -> None:
+        outcome.status = "dlq"
+        outcome.dlq_reason = reason
+        outcome.error_code = "validation"
+        outcome.finished_at = self._clock()
+        headers = [
+            *record.headers,
+            (DLQ_ORIGIN_TOPIC, record.topic.encode()),
+            (DLQ_ORIGIN_PARTITION, str(record.partition).encode()),
+            (DLQ_ORIGIN_OFFSET, str(record.offset).encode()),
+            (DLQ_REASON, reason.encode()),
+            (DLQ_INSTANCE, self._instance_id.encode()),
+        ]
+        await self._publisher.send(
+            self._topics.dlq, record.value or b"", key=record.key, headers=list(headers)
+        )
+        log.warning(
+            "request_dead_lettered",
+            extra={
+                "topic": record.topic,
+                "partition": record.partition,
+                "offset": record.offset,
+                "reason": reason,
+            },
+        )
+
+
+def deadline_of(request: AnyRequest, produced_at_ms: int) -> datetime | None:
+    """The earlier of the absolute `deadline` and `timeout_ms` after the record was produced."""
+    candidates = []
+    if request.deadline is not None:
+        candidates.append(request.deadline.astimezone(UTC))
+    if request.timeout_ms is not None:
+        produced = datetime.fromtimestamp(produced_at_ms / 1000, UTC)
+        candidates.append(produced + timedelta(milliseconds=request.timeout_ms))
+    return min(candidates) if candidates else None
+
+
+def _parse_request(body: dict[str, Any]) -> AnyRequest:
+    try:
+        return operation_request_adapter.validate_python(body)
+    except ValidationError as exc:
+        raise ValidationFailed(
+            f"request is invalid ({exc.error_count()} error(s))", errors=field_errors(exc)
+        ) from None
+
+
+def field_errors(exc: ValidationError) -> list[FieldError]:
+    """Field errors without the offending input values (they may be prompt text)."""
+    return [
+        FieldError(
+            loc=[str(p) if not isinstance(p, int) else p for p in e["loc"]],
+            msg=e["msg"],
+            type=e["type"],
+        )
+        for e in exc.errors(include_input=False, include_url=False, include_context=False)
+    ]
+
+
+def _decode_object(value: bytes | None) -> tuple[dict[str, Any] | None, str]:
+    if not value:
+        return None, "empty body"
+    try:
+        decoded = json.loads(value)
+    except UnicodeDecodeError as exc:
+        return None, f"not UTF-8 (byte {exc.start})"
+    except json.JSONDecodeError as exc:
+        return None, f"invalid JSON at line {exc.lineno} column {exc.colno}"
+    except RecursionError:
+        return None, "JSON nested too deeply"
+    if not isinstance(decoded, dict):
+        return None, f"JSON {type(decoded).__name__} is not an object"
+    return decoded, ""
+
+
+def _str_or_none(value: object, max_len: int) -> str | None:
+    return value if isinstance(value, str) and 0 < len(value) <= max_len else None

@@ -1,0 +1,530 @@
+"""Quota arithmetic, no I/O: limit resolution, quota days, reserve/settle and the charge ledger."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, date, datetime, time, timedelta, timezone, tzinfo
+from typing import Literal
+
+from aiokafka.partitioner import murmur2
+
+from consumer.errors import QuotaExceeded
+from schemas.limits import ALL_TENANTS, TOTAL, UNLIMITED, QuotaCharge, charge_key
+
+Metric = Literal["requests", "tokens"]
+OverrideValue = int | Literal["unlimited"] | None
+"""An override field: a count, "unlimited", or None for "not overridden at this layer"."""
+Source = Literal["settings", "all-tenants", "tenant"]
+
+
+# ── limits ──
+
+
+@dataclass(frozen=True, slots=True)
+class DailyCap:
+    """Resolved daily limits of one scope; None means unlimited."""
+
+    requests: int | None
+    tokens: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class LimitDefaults:
+    """The settings layer: a default per operation, exceptions per operation, and the total."""
+
+    operation: DailyCap
+    per_operation: Mapping[str, DailyCap] = field(default_factory=dict)
+    total: DailyCap = DailyCap(None, None)
+
+    def for_scope(self, scope: str) -> DailyCap:
+        """The settings default of an operation, or of the total for `TOTAL`."""
+        if scope == TOTAL:
+            return self.total
+        return self.per_operation.get(scope, self.operation)
+
+
+@dataclass(frozen=True, slots=True)
+class Override:
+    """A control-topic override of one (tenant or every tenant, scope)."""
+
+    requests: OverrideValue = None
+    tokens: OverrideValue = None
+
+    @property
+    def is_empty(self) -> bool:
+        """True when it overrides nothing (and can be deleted)."""
+        return self.requests is None and self.tokens is None
+
+
+def _as_cap(value: int | Literal["unlimited"]) -> int | None:
+    return None if value == UNLIMITED else int(value)
+
+
+class LimitBook:
+    """Effective daily limits: settings < every-tenant override < tenant override; and resets.
+
+    Filled by the control-topic follower; read by the ledger on every reservation.
+    """
+
+    def __init__(self, defaults: LimitDefaults) -> None:
+        self.defaults = defaults
+        self._overrides: dict[tuple[str, str], Override] = {}
+        self._resets: dict[tuple[str, date], str] = {}
+
+    def set_override(self, tenant_id: str, scope: str, override: Override) -> None:
+        """Replace the override of (tenant, scope); an empty one deletes it."""
+        if override.is_empty:
+            self._overrides.pop((tenant_id, scope), None)
+        else:
+            self._overrides[(tenant_id, scope)] = override
+
+    def delete_override(self, tenant_id: str, scope: str) -> None:
+        """Fall back to the layers below for (tenant, scope)."""
+        self._overrides.pop((tenant_id, scope), None)
+
+    def override(self, tenant_id: str, scope: str) -> Override | None:
+        """The override stored for exactly (tenant, scope), if any."""
+        return self._overrides.get((tenant_id, scope))
+
+    def overrides(self) -> dict[tuple[str, str], Override]:
+        """Every stored override, by (tenant, scope)."""
+        return dict(self._overrides)
+
+    def set_reset(self, tenant_id: str, day: date, reset_id: str) -> None:
+        """Record that the tenant's counters for `day` restart from zero under `reset_id`."""
+        self._resets[(tenant_id, day)] = reset_id
+
+    def reset_epoch(self, tenant_id: str, day: date) -> str | None:
+        """The id of the latest reset of the tenant-day (None: never reset)."""
+        return self._resets.get((tenant_id, day))
+
+    def resolve_with_sources(
+        self, tenant_id: str, scope: str
+    ) -> tuple[DailyCap, tuple[Source, Source]]:
+        """The effective limits of (tenant, scope) and which layer set each field."""
+        base = self.defaults.for_scope(scope)
+        requests, tokens = base.requests, base.tokens
+        sources: list[Source] = ["settings", "settings"]
+        layers: tuple[tuple[str, Source], ...] = ((ALL_TENANTS, "all-tenants"),)
+        if tenant_id != ALL_TENANTS:
+            layers += ((tenant_id, "tenant"),)
+        for layer_tenant, source in layers:
+            found = self._overrides.get((layer_tenant, scope))
+            if found is None:
+                continue
+            if found.requests is not None:
+                requests, sources[0] = _as_cap(found.requests), source
+            if found.tokens is not None:
+                tokens, sources[1] = _as_cap(found.tokens), source
+        return DailyCap(requests, tokens), (sources[0], sources[1])
+
+    def resolve(self, tenant_id: str, scope: str) -> DailyCap:
+        """The effective daily limits of (tenant, scope)."""
+        return self.resolve_with_sources(tenant_id, scope)[0]
+
+
+class Keep:
+    """Marker for "leave this field as it is" in partial limit updates."""
+
+    _instance: Keep | None = None
+
+    def __new__(cls) -> Keep:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+KEEP = Keep()
+
+
+def merge_override(
+    current: Override | None,
+    *,
+    requests: OverrideValue | Keep = None,
+    tokens: OverrideValue | Keep = None,
+) -> Override:
+    """`current` with the given fields replaced; `KEEP` leaves a field as it is."""
+    base = current or Override()
+    return Override(
+        requests=base.requests if isinstance(requests, Keep) else requests,
+        tokens=base.tokens if isinstance(tokens, Keep) else tokens,
+    )
+
+
+# ── days ──
+
+
+def day_of(now: datetime, tz: tzinfo) -> date:
+    """The quota day an instant falls on in `tz`."""
+    if now.tzinfo is None:
+        raise ValueError("quota clock must return timezone-aware datetimes")
+    return now.astimezone(tz).date()
+
+
+def day_start(day: date, tz: tzinfo) -> datetime:
+    """The first instant of `day` in `tz` (after the gap when midnight does not exist).
+
+    Carries a fixed UTC offset rather than `tz`: Python compares and subtracts datetimes
+    that share a tzinfo by wall clock, which is wrong across a DST change.
+    """
+    # A round trip through UTC moves a non-existent local midnight (DST gap) to the
+    # wall-clock time at which the day really begins.
+    local = datetime.combine(day, time(), tzinfo=tz).astimezone(UTC).astimezone(tz)
+    offset = local.utcoffset()
+    assert offset is not None  # tz is a real zone
+    return local.astimezone(timezone(offset))
+
+
+def resets_at(day: date, tz: tzinfo) -> datetime:
+    """When the counters of `day` stop applying: the start of the next day in `tz`."""
+    return day_start(day + timedelta(days=1), tz)
+
+
+# ── partitions ──
+
+
+def partition_for_tenant(tenant_id: str, partitions: int) -> int:
+    """The request partition of a record keyed by `tenant_id` (Kafka's default partitioner).
+
+    Counters are exact only if each tenant's requests land on one partition; the consumer
+    rejects records whose partition is not this one.
+    """
+    return (murmur2(tenant_id.encode()) & 0x7FFFFFFF) % partitions
+
+
+# ── checking a reservation against limits ──
+
+
+@dataclass(slots=True)
+class Usage:
+    """Requests and tokens counted against a limit."""
+
+    requests: int = 0
+    tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Trip:
+    """The limit a reservation would break."""
+
+    metric: Metric
+    scope: str
+    limit: int
+    used: int
+    requested: int
+
+    @property
+    def remaining(self) -> int:
+        """How much of the limit is left (never negative)."""
+        return max(0, self.limit - self.used)
+
+
+def remaining(limit: int | None, used: int) -> int | None:
+    """What is left of a limit; None when unlimited."""
+    return None if limit is None else max(0, limit - used)
+
+
+def first_trip(
+    *,
+    operation: str,
+    operation_cap: DailyCap,
+    operation_used: Usage,
+    total_cap: DailyCap,
+    total_used: Usage,
+    tokens: int,
+) -> Trip | None:
+    """The first limit that one more request of `tokens` tokens would exceed, or None.
+
+    Order: requests (operation, total), then tokens (operation, total).
+    """
+    checks: tuple[tuple[Metric, str, int | None, int, int], ...] = (
+        ("requests", operation, operation_cap.requests, operation_used.requests, 1),
+        ("requests", TOTAL, total_cap.requests, total_used.requests, 1),
+        ("tokens", operation, operation_cap.tokens, operation_used.tokens, tokens),
+        ("tokens", TOTAL, total_cap.tokens, total_used.tokens, tokens),
+    )
+    for metric, scope, limit, used, amount in checks:
+        if limit is not None and used + amount > limit:
+            return Trip(metric=metric, scope=scope, limit=limit, used=used, requested=amount)
+    return None
+
+
+def limit_name(scope: str, metric: Metric) -> str:
+    """How a reply names a limit: "summarize.requests", "total.tokens"."""
+    return f"{'total' if scope == TOTAL else scope}.{metric}"
+
+
+def quota_exceeded(trip: Trip, *, day: date, tz: tzinfo) -> QuotaExceeded:
+    """The error for a tripped limit; its details are exactly the reply's quota fields."""
+    when = resets_at(day, tz)
+    what = "all operations" if trip.scope == TOTAL else trip.scope
+    return QuotaExceeded(
+        f"daily {trip.metric} limit for {what} reached: {trip.used} of {trip.limit} used, "
+        f"{trip.requested} more requested; resets at {when.isoformat()}",
+        limit=trip.limit,
+        used=trip.used,
+        remaining=trip.remaining,
+        resets_at=when,
+        limit_name=limit_name(trip.scope, trip.metric),
+    )
+
+
+# ── the ledger of charges ──
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """What one request costs: its reserved token budget until settled, then the real count."""
+
+    operation: str
+    tokens: int
+    settled: bool
+    epoch: str | None
+    charged_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """A granted request: hand it back to `settle` after generation."""
+
+    partition: int
+    tenant_id: str
+    operation: str
+    request_id: str
+    day: date
+    tokens: int
+    resets_at: datetime
+    duplicate: bool = False
+    """True when the request_id was already charged (a redelivery): run it, charge nothing."""
+
+
+class TenantDay:
+    """One tenant's charges on one day and the usage they add up to, per reset epoch."""
+
+    __slots__ = ("_usage", "charges", "day", "tenant_id")
+
+    def __init__(self, tenant_id: str, day: date) -> None:
+        self.tenant_id = tenant_id
+        self.day = day
+        self.charges: dict[str, Charge] = {}
+        self._usage: dict[tuple[str | None, str], Usage] = {}
+
+    def put(self, request_id: str, charge: Charge) -> None:
+        """Add or replace a request's charge, keeping the sums exact."""
+        old = self.charges.get(request_id)
+        if old is not None:
+            self._count(old, -1)
+        self.charges[request_id] = charge
+        self._count(charge, +1)
+
+    def usage(self, epoch: str | None, scope: str) -> Usage:
+        """Usage of an operation (or `TOTAL`) counted in a reset epoch."""
+        found = self._usage.get((epoch, scope))
+        return Usage(found.requests, found.tokens) if found else Usage()
+
+    def _count(self, charge: Charge, sign: int) -> None:
+        for scope in (charge.operation, TOTAL):
+            usage = self._usage.setdefault((charge.epoch, scope), Usage())
+            usage.requests += sign
+            usage.tokens += sign * charge.tokens
+
+
+ChargeKey = tuple[str, date, str]
+
+
+class QuotaLedger:
+    """The charges of the tenants on one partition: reserve, settle, restore, and what to persist.
+
+    Keeps today's and yesterday's tenant-days (yesterday for late settles and redeliveries
+    across midnight); older days are dropped as the clock moves.
+    """
+
+    def __init__(self, partition: int, book: LimitBook, tz: tzinfo) -> None:
+        self.partition = partition
+        self.book = book
+        self.tz = tz
+        self._days: dict[tuple[str, date], TenantDay] = {}
+        self._dirty: set[ChargeKey] = set()
+        self._oldest_kept: date | None = None
+
+    # reserve / settle
+
+    def reserve(
+        self,
+        tenant_id: str,
+        operation: str,
+        request_id: str,
+        input_tokens: int,
+        max_tokens: int,
+        now: datetime,
+    ) -> Reservation:
+        """Charge one request and its token budget, or raise QuotaExceeded for the tripped limit."""
+        if operation == TOTAL:
+            raise ValueError("a request's operation cannot be the total scope")
+        if input_tokens < 0 or max_tokens < 0:
+            raise ValueError("token counts must not be negative")
+        today = day_of(now, self.tz)
+        self._roll(today)
+        for day in (today, today - timedelta(days=1)):
+            earlier = self._days.get((tenant_id, day))
+            charge = earlier.charges.get(request_id) if earlier else None
+            if charge is not None:
+                return Reservation(
+                    partition=self.partition,
+                    tenant_id=tenant_id,
+                    operation=charge.operation,
+                    request_id=request_id,
+                    day=day,
+                    tokens=charge.tokens,
+                    resets_at=resets_at(day, self.tz),
+                    duplicate=True,
+                )
+        tenant_day = self._tenant_day(tenant_id, today)
+        epoch = self.book.reset_epoch(tenant_id, today)
+        tokens = input_tokens + max_tokens
+        trip = first_trip(
+            operation=operation,
+            operation_cap=self.book.resolve(tenant_id, operation),
+            operation_used=tenant_day.usage(epoch, operation),
+            total_cap=self.book.resolve(tenant_id, TOTAL),
+            total_used=tenant_day.usage(epoch, TOTAL),
+            tokens=tokens,
+        )
+        if trip is not None:
+            raise quota_exceeded(trip, day=today, tz=self.tz)
+        tenant_day.put(
+            request_id,
+            Charge(operation=operation, tokens=tokens, settled=False, epoch=epoch, charged_at=now),
+        )
+        self._dirty.add((tenant_id, today, request_id))
+        return Reservation(
+            partition=self.partition,
+            tenant_id=tenant_id,
+            operation=operation,
+            request_id=request_id,
+            day=today,
+            tokens=tokens,
+            resets_at=resets_at(today, self.tz),
+        )
+
+    def settle(self, reservation: Reservation, input_tokens: int, output_tokens: int) -> None:
+        """Lower the charge from the reserved budget to the real count.
+
+        A settle never raises a charge: a real count above what is charged (more input
+        tokens than estimated, or a redelivered request that generated more the second
+        time) is capped, because the freed tokens may already be granted to others.
+        So repeats are harmless, and the token limits hold exactly.
+        """
+        if input_tokens < 0 or output_tokens < 0:
+            raise ValueError("token counts must not be negative")
+        tenant_day = self._days.get((reservation.tenant_id, reservation.day))
+        charge = tenant_day.charges.get(reservation.request_id) if tenant_day else None
+        if tenant_day is None or charge is None:
+            return  # its day has rolled off: nothing left to correct
+        settled = replace(
+            charge, tokens=min(charge.tokens, input_tokens + output_tokens), settled=True
+        )
+        if settled != charge:
+            tenant_day.put(reservation.request_id, settled)
+            self._dirty.add((reservation.tenant_id, reservation.day, reservation.request_id))
+
+    # restore / persist
+
+    def load(self, record: QuotaCharge, now: datetime) -> None:
+        """Apply one changelog record read back from the state topic."""
+        self._roll(day_of(now, self.tz))
+        if self._oldest_kept is not None and record.day < self._oldest_kept:
+            return
+        self._tenant_day(record.tenant_id, record.day).put(
+            record.request_id,
+            Charge(
+                operation=record.operation,
+                tokens=record.tokens,
+                settled=record.settled,
+                epoch=record.reset_epoch,
+                charged_at=record.charged_at,
+            ),
+        )
+
+    def take_dirty(self) -> list[tuple[ChargeKey, bytes, bytes]]:
+        """The changed charges as (charge key, record key, record value), now marked clean."""
+        out: list[tuple[ChargeKey, bytes, bytes]] = []
+        for key in sorted(self._dirty):
+            record = self.record(key)
+            if record is not None:
+                out.append((key, charge_key(*key), record.model_dump_json().encode()))
+        self._dirty.clear()
+        return out
+
+    def mark_dirty(self, keys: Iterable[ChargeKey]) -> None:
+        """Ask for these charges to be written again (their last write failed)."""
+        self._dirty.update(keys)
+
+    @property
+    def dirty_count(self) -> int:
+        """How many changed charges are not yet handed out for persisting."""
+        return len(self._dirty)
+
+    def record(self, key: ChargeKey) -> QuotaCharge | None:
+        """The changelog record of one charge, or None if it is no longer kept."""
+        tenant_id, day, request_id = key
+        tenant_day = self._days.get((tenant_id, day))
+        charge = tenant_day.charges.get(request_id) if tenant_day else None
+        if charge is None:
+            return None
+        return QuotaCharge(
+            tenant_id=tenant_id,
+            day=day,
+            request_id=request_id,
+            operation=charge.operation,
+            tokens=charge.tokens,
+            settled=charge.settled,
+            reset_epoch=charge.epoch,
+            charged_at=charge.charged_at,
+        )
+
+    # views
+
+    def charges(self) -> dict[ChargeKey, Charge]:
+        """Every kept charge, by (tenant, day, request_id)."""
+        return {
+            (td.tenant_id, td.day, rid): charge
+            for td in self._days.values()
+            for rid, charge in td.charges.items()
+        }
+
+    def tenants(self, day: date) -> list[str]:
+        """Tenants with charges on `day`."""
+        return sorted(tenant for tenant, d in self._days if d == day)
+
+    def usage(self, tenant_id: str, scope: str, now: datetime) -> Usage:
+        """Today's usage of (tenant, operation or `TOTAL`) in the current reset epoch."""
+        today = day_of(now, self.tz)
+        tenant_day = self._days.get((tenant_id, today))
+        if tenant_day is None:
+            return Usage()
+        return tenant_day.usage(self.book.reset_epoch(tenant_id, today), scope)
+
+    def __iter__(self) -> Iterator[TenantDay]:
+        return iter(list(self._days.values()))
+
+    # internals
+
+    def _tenant_day(self, tenant_id: str, day: date) -> TenantDay:
+        found = self._days.get((tenant_id, day))
+        if found is None:
+            found = self._days[(tenant_id, day)] = TenantDay(tenant_id, day)
+        return found
+
+    def _roll(self, today: date) -> None:
+        oldest = today - timedelta(days=1)
+        if self._oldest_kept is not None and oldest <= self._oldest_kept:
+            return
+        self._oldest_kept = oldest
+        for key in [key for key in self._days if key[1] < oldest]:
+            del self._days[key]
+        self._dirty = {key for key in self._dirty if key[1] >= oldest}

@@ -1,0 +1,74 @@
+"""Quotas in a running consumer: limit book, follower, state store and publisher, wired once."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+
+from consumer.quota.admin import ASGIApp, admin_routes
+from consumer.quota.arithmetic import LimitBook
+from consumer.quota.control import LimitCommandPublisher, LimitFollower
+from consumer.quota.settings import QuotaHostSettings
+from consumer.quota.store import Clock, QuotaStore, make_state_producer, offset_clock
+
+
+class QuotaRuntime:
+    """Everything quotas need in one consumer instance, started and stopped together.
+
+    Start it in the app's lifespan before consuming; call `store.restore`/`store.forget`
+    from the rebalance listener. A producer passed in is the caller's to start and stop
+    (it must use acks="all"); otherwise the runtime owns one.
+    """
+
+    def __init__(
+        self,
+        settings: QuotaHostSettings,
+        *,
+        producer: AIOKafkaProducer | None = None,
+        clock: Clock | None = None,
+        client_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        servers = settings.kafka.bootstrap_servers
+        if not servers:
+            raise ValueError("quotas need kafka.bootstrap_servers")
+        quota = settings.quota
+        self.settings = settings
+        self.book = LimitBook(quota.limit_defaults())
+        self._owns_producer = producer is None
+        self.producer = producer or make_state_producer(servers, client_options=client_options)
+        self.follower = LimitFollower(
+            self.book,
+            bootstrap_servers=servers,
+            topic=quota.control_topic,
+            fetch_max_wait_ms=settings.kafka.fetch_max_wait_ms,
+            client_options=client_options,
+        )
+        self.store = QuotaStore(
+            book=self.book,
+            settings=quota,
+            producer=self.producer,
+            bootstrap_servers=servers,
+            fetch_max_wait_ms=settings.kafka.fetch_max_wait_ms,
+            client_options=client_options,
+            expected_partitions=settings.topics.request_partitions,
+            clock=clock or offset_clock(quota.clock_offset_s),
+        )
+        self.publisher = LimitCommandPublisher(self.producer, quota.control_topic)
+
+    async def start(self) -> None:
+        """Start the producer (if owned) and catch up with the control topic."""
+        if self._owns_producer:
+            await self.producer.start()
+        await self.follower.start()
+
+    async def stop(self) -> None:
+        """Stop following limit commands and close what the runtime owns."""
+        await self.follower.stop()
+        if self._owns_producer:
+            await self.producer.stop()
+
+    def admin_routes(self) -> list[tuple[str, ASGIApp]]:
+        """The admin HTTP API's routes for `AsgiFastStream(asgi_routes=...)`."""
+        return admin_routes(self.store, self.publisher, self.settings, self.follower)

@@ -1,0 +1,116 @@
+"""Quota settings: default daily limits, the day's time zone, topics and the admin key."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Any, Protocol
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, BeforeValidator, Field, SecretStr, field_validator
+
+from consumer.quota.arithmetic import DailyCap, LimitDefaults
+
+if TYPE_CHECKING:  # consumer.settings nests QuotaSettings: no import cycle at run time
+    from consumer.settings import KafkaSettings, OperationLimits, TopicSettings
+
+
+def _unlimited_as_none(value: Any) -> Any:
+    # Environment variables cannot say `null`; let them say "unlimited".
+    if isinstance(value, str) and value.strip().lower() in ("unlimited", "none", "null", ""):
+        return None
+    return value
+
+
+Cap = Annotated[Annotated[int, Field(ge=0)] | None, BeforeValidator(_unlimited_as_none)]
+"""A daily limit in settings: a count, or None / "unlimited"."""
+
+
+class DailyLimitSettings(BaseModel):
+    """Default daily limits of one operation (overrides `default_daily_*` for it)."""
+
+    requests: Cap = None
+    tokens: Cap = None
+
+
+class QuotaSettings(BaseModel):
+    """How daily quotas are enforced; nested as `Settings.quota` (env OPSTREAM_QUOTA__...)."""
+
+    enabled: bool = True
+    timezone: str = Field(default="UTC", description="IANA zone whose midnight starts a day.")
+    default_daily_requests: Cap = Field(
+        default=1000, description="Requests per tenant, per operation, per day (original: 1000)."
+    )
+    default_daily_tokens: Cap = Field(
+        default=None, description="Input+output tokens per tenant, per operation, per day."
+    )
+    operation_defaults: dict[str, DailyLimitSettings] = Field(
+        default_factory=dict,
+        description="Per-operation defaults; a field left unset uses default_daily_*.",
+    )
+    total_daily_requests: Cap = Field(
+        default=None, description="Requests per tenant per day over all operations."
+    )
+    total_daily_tokens: Cap = Field(
+        default=None, description="Tokens per tenant per day over all operations."
+    )
+    state_topic: str = "ops.quota.state.v1"
+    control_topic: str = "ops.control.v1"
+    state_retention_ms: int = Field(
+        default=3 * 24 * 3600 * 1000,
+        ge=2 * 24 * 3600 * 1000,
+        description="retention.ms of the state topic; must outlive a day plus the zone offset.",
+    )
+    restore_timeout_s: float = Field(default=60.0, gt=0)
+    clock_offset_s: float = Field(
+        default=0.0,
+        description="Seconds added to the wall clock for quota days. Tests only (to cross "
+        "midnight in a running consumer's child process); keep 0 in production.",
+    )
+    admin_key: SecretStr | None = Field(
+        default=None, description="Key for the admin HTTP API; unset disables the API."
+    )
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone: {value!r}") from exc
+        return value
+
+    def zone(self) -> ZoneInfo:
+        """The time zone whose midnight rolls the quota day over."""
+        return ZoneInfo(self.timezone)
+
+    def limit_defaults(self) -> LimitDefaults:
+        """The settings layer of the limit book."""
+        per_operation = {
+            name: DailyCap(
+                requests=op.requests
+                if "requests" in op.model_fields_set
+                else self.default_daily_requests,
+                tokens=op.tokens if "tokens" in op.model_fields_set else self.default_daily_tokens,
+            )
+            for name, op in self.operation_defaults.items()
+        }
+        return LimitDefaults(
+            operation=DailyCap(self.default_daily_requests, self.default_daily_tokens),
+            per_operation=per_operation,
+            total=DailyCap(self.total_daily_requests, self.total_daily_tokens),
+        )
+
+
+class QuotaHostSettings(Protocol):
+    """The parts of the app's `Settings` that quota code reads (`Settings.quota` is ours)."""
+
+    @property
+    def quota(self) -> QuotaSettings: ...
+
+    @property
+    def kafka(self) -> KafkaSettings: ...
+
+    @property
+    def limits(self) -> OperationLimits: ...
+
+    @property
+    def topics(self) -> TopicSettings: ...

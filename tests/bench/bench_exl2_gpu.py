@@ -1,0 +1,198 @@
+"""Benchmark the exllamav2 engine's batching modes on this GPU (prints numbers; not a test).
+
+    python tests/bench/bench_exl2_gpu.py                     # build + quantize a random
+                                                             # Qwen2.5-7B-shaped model (slow)
+    python tests/bench/bench_exl2_gpu.py --layers 4          # same shape, fewer layers
+    python tests/bench/bench_exl2_gpu.py --model-dir DIR     # an existing EXL2 folder
+
+Prints decode tokens/s at batch 1 and 8 in each usable mode (paged needs flash-attn on
+sm_80+; static always runs), prompt tokens/s, and batch-1 decode as a fraction of the
+card's memory-bandwidth limit (every decode step reads all GPU weights once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from consumer.engine.exllamav2.backend import (  # noqa: E402
+    _load_runtime,
+    flash_attn_version,
+    prepare_startup,
+    probe_gpus,
+)
+from consumer.engine.exllamav2.modes import flash_attn_blocker  # noqa: E402
+from consumer.engine.exllamav2.settings import ExLlamaV2Settings  # noqa: E402
+
+# Peak DRAM bandwidth, GB/s, from the vendors' spec sheets.
+BANDWIDTH_GBS = {
+    "T4": 320,
+    "L4": 300,
+    "A10": 600,
+    "A100-SXM4-40GB": 1555,
+    "A100-PCIE-40GB": 1555,
+    "A100-SXM4-80GB": 2039,
+    "A100 80GB PCIe": 1935,
+    "H100 PCIe": 2000,
+    "H100 80GB HBM3": 3350,
+    "H200": 4800,
+    "RTX 4090": 1008,
+    "RTX 3090": 936,
+}
+
+
+def bandwidth_for(name: str, override: float | None) -> float | None:
+    if override:
+        return override
+    matches = [(len(k), v) for k, v in BANDWIDTH_GBS.items() if k in name]
+    return max(matches)[1] if matches else None
+
+
+def build_model(args: argparse.Namespace) -> Path:
+    from dataclasses import replace
+
+    from tests.gpu.model_builder import QWEN25_7B, quantize_exl2, write_random_qwen2
+
+    root = Path(args.work_dir or tempfile.mkdtemp(prefix="exl2-bench-"))
+    dims = replace(QWEN25_7B, num_layers=args.layers)
+    print(f"building random Qwen2.5-7B-shaped model ({dims.num_layers} layers) in {root}")
+    hf = write_random_qwen2(root / "hf", dims)
+    print(f"quantizing to {args.bits} bpw (exllamav2 converter)")
+    return quantize_exl2(hf, root / "exl2", root / "work", bits=args.bits, length=2048)
+
+
+def synchronize() -> None:
+    import torch
+
+    torch.cuda.synchronize()
+
+
+def bench_static(runtime: Any, batch: int, prompt_len: int, new_tokens: int) -> float:
+    from consumer.engine.base import ChatMessage, GenerationRequest
+    from consumer.engine.exllamav2.runner import GenTicket, StaticBatch
+
+    request = GenerationRequest(messages=(ChatMessage("user", "x"),), max_tokens=new_tokens)
+    tickets = [
+        GenTicket(ids=[100 + i] * prompt_len, request=request, deliver=lambda _: None)
+        for i in range(batch)
+    ]
+    run = StaticBatch(
+        runtime.model,
+        runtime.gen_cache,
+        tickets,
+        pad_id=runtime.pad_id,
+        stop_ids=frozenset(),  # a random model emits EOS at random; measure full length
+        decode=lambda ids: "",
+    )
+    run.prefill()
+    run.step()  # first step outside the timing (kernel autotune, graph capture)
+    synchronize()
+    started = time.perf_counter()
+    steps = 0
+    while not run.finished:
+        run.step()
+        steps += 1
+    synchronize()
+    return batch * steps / (time.perf_counter() - started)
+
+
+def bench_paged(runtime: Any, batch: int, prompt_len: int, new_tokens: int) -> float:
+    import torch
+    from exllamav2.generator import ExLlamaV2DynamicJob, ExLlamaV2Sampler
+
+    generator = runtime.generator
+    jobs = [
+        ExLlamaV2DynamicJob(
+            input_ids=torch.full((1, prompt_len), 100 + i, dtype=torch.long),
+            max_new_tokens=new_tokens,
+            gen_settings=ExLlamaV2Sampler.Settings.greedy(),
+            stop_conditions=[],
+        )
+        for i in range(batch)
+    ]
+    generator.enqueue(jobs)
+    while any(not j.is_prefill_done() for j in jobs):  # prefill outside the timing
+        generator.iterate()
+    synchronize()
+    started = time.perf_counter()
+    produced = 0
+    while generator.num_remaining_jobs():
+        for result in generator.iterate():
+            ids = result.get("token_ids")
+            produced += 0 if ids is None else int(ids.shape[-1])
+    synchronize()
+    return produced / (time.perf_counter() - started)
+
+
+def bench_prompt(runtime: Any, prompt_len: int) -> float:
+    import torch
+
+    cache = runtime.score_cache if runtime.generator is not None else runtime.gen_cache
+    prompt_len = min(prompt_len, cache.max_seq_len - 1)
+    ids = torch.randint(100, 1000, (1, prompt_len))
+    cache.current_seq_len = 0
+    runtime.model.forward(ids, cache, preprocess_only=True)  # warm-up
+    synchronize()
+    cache.current_seq_len = 0
+    started = time.perf_counter()
+    runtime.model.forward(ids, cache, preprocess_only=True)
+    synchronize()
+    cache.current_seq_len = 0
+    return prompt_len / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path, help="existing EXL2 model (skip building)")
+    parser.add_argument("--work-dir", type=Path, help="where to build the random model")
+    parser.add_argument("--layers", type=int, default=28, help="decoder layers (7B has 28)")
+    parser.add_argument("--bits", type=float, default=4.5, help="EXL2 bits per weight")
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--bandwidth-gbs", type=float, help="override the card's peak GB/s")
+    args = parser.parse_args()
+
+    model_dir = args.model_dir or build_model(args)
+    gpus = probe_gpus()
+    modes = ["static"]
+    blocker = flash_attn_blocker(gpus, flash_attn_version())
+    if blocker is None:
+        modes.insert(0, "paged")  # paged first: static sets EXLLAMA_NO_FLASH_ATTN on import
+    else:
+        print(f"paged mode skipped: {blocker}")
+
+    gpu = gpus[0]
+    bandwidth = bandwidth_for(gpu.name, args.bandwidth_gbs)
+    print(f"GPU: {gpu.name} sm_{gpu.capability[0]}{gpu.capability[1]}, model: {model_dir}")
+    for mode in modes:
+        settings = ExLlamaV2Settings(
+            model_dir=model_dir,
+            batching_mode=mode,  # type: ignore[arg-type]
+            max_seq_len=4096,
+            max_batch_size=8,
+            progress_bar=True,
+        )
+        start = prepare_startup(settings)
+        runtime = _load_runtime(start)
+        bench = bench_paged if mode == "paged" else bench_static
+        for batch in (1, 8):
+            rate = bench(runtime, batch, args.prompt_tokens, args.new_tokens)
+            line = f"[{mode}] decode batch {batch}: {rate:8.1f} tokens/s"
+            if batch == 1 and bandwidth:
+                limit = bandwidth * 1e9 / start.estimate.weights
+                line += f"  ({rate / limit:.0%} of the {limit:.0f} tokens/s bandwidth limit)"
+            print(line)
+        print(f"[{mode}] prompt: {bench_prompt(runtime, 2048):8.1f} tokens/s (batch 1, 2048)")
+        runtime.model.unload()
+        del runtime
+
+
+if __name__ == "__main__":
+    main()

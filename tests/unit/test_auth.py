@@ -1,0 +1,262 @@
+"""Request signatures: what `sign` produces and every reason `KeyRing.verify` refuses."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from pydantic import Field
+
+from consumer.auth import (
+    KEY_ID_HEADER,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    AuthSettings,
+    KeyRing,
+    TenantKey,
+    auth_required,
+    read_keys_file,
+    sign,
+    signing_input,
+)
+from consumer.errors import Unauthorized
+from consumer.settings import Settings
+
+NOW = 1_750_000_000.0
+ACME_SECRET = "acme-secret-0123456789abcdef"
+ACME_OLD_SECRET = "acme-old-secret-0123456789"
+GLOBEX_SECRET = "globex-secret-0123456789abc"
+BODY = b'{"tenant_id":"acme","operation":"summarize"}'
+
+
+def ring(max_skew_s: int = 300) -> KeyRing:
+    return KeyRing(
+        {
+            "acme": [
+                TenantKey(key_id="acme-2", secret=ACME_SECRET),
+                TenantKey(key_id="acme-1", secret=ACME_OLD_SECRET),
+            ],
+            "globex": [TenantKey(key_id="globex-1", secret=GLOBEX_SECRET)],
+        },
+        max_skew_s=max_skew_s,
+    )
+
+
+def refusal(headers: list[tuple[str, bytes]], body: bytes = BODY, tenant: str = "acme") -> str:
+    with pytest.raises(Unauthorized) as caught:
+        ring().verify(headers, body, tenant, NOW)
+    assert caught.value.code == "unauthorized"
+    reason: str = caught.value.details["reason"]
+    return reason
+
+
+def replace_header(
+    headers: list[tuple[str, bytes]], name: str, value: bytes
+) -> list[tuple[str, bytes]]:
+    return [(k, value if k == name else v) for k, v in headers]
+
+
+def test_signed_request_verifies_and_names_the_key() -> None:
+    headers = sign(BODY, "acme", "acme-2", ACME_SECRET, NOW)
+    assert ring().verify(headers, BODY, "acme", NOW) == "acme-2"
+
+
+def test_signature_is_the_documented_hmac_over_scheme_tenant_key_timestamp_body() -> None:
+    headers = dict(sign(BODY, "acme", "acme-2", ACME_SECRET, NOW + 0.9))
+    assert headers[TIMESTAMP_HEADER] == b"1750000000"
+    message = b"opstream-hmac-v1\nacme\nacme-2\n1750000000\n" + BODY
+    expected = hmac.new(ACME_SECRET.encode(), message, hashlib.sha256).hexdigest()
+    assert headers[SIGNATURE_HEADER] == expected.encode()
+    assert headers[KEY_ID_HEADER] == b"acme-2"
+
+
+def test_every_key_of_a_tenant_verifies_during_rotation() -> None:
+    old = sign(BODY, "acme", "acme-1", ACME_OLD_SECRET, NOW)
+    assert ring().verify(old, BODY, "acme", NOW) == "acme-1"
+
+
+def test_unsigned_request_is_refused_as_missing_signature() -> None:
+    assert refusal([("correlation_id", b"c1")]) == "missing_signature"
+
+
+def test_request_missing_one_signature_header_is_refused() -> None:
+    headers = [
+        h for h in sign(BODY, "acme", "acme-2", ACME_SECRET, NOW) if h[0] != SIGNATURE_HEADER
+    ]
+    with pytest.raises(Unauthorized, match=SIGNATURE_HEADER):
+        ring().verify(headers, BODY, "acme", NOW)
+
+
+def test_unknown_key_id_is_refused() -> None:
+    headers = sign(BODY, "acme", "acme-9", ACME_SECRET, NOW)
+    assert refusal(headers) == "unknown_key"
+
+
+def test_key_of_another_tenant_is_refused_even_with_a_valid_signature() -> None:
+    headers = sign(BODY, "acme", "globex-1", GLOBEX_SECRET, NOW)
+    with pytest.raises(Unauthorized) as caught:
+        ring().verify(headers, BODY, "acme", NOW)
+    assert caught.value.details["reason"] == "wrong_tenant"
+    assert "globex" not in caught.value.message.replace("globex-1", "")
+
+
+def test_tampered_body_is_refused() -> None:
+    headers = sign(BODY, "acme", "acme-2", ACME_SECRET, NOW)
+    assert refusal(headers, body=BODY.replace(b"summarize", b"translate")) == "bad_signature"
+
+
+def test_signature_made_for_another_tenant_with_the_right_key_is_refused() -> None:
+    # The tenant is inside the MAC, not only looked up next to it.
+    headers = sign(BODY, "globex", "acme-2", ACME_SECRET, NOW)
+    assert refusal(headers) == "bad_signature"
+
+
+def test_changed_timestamp_is_refused() -> None:
+    headers = sign(BODY, "acme", "acme-2", ACME_SECRET, NOW)
+    forged = replace_header(headers, TIMESTAMP_HEADER, str(int(NOW) + 1).encode())
+    assert refusal(forged) == "bad_signature"
+
+
+def test_wrong_secret_is_refused() -> None:
+    headers = sign(BODY, "acme", "acme-2", "not-the-acme-secret-at-all", NOW)
+    assert refusal(headers) == "bad_signature"
+
+
+@pytest.mark.parametrize("offset", [-301, 301, -86_400])
+def test_signature_outside_the_skew_window_is_stale(offset: int) -> None:
+    headers = sign(BODY, "acme", "acme-2", ACME_SECRET, NOW + offset)
+    assert refusal(headers) == "stale"
+
+
+@pytest.mark.parametrize("offset", [-300, 0, 300])
+def test_signature_at_the_edge_of_the_skew_window_is_accepted(offset: int) -> None:
+    headers = sign(BODY, "acme", "acme-2", ACME_SECRET, NOW + offset)
+    assert ring().verify(headers, BODY, "acme", NOW) == "acme-2"
+
+
+def test_skew_window_is_configurable() -> None:
+    headers = sign(BODY, "acme", "acme-2", ACME_SECRET, NOW - 20)
+    with pytest.raises(Unauthorized, match="±10 s"):
+        ring(max_skew_s=10).verify(headers, BODY, "acme", NOW)
+
+
+def test_repeated_signature_header_is_refused_as_ambiguous() -> None:
+    headers = sign(BODY, "acme", "acme-2", ACME_SECRET, NOW)
+    headers.append((KEY_ID_HEADER, b"acme-1"))
+    assert refusal(headers) == "malformed_signature"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [(SIGNATURE_HEADER, b"zz" * 32), (SIGNATURE_HEADER, b"abcd"), (TIMESTAMP_HEADER, b"17.5e9")],
+)
+def test_malformed_signature_headers_are_refused(name: str, value: bytes) -> None:
+    headers = replace_header(sign(BODY, "acme", "acme-2", ACME_SECRET, NOW), name, value)
+    assert refusal(headers) == "malformed_signature"
+
+
+def test_fields_that_could_make_the_signed_string_ambiguous_are_rejected() -> None:
+    with pytest.raises(ValueError, match="key id"):
+        signing_input(b"", "acme", "k\n1", "1")
+    with pytest.raises(ValueError, match="tenant id"):
+        signing_input(b"", "acme\nk", "1", "1")
+    with pytest.raises(ValueError, match="timestamp"):
+        signing_input(b"", "acme", "k", "-1")
+
+
+def test_secrets_do_not_appear_in_reprs() -> None:
+    settings = AuthSettings(keys={"acme": [TenantKey(key_id="acme-2", secret=ACME_SECRET)]})
+    for text in (repr(settings), str(settings), repr(ring()), settings.model_dump_json()):
+        assert ACME_SECRET not in text
+
+
+def test_short_secret_is_refused_without_echoing_it() -> None:
+    with pytest.raises(ValueError, match="acme-2") as caught:
+        KeyRing({"acme": [TenantKey(key_id="acme-2", secret="tooshort")]})
+    assert "tooshort" not in str(caught.value)
+
+
+def test_one_key_id_for_two_tenants_is_a_configuration_error() -> None:
+    with pytest.raises(ValueError, match="configured twice"):
+        KeyRing(
+            {
+                "acme": [TenantKey(key_id="shared", secret=ACME_SECRET)],
+                "globex": [TenantKey(key_id="shared", secret=GLOBEX_SECRET)],
+            }
+        )
+
+
+def test_keys_come_from_a_toml_file_merged_with_settings(tmp_path: Path) -> None:
+    keys_file = tmp_path / "keys.toml"
+    keys_file.write_text(
+        f'[["acme"]]\nkey_id = "acme-2"\nsecret = "{ACME_SECRET}"\n\n'
+        f'[["globex"]]\nkey_id = "globex-1"\nsecret = "{GLOBEX_SECRET}"\n\n'
+        f'[["acme"]]\nkey_id = "acme-1"\nsecret = "{ACME_OLD_SECRET}"\n'
+    )
+    settings = AuthSettings(
+        keys_file=keys_file,
+        keys={"initech": [TenantKey(key_id="initech-1", secret="initech-secret-0123456789")]},
+    )
+    keyring = KeyRing.from_settings(settings)
+    assert keyring.key_ids("acme") == ["acme-1", "acme-2"]
+    assert keyring.tenants() == {"acme", "globex", "initech"}
+
+
+def test_keys_come_from_a_json_file(tmp_path: Path) -> None:
+    keys_file = tmp_path / "keys.json"
+    keys_file.write_text(json.dumps({"acme": [{"key_id": "acme-2", "secret": ACME_SECRET}]}))
+    keyring = KeyRing.from_settings(AuthSettings(keys_file=keys_file))
+    headers = sign(BODY, "acme", "acme-2", ACME_SECRET, NOW)
+    assert keyring.verify(headers, BODY, "acme", NOW) == "acme-2"
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("keys.toml", f'[["acme"]]\nkey_id = "acme-2"\nsecret = "{ACME_SECRET}'),
+        ("keys.json", json.dumps({"acme": [{"key_id": "a b", "secret": ACME_SECRET}]})),
+        ("keys.json", json.dumps({"acme": [{"key_id": "a", "secrte": ACME_SECRET}]})),
+    ],
+)
+def test_bad_keys_file_error_does_not_echo_the_secret(tmp_path: Path, name: str, text: str) -> None:
+    keys_file = tmp_path / name
+    keys_file.write_text(text)
+    with pytest.raises(ValueError) as caught:
+        read_keys_file(keys_file)
+    assert str(keys_file) in str(caught.value)
+    assert ACME_SECRET not in str(caught.value)
+
+
+def test_keys_arrive_as_json_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    class SettingsWithAuth(Settings):
+        auth: AuthSettings = Field(default_factory=AuthSettings)
+
+    monkeypatch.setenv(
+        "OPSTREAM_AUTH__KEYS", json.dumps({"acme": [{"key_id": "acme-2", "secret": ACME_SECRET}]})
+    )
+    monkeypatch.setenv("OPSTREAM_AUTH__MAX_SKEW_S", "60")
+    settings = SettingsWithAuth()
+    keyring = KeyRing.from_settings(settings.auth)
+    assert keyring.key_ids("acme") == ["acme-2"]
+    assert keyring.max_skew_s == 60
+
+
+@pytest.mark.parametrize(
+    ("profile", "required", "expected"),
+    [("production", True, True), ("dev", True, True), ("dev", False, False)],
+)
+def test_auth_is_required_unless_dev_turns_it_off(
+    profile: str, required: bool, expected: bool
+) -> None:
+    settings = SimpleNamespace(profile=profile, auth=AuthSettings(required=required))
+    assert auth_required(settings) is expected
+
+
+def test_production_cannot_turn_auth_off() -> None:
+    settings = SimpleNamespace(profile="production", auth=AuthSettings(required=False))
+    with pytest.raises(ValueError, match="profile=dev"):
+        auth_required(settings)

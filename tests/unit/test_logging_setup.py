@@ -1,0 +1,110 @@
+"""Structured logs: event + fields as JSON, rotation, and text-bearing fields never written."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from consumer.logging_setup import LoggingSettings, configure_logging
+
+PROMPT = "Summarize: the merger closes on Friday"
+
+
+@pytest.fixture(autouse=True)
+def restore_root_logger() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(level)
+
+
+def json_lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_json_line_has_event_name_and_extra_fields(tmp_path: Path) -> None:
+    log_file = tmp_path / "logs" / "opstream.log"
+    configure_logging(LoggingSettings(file=log_file))
+    logging.getLogger("consumer.intake").info(
+        "request_answered", extra={"operation": "summarize", "queue_ms": 4.5, "partition": 3}
+    )
+    [line] = json_lines(log_file)
+    assert line["event"] == "request_answered"
+    assert line["level"] == "INFO"
+    assert line["logger"] == "consumer.intake"
+    assert (line["operation"], line["queue_ms"], line["partition"]) == ("summarize", 4.5, 3)
+    assert line["ts"].endswith("+00:00")
+
+
+def test_text_bearing_fields_are_dropped_and_named(tmp_path: Path) -> None:
+    log_file = tmp_path / "opstream.log"
+    configure_logging(LoggingSettings(file=log_file))
+    logging.getLogger("consumer").warning(
+        "parse_failed",
+        extra={"prompt": PROMPT, "messages": [{"content": PROMPT}], "secret": "s3", "code": "x"},
+    )
+    raw = log_file.read_text()
+    assert PROMPT not in raw and "s3" not in raw
+    [line] = json_lines(log_file)
+    assert line["dropped_fields"] == ["messages", "prompt", "secret"]
+    assert line["code"] == "x"
+
+
+def test_console_format_is_event_then_key_value_pairs(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging(LoggingSettings(format="console"))
+    logging.getLogger("consumer").info(
+        "model_loaded", extra={"backend": "llamacpp", "path": "/models/q 4.gguf", "text": PROMPT}
+    )
+    err = capsys.readouterr().err
+    assert " INFO    consumer model_loaded backend=llamacpp " in err
+    assert 'path="/models/q 4.gguf"' in err
+    assert "dropped_fields=text" in err
+    assert PROMPT not in err
+
+
+def test_exceptions_are_one_json_field(tmp_path: Path) -> None:
+    log_file = tmp_path / "opstream.log"
+    configure_logging(LoggingSettings(file=log_file))
+    try:
+        raise ValueError("bad offset")
+    except ValueError:
+        logging.getLogger("consumer").exception("commit_failed", extra={"partition": 1})
+    [line] = json_lines(log_file)
+    assert "ValueError: bad offset" in line["exception"]
+
+
+def test_file_rotates_at_max_bytes_keeping_backups(tmp_path: Path) -> None:
+    log_file = tmp_path / "opstream.log"
+    configure_logging(LoggingSettings(file=log_file, max_bytes=1024, backups=2))
+    for index in range(100):
+        logging.getLogger("consumer").info("tick", extra={"index": index})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "opstream.log",
+        "opstream.log.1",
+        "opstream.log.2",
+    ]
+    assert log_file.stat().st_size <= 1024
+    assert json_lines(log_file)[-1]["index"] == 99
+
+
+def test_configuring_twice_replaces_handlers_and_applies_levels(tmp_path: Path) -> None:
+    log_file = tmp_path / "opstream.log"
+    configure_logging(LoggingSettings())
+    configure_logging(LoggingSettings(level="WARNING", file=log_file))
+    ours = [h for h in logging.getLogger().handlers if getattr(h, "_opstream_handler", False)]
+    assert len(ours) == 2  # stderr + file, not four
+    logging.getLogger("consumer").info("hidden")
+    logging.getLogger("consumer").warning("shown")
+    assert [line["event"] for line in json_lines(log_file)] == ["shown"]
+    assert logging.getLogger("aiokafka").level == logging.WARNING
