@@ -1,8 +1,9 @@
-"""The app factory: wires broker, intake, pipeline, engine and HTTP routes in one place."""
+"""The app factory: wires broker, intake, pipeline, engine, quotas, usage and HTTP in one place."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -10,17 +11,26 @@ from typing import Any
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from faststream import AckPolicy
-from faststream.asgi import AsgiFastStream, AsgiResponse, get
+from faststream.asgi import AsgiFastStream
 from faststream.kafka import KafkaBroker, KafkaMessage
 
-from consumer.engine.base import Engine
+from consumer.auth.keys import KeyRing, auth_required
+from consumer.engine.base import Engine, EngineInfo
 from consumer.engine.factory import load_engine
+from consumer.health import HealthReporter, health_routes
 from consumer.intake import Intake
 from consumer.kafka_io import KafkaRecordPublisher
+from consumer.kafka_security import aiokafka_security_kwargs, faststream_security
 from consumer.offsets import Partition
-from consumer.pipeline import RequestProcessor
+from consumer.pipeline import Outcome, RequestProcessor
+from consumer.quota.runtime import QuotaRuntime
+from consumer.quota.store import Clock as QuotaClock
 from consumer.records import InboundRecord, as_headers
 from consumer.settings import Settings
+from consumer.telemetry import Telemetry
+from consumer.usage.compaction import PeriodicCompaction
+from consumer.usage.rows import usage_row
+from consumer.usage.writer import UsageReceipt, UsageWriter
 from schemas.replies import OperationReply
 from schemas.requests import OperationRequest
 
@@ -30,38 +40,87 @@ log = logging.getLogger(__name__)
 class Service:
     """Everything one consumer instance runs, started and stopped with the FastStream app."""
 
-    def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine | None = None,
+        *,
+        telemetry: Telemetry | None = None,
+        quota_clock: QuotaClock | None = None,
+    ) -> None:
         if not settings.kafka.bootstrap_servers:
             raise ValueError("kafka.bootstrap_servers is not set (or use `opstream dev`)")
         self.settings = settings
         self.engine = engine
         self.started_at = time.time()
         self.assigned: set[Partition] = set()
+        self.security = aiokafka_security_kwargs(settings.security)
         self.publisher = KafkaRecordPublisher(
-            settings.kafka.bootstrap_servers, settings.kafka.client_id
+            settings.kafka.bootstrap_servers, settings.kafka.client_id, **self.security
         )
+        self.telemetry = telemetry or Telemetry(
+            settings.telemetry, instance_id=settings.instance_id
+        )
+        self.keyring: KeyRing | None = None
+        if auth_required(settings):
+            self.keyring = KeyRing.from_settings(settings.auth)
+        self.quota: QuotaRuntime | None = None
+        if settings.quota.enabled:
+            self.quota = QuotaRuntime(settings, clock=quota_clock, client_options=self.security)
+        self.usage: UsageWriter | None = None
+        self.compaction: PeriodicCompaction | None = None
+        if settings.usage.enabled:
+            self.usage = UsageWriter(settings.usage, settings.instance_id)
+            if settings.usage.compact_interval_s > 0:
+                self.compaction = PeriodicCompaction(settings.usage)
         self.consumer: Any = None  # aiokafka consumer, known once the subscriber starts
         self.intake: Intake | None = None
+        self.health = HealthReporter(
+            started_at=self.started_at,
+            engine_info=self.engine_info,
+            broker_status=lambda: self.publisher.connected,
+            assigned_partitions=lambda: self.assigned,
+        )
+
+    def engine_info(self) -> EngineInfo | None:
+        return self.engine.info if self.engine is not None else None
 
     async def start(self) -> None:
+        if self.keyring is None:
+            log.warning(
+                "AUTHENTICATION IS OFF: requests are not checked for a tenant signature "
+                "(profile=dev, auth.required=false). Never run this way in production."
+            )
         if self.engine is None:
             # Loading a model blocks for seconds to minutes; keep the loop responsive.
             self.engine = await asyncio.to_thread(load_engine, self.settings)
         await self.publisher.start()
+        if self.quota is not None:
+            await self.quota.start()
+        if self.usage is not None:
+            await self.usage.start()
+        if self.compaction is not None:
+            await self.compaction.start()
         processor = RequestProcessor(
             engine=self.engine,
             publisher=self.publisher,
             topics=self.settings.topics,
             limits=self.settings.limits,
             instance_id=self.settings.instance_id,
+            keyring=self.keyring,
+            quota=self.quota.store if self.quota is not None else None,
+            telemetry=self.telemetry,
         )
         self.intake = Intake(
             processor.process,
             self._commit,
             max_in_flight=self.settings.intake.max_in_flight,
             commit_interval_s=self.settings.intake.commit_interval_ms / 1000,
+            make_durable=self._make_durable,
+            flush=self.usage.flush if self.usage is not None else None,
         )
         self.intake.start()
+        self.telemetry.metrics.set_lag_source(self._lag)
         info = self.engine.info
         log.info(
             "service_started",
@@ -69,15 +128,28 @@ class Service:
                 "instance_id": self.settings.instance_id,
                 "backend": info.backend,
                 "model": info.model,
+                "auth": self.keyring is not None,
+                "quota": self.quota is not None,
+                "usage": self.usage is not None,
             },
         )
 
     async def stop(self) -> None:
+        if self.consumer is not None:
+            with contextlib.suppress(Exception):
+                self.consumer.pause(*self.consumer.assignment())  # stop fetching first
         if self.intake is not None:
             await self.intake.close(self.settings.intake.shutdown_grace_s)
+        if self.compaction is not None:
+            await self.compaction.close()
+        if self.usage is not None:
+            await self.usage.close()
+        if self.quota is not None:
+            await self.quota.stop()
         await self.publisher.stop()
         if self.engine is not None:
             await self.engine.close()
+        self.telemetry.shutdown()
         log.info("service_stopped", extra={"instance_id": self.settings.instance_id})
 
     async def submit(self, message: KafkaMessage) -> None:
@@ -95,26 +167,54 @@ class Service:
         )
         await self.intake.submit(record)
 
+    async def _make_durable(self, outcome: Outcome) -> None:
+        """The quota settlement is in Kafka and the usage row on disk (before the commit)."""
+        if self.quota is not None and outcome.reservation is not None:
+            await self.quota.store.persist(outcome.record.partition)
+        if self.usage is not None:
+            receipt: UsageReceipt | None = getattr(outcome, "usage_receipt", None)
+            if receipt is None or (receipt.done and receipt.error is not None):
+                receipt = self.usage.append_nowait(usage_row(outcome, self.settings.instance_id))
+                outcome.usage_receipt = receipt
+            await receipt.wait()
+
     async def _commit(self, positions: dict[Partition, int]) -> None:
         if self.consumer is None:
             raise RuntimeError("consumer not started")
         await self.consumer.commit({TopicPartition(t, p): o for (t, p), o in positions.items()})
 
-    def ready(self) -> bool:
-        return self.engine is not None and self.engine.info.loaded and bool(self.assigned)
+    def _lag(self) -> dict[tuple[str, int], int]:
+        consumer = self.consumer
+        if consumer is None or self.intake is None:
+            return {}
+        lag: dict[tuple[str, int], int] = {}
+        for topic, partition in sorted(self.assigned):
+            highwater = consumer.highwater(TopicPartition(topic, partition))
+            committed = self.intake.committed((topic, partition))
+            if highwater is not None and committed is not None:
+                lag[(topic, partition)] = max(0, highwater - committed)
+        return lag
 
-    def health(self) -> dict[str, Any]:
-        info = self.engine.info if self.engine is not None else None
-        return {
-            "status": "healthy" if info and info.loaded else "starting",
-            "uptime_seconds": round(time.time() - self.started_at, 1),
-            "instance_id": self.settings.instance_id,
-            "models": [{"name": info.model, "backend": info.backend, "loaded": info.loaded}]
-            if info
-            else [],
-            "partitions": sorted(p for _, p in self.assigned),
-            "in_flight": self.intake.in_flight if self.intake else 0,
-        }
+    async def on_assigned(self, partitions: set[Partition]) -> None:
+        if self.quota is not None:
+            requests = {p for t, p in partitions if t == self.settings.topics.requests}
+            # Before any record of these partitions is processed: the listener blocks fetching.
+            await self.quota.store.restore(requests)
+        self.assigned |= partitions
+        log.info("partitions_assigned", extra={"partitions": sorted(p for _, p in partitions)})
+
+    async def on_revoked(self, partitions: set[Partition]) -> None:
+        if self.intake is not None and partitions:
+            await self.intake.revoke(partitions, self.settings.intake.shutdown_grace_s)
+        if self.quota is not None:
+            numbers = {p for _, p in partitions}
+            for number in numbers:
+                try:
+                    await self.quota.store.persist(number)
+                except Exception as exc:
+                    log.warning("quota_persist_on_revoke_failed", extra={"error": repr(exc)[:300]})
+            self.quota.store.forget(numbers)
+        self.assigned -= partitions
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -122,29 +222,24 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self._service = service
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        partitions = {(tp.topic, tp.partition) for tp in revoked}
-        if self._service.intake is not None and partitions:
-            await self._service.intake.revoke(
-                partitions, self._service.settings.intake.shutdown_grace_s
-            )
-        self._service.assigned -= partitions
+        await self._service.on_revoked({(tp.topic, tp.partition) for tp in revoked})
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        self._service.assigned |= {(tp.topic, tp.partition) for tp in assigned}
-        log.info(
-            "partitions_assigned", extra={"partitions": sorted(tp.partition for tp in assigned)}
-        )
+        await self._service.on_assigned({(tp.topic, tp.partition) for tp in assigned})
 
 
-def build_app(settings: Settings, engine: Engine | None = None) -> AsgiFastStream:
-    """The FastStream application for `settings` (an `engine` may be injected by tests)."""
-    service = Service(settings, engine)
+def make_broker(settings: Settings, service: Service | None = None) -> KafkaBroker:
+    """The broker with the request subscriber and the documented publishers.
+
+    Without a `service` the broker only describes the app (for the AsyncAPI document).
+    """
     kafka = settings.kafka
     broker = KafkaBroker(
-        kafka.bootstrap_servers,
+        kafka.bootstrap_servers or "localhost:9092",
         client_id=kafka.client_id,
         request_timeout_ms=kafka.request_timeout_ms,
         graceful_timeout=settings.intake.shutdown_grace_s,
+        security=faststream_security(settings.security),
     )
     subscriber = broker.subscriber(
         settings.topics.requests,
@@ -155,17 +250,22 @@ def build_app(settings: Settings, engine: Engine | None = None) -> AsgiFastStrea
         session_timeout_ms=kafka.session_timeout_ms,
         heartbeat_interval_ms=kafka.heartbeat_interval_ms,
         max_poll_interval_ms=kafka.max_poll_interval_ms,
-        listener=_Rebalance(service),
+        listener=_Rebalance(service) if service is not None else None,
+        # Our `reply_to` header is ours to honour; FastStream must not answer it too.
+        no_reply=True,
         title="operation requests",
         description=(
             "Operation requests keyed by tenant_id. Headers: correlation_id, reply_to "
-            "(default ops.replies.v1), traceparent, tenant signature. Body: OperationRequest."
+            "(default ops.replies.v1), traceparent, x-opstream-key-id/-timestamp/-signature. "
+            "Body: OperationRequest."
         ),
     )
 
     @subscriber
     async def handle_request(message: KafkaMessage) -> None:
         """Hand the record to the intake; offsets are committed by the intake, not here."""
+        if service is None:
+            raise RuntimeError("documentation-only broker")
         if service.consumer is None:
             service.consumer = subscriber.consumer
         await service.submit(message)
@@ -184,25 +284,36 @@ def build_app(settings: Settings, engine: Engine | None = None) -> AsgiFastStrea
         description="Undecodable or unroutable requests, with x-opstream-dlq-* origin headers.",
         schema=OperationRequest,
     )
+    return broker
 
-    @get(include_in_schema=False)
-    async def health() -> AsgiResponse:
-        return AsgiResponse(json.dumps(service.health()).encode(), 200, {"content-type": JSON_TYPE})
 
-    @get(include_in_schema=False)
-    async def ready() -> AsgiResponse:
-        ok = service.ready()
-        body = json.dumps({"ready": ok, "partitions": len(service.assigned)}).encode()
-        return AsgiResponse(body, 200 if ok else 503, {"content-type": JSON_TYPE})
+def asyncapi_document(settings: Settings) -> dict[str, Any]:
+    """The AsyncAPI document FastStream generates for the app (no connection is made)."""
+    from faststream.specification import AsyncAPI
 
+    spec = AsyncAPI(make_broker(settings), title="opstream", version="1.0.0")
+    return json.loads(spec.to_specification().to_json())
+
+
+def build_app(
+    settings: Settings,
+    engine: Engine | None = None,
+    *,
+    telemetry: Telemetry | None = None,
+    quota_clock: QuotaClock | None = None,
+) -> AsgiFastStream:
+    """The FastStream application for `settings` (tests may inject an engine or telemetry)."""
+    service = Service(settings, engine, telemetry=telemetry, quota_clock=quota_clock)
+    broker = make_broker(settings, service)
+    routes: list[tuple[str, Any]] = [*health_routes(service.health)]
+    routes.append(("/metrics", service.telemetry.metrics_asgi()))
+    if service.quota is not None:
+        routes.extend(service.quota.admin_routes())
     app = AsgiFastStream(
         broker,
-        asgi_routes=[("/health", health), ("/ready", ready)],
+        asgi_routes=routes,
         on_startup=[service.start],
         on_shutdown=[service.stop],
     )
     app.context.set_global("service", service)
     return app
-
-
-JSON_TYPE = "application/json"

@@ -5,13 +5,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from opentelemetry import trace
 
+from consumer.auth.signature import sign
 from consumer.records import CONTENT_TYPE, CORRELATION_ID, JSON, REPLY_TO
+from consumer.telemetry import inject_context
 from schemas.replies import OperationReply
+
+Signer = Callable[[bytes, str], list[tuple[str, bytes]]]
+
+
+def _hmac_signer(key_id: str, secret: str) -> Signer:
+    def signer(body: bytes, tenant_id: str) -> list[tuple[str, bytes]]:
+        return sign(body, tenant_id, key_id, secret, time.time())
+
+    return signer
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +46,26 @@ class OperationsClient:
         reply_topic: str = "ops.replies.v1",
         timeout_s: float = 60.0,
         fetch_max_wait_ms: int = 100,
-        signer: Any = None,
+        key_id: str | None = None,
+        secret: str | None = None,
+        signer: Signer | None = None,
+        tracer: trace.Tracer | None = None,
         client_options: dict[str, Any] | None = None,
     ) -> None:
+        """`key_id` + `secret` sign every request (HMAC-SHA256, see the README); a custom
+        `signer(body, tenant_id) -> headers` may replace them. Trace context of the
+        current span is injected into each request's headers."""
+        if (key_id is None) != (secret is None):
+            raise ValueError("give both key_id and secret, or neither")
+        if signer is None and key_id is not None and secret is not None:
+            signer = _hmac_signer(key_id, secret)
         self._bootstrap = bootstrap_servers
         self._request_topic = request_topic
         self.reply_topic = reply_topic
         self._timeout_s = timeout_s
         self._fetch_max_wait_ms = fetch_max_wait_ms
         self._signer = signer
+        self._tracer = tracer or trace.get_tracer("opstream.client")
         self._options = client_options or {}
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
@@ -110,17 +135,30 @@ class OperationsClient:
             (CONTENT_TYPE, JSON.encode()),
         ]
         if self._signer is not None:
-            headers.extend(self._signer(payload, body["tenant_id"]))
+            headers.extend(self._signer(payload, str(body["tenant_id"])))
         waiter = asyncio.get_running_loop().create_future()
         self._waiting[correlation_id] = waiter
         try:
-            await self._producer.send_and_wait(
-                self._request_topic,
-                payload,
-                key=str(body["tenant_id"]).encode(),
-                headers=headers,
-            )
-            return await asyncio.wait_for(waiter, timeout_s or self._timeout_s)
+            with self._tracer.start_as_current_span(
+                f"send {self._request_topic}",
+                kind=trace.SpanKind.PRODUCER,
+                attributes={
+                    "messaging.system": "kafka",
+                    "messaging.operation.type": "send",
+                    "messaging.destination.name": self._request_topic,
+                    "opstream.operation": str(body.get("operation")),
+                },
+            ) as span:
+                inject_context(headers)
+                await self._producer.send_and_wait(
+                    self._request_topic,
+                    payload,
+                    key=str(body["tenant_id"]).encode(),
+                    headers=headers,
+                )
+                reply = await asyncio.wait_for(waiter, timeout_s or self._timeout_s)
+                span.set_attribute("opstream.status", reply.status)
+                return reply
         finally:
             self._waiting.pop(correlation_id, None)
 

@@ -68,6 +68,9 @@ def start_local_broker(port: int | None = None, timeout_s: float = 30.0) -> Loca
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         preexec_fn=_die_with_parent if os.name == "posix" else None,
+        # Its own session: Ctrl-C in a terminal must not stop the broker before the
+        # consumer has drained and committed; we stop it ourselves afterwards.
+        start_new_session=True,
     )
     broker = LocalBroker(process, port)
     deadline = time.monotonic() + timeout_s

@@ -34,11 +34,13 @@ class Intake:
         max_in_flight: int,
         commit_interval_s: float,
         make_durable: Durable | None = None,
+        flush: Callable[[], Awaitable[None]] | None = None,
         retry_backoff_s: float = 1.0,
     ) -> None:
         self._process = process
         self._commit = commit
         self._make_durable = make_durable
+        self._flush = flush
         self._slots = asyncio.Semaphore(max_in_flight)
         self._tracker = OffsetTracker()
         self._tasks: dict[asyncio.Task[None], Partition] = {}
@@ -57,12 +59,18 @@ class Intake:
     def in_flight(self) -> int:
         return len(self._tasks)
 
+    def committed(self, partition: Partition) -> int | None:
+        """The last offset this instance committed for `partition` (None: not yet)."""
+        return self._tracker.committed(partition)
+
     async def submit(self, record: InboundRecord) -> None:
         """Start processing `record`; waits while the in-flight bound is reached."""
         if self._closing:
-            # Shutting down: leave it uncommitted for the next owner.
-            await asyncio.Event().wait()
+            return  # shutting down: left uncommitted, so it is redelivered
         await self._slots.acquire()
+        if self._closing:
+            self._slots.release()
+            return
         partition = (record.topic, record.partition)
         self._tracker.begin(partition, record.offset)
         task = asyncio.create_task(
@@ -72,14 +80,16 @@ class Intake:
         task.add_done_callback(self._tasks.pop)
 
     async def _run(self, record: InboundRecord) -> None:
+        # The slot bounds work that needs the engine; waiting for durability (a usage
+        # batch flushes every few seconds) must not hold it, or throughput collapses.
         try:
             outcome = await self._retry_until_done(self._process, record)
-            if self._make_durable is not None:
-                await self._retry_until_done(self._make_durable, outcome)
-            for listener in self.on_outcome:
-                listener(outcome)
         finally:
             self._slots.release()
+        if self._make_durable is not None:
+            await self._retry_until_done(self._make_durable, outcome)
+        for listener in self.on_outcome:
+            listener(outcome)
         if self._tracker.finish((record.topic, record.partition), record.offset):
             self._dirty.set()
 
@@ -129,7 +139,16 @@ class Intake:
         tasks = [t for t, p in self._tasks.items() if partitions is None or p in partitions]
         done = True
         if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=timeout_s)
+            loop = asyncio.get_running_loop()
+            give_up_at = loop.time() + timeout_s
+            pending = set(tasks)
+            while pending:
+                if self._flush is not None:
+                    await self._flush()  # finished requests wait on their usage rows
+                left = give_up_at - loop.time()
+                if left <= 0:
+                    break
+                _, pending = await asyncio.wait(pending, timeout=min(left, 0.05))
             done = not pending
             for task in pending:
                 task.cancel()  # abandoned: uncommitted, so the next owner redoes it

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -20,6 +21,18 @@ class KafkaRecordPublisher:
             **security,
         }
         self._producer: AIOKafkaProducer | None = None
+        self.last_ok_at = 0.0
+        self.last_error_at = 0.0
+        self.last_error = ""
+
+    @property
+    def connected(self) -> tuple[bool, str]:
+        """(reachable, detail) judged by the last acknowledged or failed send."""
+        if self._producer is None:
+            return False, "producer not started"
+        if self.last_error_at > self.last_ok_at:
+            return False, self.last_error
+        return True, "ok"
 
     async def start(self) -> None:
         # aiokafka binds to the running loop, so the producer is made here, not in __init__.
@@ -41,4 +54,10 @@ class KafkaRecordPublisher:
     ) -> None:
         if self._producer is None:
             raise RuntimeError("publisher not started")
-        await self._producer.send_and_wait(topic, value, key=key, headers=headers)
+        try:
+            await self._producer.send_and_wait(topic, value, key=key, headers=headers)
+        except Exception as exc:
+            self.last_error_at = time.monotonic()
+            self.last_error = f"send failed: {type(exc).__name__}"
+            raise
+        self.last_ok_at = time.monotonic()

@@ -96,5 +96,9 @@ class OffsetTracker:
         for partition in partitions:
             self._partitions.pop(partition, None)
 
+    def committed(self, partition: Partition) -> int | None:
+        state = self._partitions.get(partition)
+        return state.committed if state is not None else None
+
     def partitions(self) -> set[Partition]:
         return set(self._partitions)

@@ -5,18 +5,21 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
+from opentelemetry import trace
 from pydantic import ValidationError
 
-from consumer.engine.base import Engine, EngineError
+from consumer.auth.keys import KeyRing
+from consumer.engine.base import ChatMessage, Engine, EngineError, GenerationRequest
 from consumer.errors import (
     DeadlineExceeded,
     InternalError,
     OpstreamError,
+    QuotaExceeded,
     ValidationFailed,
 )
 from consumer.operations import (
@@ -29,6 +32,8 @@ from consumer.operations import (
     summarize_prompt,
     translate_prompt,
 )
+from consumer.quota.arithmetic import Reservation, partition_for_tenant
+from consumer.quota.store import QuotaStore
 from consumer.records import (
     CONTENT_TYPE,
     CORRELATION_ID,
@@ -42,6 +47,7 @@ from consumer.records import (
     InboundRecord,
 )
 from consumer.settings import OperationLimits
+from consumer.telemetry import Telemetry, inject_context
 from schemas.replies import (
     HTTP_STATUS,
     AssistantMessage,
@@ -104,6 +110,12 @@ class Outcome:
     first_token_ms: float | None = None
     finished_at: float = 0.0
     dlq_reason: str | None = None
+    reservation: Reservation | None = None
+    usage_receipt: Any = None  # the usage batch holding this outcome's row, once appended
+
+
+class BrokerUnavailable(Exception):
+    """A write the request depends on (quota state) was not acknowledged: retry the record."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +128,9 @@ class _Served:
 
 
 Clock = Callable[[], float]
-Check = Callable[[InboundRecord, AnyRequest, str], Awaitable[None]]
+# Template and role markers a chat template adds per message, on top of the text's tokens.
+_TEMPLATE_TOKENS_PER_MESSAGE = 8
+_TEMPLATE_TOKENS_BASE = 16
 
 
 class RequestProcessor:
@@ -134,18 +148,56 @@ class RequestProcessor:
         topics: TopicSettings,
         limits: OperationLimits,
         instance_id: str,
-        checks: tuple[Check, ...] = (),
+        keyring: KeyRing | None = None,
+        quota: QuotaStore | None = None,
+        telemetry: Telemetry | None = None,
         clock: Clock = time.time,
     ) -> None:
+        """`keyring` None turns authentication off (dev profile only); `quota` None: no quotas."""
         self._engine = engine
         self._publisher = publisher
         self._topics = topics
         self._limits = limits
         self._instance_id = instance_id
-        self._checks = checks
+        self._keyring = keyring
+        self._quota = quota
+        self._telemetry = telemetry
         self._clock = clock
+        self._tracer = telemetry.tracer if telemetry else trace.get_tracer("opstream")
 
     async def process(self, record: InboundRecord) -> Outcome:
+        """Answer `record` (or dead-letter it); raises only when the broker is unreachable."""
+        if self._telemetry is None:
+            return await self._process(record)
+        with self._telemetry.consume_span(
+            record.headers, topic=record.topic, partition=record.partition, offset=record.offset
+        ) as span:
+            outcome = await self._process(record)
+            span.set_attribute("opstream.status", outcome.status)
+            if outcome.operation:
+                span.set_attribute("opstream.operation", outcome.operation)
+            if outcome.error_code:
+                span.set_attribute("opstream.error_code", outcome.error_code)
+            self._record_metrics(outcome)
+            return outcome
+
+    def _record_metrics(self, outcome: Outcome) -> None:
+        assert self._telemetry is not None
+        metrics = self._telemetry.metrics
+        operation = outcome.operation or "unknown"
+        status = "ok" if outcome.status == "ok" else "error"
+        code = outcome.error_code if outcome.status != "dlq" else "dlq"
+        metrics.count_request(operation, status, code)
+        metrics.count_tokens(operation, outcome.input_tokens, outcome.output_tokens)
+        total_ms = max(0.0, outcome.finished_at * 1000 - outcome.record.timestamp_ms)
+        metrics.observe_latency(
+            operation,
+            queue_ms=outcome.queue_ms,
+            first_token_ms=outcome.first_token_ms,
+            total_ms=total_ms,
+        )
+
+    async def _process(self, record: InboundRecord) -> Outcome:
         outcome = Outcome(record=record, status="error")
         outcome.queue_ms = max(0.0, record.received_at * 1000 - record.timestamp_ms)
         correlation_id = record.header(CORRELATION_ID)
@@ -193,23 +245,47 @@ class RequestProcessor:
         try:
             request = _parse_request(body)
             outcome.request_id = request.request_id or correlation_id
+            outcome.tenant_id = request.tenant_id
             outcome.input_chars = request.text_chars()
+            with self._tracer.start_as_current_span("opstream.auth"):
+                self._authenticate(record, request)
             self._check_configured_limits(request)
             self._check_deadline(request, record)
-            for check in self._checks:
-                await check(record, request, outcome.request_id)
-            served = await self._run(request)
+            with self._tracer.start_as_current_span("opstream.prompt"):
+                prompt = _prompt_of(request, self._limits)
+            with self._tracer.start_as_current_span("opstream.quota"):
+                outcome.reservation = await self._reserve(record, request, prompt, outcome)
+            with self._tracer.start_as_current_span("opstream.generate") as span:
+                served = await self._run(request, prompt)
+                span.set_attribute("opstream.input_tokens", served.input_tokens)
+                span.set_attribute("opstream.output_tokens", served.output_tokens)
+                if served.first_token_ms is not None:
+                    span.set_attribute("opstream.prefill_ms", served.first_token_ms)
+                    span.set_attribute(
+                        "opstream.decode_ms", max(0.0, served.execution_ms - served.first_token_ms)
+                    )
+        except BrokerUnavailable:
+            raise
+        except QuotaExceeded as exc:
+            if self._telemetry is not None:
+                self._telemetry.metrics.count_quota_rejection(
+                    outcome.operation or "unknown", str(exc.details.get("limit_name") or "")
+                )
+            return self._error_reply(exc, outcome)
         except OpstreamError as exc:
+            self._settle_failed(outcome)
             return self._error_reply(exc, outcome)
         except EngineError as exc:
             log.warning(
                 "engine_failed",
                 extra={"request_id": outcome.request_id, "error": type(exc).__name__},
             )
+            self._settle_failed(outcome)
             return self._error_reply(InternalError(str(exc), retryable=exc.retryable), outcome)
         except Exception:
             # A bug, not the request's fault: answer it (retryable) rather than block the partition.
             log.exception("request_failed", extra={"request_id": outcome.request_id})
+            self._settle_failed(outcome)
             return self._error_reply(
                 InternalError("internal error while serving the request", retryable=True), outcome
             )
@@ -220,38 +296,84 @@ class RequestProcessor:
         outcome.execution_ms = served.execution_ms
         outcome.first_token_ms = served.first_token_ms
         outcome.finished_at = self._clock()
+        if self._quota is not None and outcome.reservation is not None:
+            self._quota.settle(outcome.reservation, served.input_tokens, served.output_tokens)
         return OperationReply(status="ok", result=served.result, meta=self._meta(outcome))
 
-    async def _run(self, request: AnyRequest) -> _Served:
+    def _authenticate(self, record: InboundRecord, request: AnyRequest) -> None:
+        if self._keyring is None:
+            return
+        self._keyring.verify(record.headers, record.value or b"", request.tenant_id, self._clock())
+
+    async def _reserve(
+        self, record: InboundRecord, request: AnyRequest, prompt: _Prompt, outcome: Outcome
+    ) -> Reservation | None:
+        """Charge the request before it runs and make the charge durable (see the quota docs)."""
+        quota = self._quota
+        if quota is None or not quota.settings.enabled:
+            return None
+        expected = partition_for_tenant(request.tenant_id, self._topics.request_partitions)
+        if record.partition != expected:
+            raise ValidationFailed(
+                f"request for tenant {request.tenant_id!r} arrived on partition "
+                f"{record.partition}, not {expected}: key requests by tenant_id",
+                errors=[
+                    FieldError(
+                        loc=["key"], msg="the record key must be the tenant_id", type="key"
+                    )
+                ],
+            )
+        input_tokens = self._estimate_input_tokens(prompt)
+        reservation = quota.reserve(
+            record.partition,
+            request.tenant_id,
+            request.operation,
+            outcome.request_id or "",
+            input_tokens,
+            prompt.max_tokens,
+        )
+        try:
+            await quota.persist(record.partition)
+        except Exception as exc:
+            raise BrokerUnavailable(f"quota state not written: {exc!r}"[:300]) from exc
+        return reservation
+
+    def _estimate_input_tokens(self, prompt: _Prompt) -> int:
+        count = self._engine.count_tokens
+        messages = prompt.messages
+        text_tokens = sum(count(m.content) for m in messages)
+        text_tokens += sum(count(c) for c in prompt.candidates)
+        return text_tokens + _TEMPLATE_TOKENS_BASE + _TEMPLATE_TOKENS_PER_MESSAGE * len(messages)
+
+    def _settle_failed(self, outcome: Outcome) -> None:
+        # Reserved but not served (engine failure, deadline): charge the request, no tokens.
+        if self._quota is not None and outcome.reservation is not None:
+            self._quota.settle(outcome.reservation, 0, 0)
+
+    async def _run(self, request: AnyRequest, prompt: _Prompt) -> _Served:
         engine = self._engine
         started = time.perf_counter()
         result: Result
         if isinstance(request, ClassifyRequest):
-            scores = await engine.score(classify_prompt(request), tuple(request.categories))
+            scores = await engine.score(prompt.messages, prompt.candidates)
             verdict = normalise_label_scores(request.categories, scores.logprobs)
             result = ClassifyResult(
                 label=verdict.label, confidence=verdict.confidence, scores=verdict.scores
             )
             elapsed = (time.perf_counter() - started) * 1000
             return _Served(result, scores.input_tokens, 0, elapsed, None)
+        assert prompt.generation is not None
+        generation = await engine.generate(prompt.generation)
         if isinstance(request, SummarizeRequest):
-            generation = await engine.generate(
-                summarize_prompt(request, output_budget("summarize", request.max_tokens))
-            )
             summary = parse_summary(generation.text, request.max_sentences)
             result = SummarizeResult(summary=summary.text, sentence_count=summary.sentence_count)
         elif isinstance(request, TranslateRequest):
-            generation = await engine.generate(
-                translate_prompt(request, output_budget("translate", request.max_tokens))
-            )
             result = TranslateResult(
                 translated_text=parse_translation(generation.text),
                 source_language=request.source_language,
                 target_language=request.target_language,
             )
         else:
-            budget = output_budget("chat", request.max_tokens, self._limits.chat_max_output_tokens)
-            generation = await engine.generate(chat_prompt(request, budget))
             result = ChatResult(
                 message=AssistantMessage(content=generation.text),
                 finish_reason=generation.finish_reason,
@@ -310,7 +432,7 @@ class RequestProcessor:
         outcome.status = "error"
         outcome.error_code = exc.code
         outcome.finished_at = self._clock()
-        details = dict(exc.details)
+        details = {k: v for k, v in exc.details.items() if k in ErrorInfo.model_fields}
         error = ErrorInfo(
             code=exc.code,  # type: ignore[arg-type]
             message=exc.message,
@@ -340,6 +462,7 @@ class RequestProcessor:
             (CORRELATION_ID, correlation_id.encode()),
             (CONTENT_TYPE, JSON.encode()),
         ]
+        inject_context(headers)
         await self._publisher.send(
             topic, reply.model_dump_json(exclude_none=True).encode(), key=key, headers=headers
         )
@@ -369,6 +492,29 @@ class RequestProcessor:
                 "reason": reason,
             },
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _Prompt:
+    """What the engine is asked: a generation, or messages and candidates to score."""
+
+    messages: tuple[ChatMessage, ...]
+    max_tokens: int
+    generation: GenerationRequest | None = None
+    candidates: tuple[str, ...] = ()
+
+
+def _prompt_of(request: AnyRequest, limits: OperationLimits) -> _Prompt:
+    if isinstance(request, ClassifyRequest):
+        return _Prompt(classify_prompt(request), 0, candidates=tuple(request.categories))
+    if isinstance(request, SummarizeRequest):
+        generation = summarize_prompt(request, output_budget("summarize", request.max_tokens))
+    elif isinstance(request, TranslateRequest):
+        generation = translate_prompt(request, output_budget("translate", request.max_tokens))
+    else:
+        budget = output_budget("chat", request.max_tokens, limits.chat_max_output_tokens)
+        generation = chat_prompt(request, budget)
+    return _Prompt(generation.messages, generation.max_tokens, generation=generation)
 
 
 def deadline_of(request: AnyRequest, produced_at_ms: int) -> datetime | None:

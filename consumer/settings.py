@@ -15,6 +15,13 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from consumer.auth.keys import AuthSettings
+from consumer.engine.exllamav2 import ExLlamaV2Settings
+from consumer.kafka_security import KafkaSecuritySettings
+from consumer.logging_setup import LoggingSettings
+from consumer.quota.settings import QuotaSettings
+from consumer.telemetry import TelemetrySettings
+from consumer.usage.settings import UsageSettings
 from topics.catalog import TopicSettings
 
 
@@ -56,6 +63,7 @@ class EngineSettings(BaseModel):
         default="auto", description="auto: exllamav2 when CUDA is usable, else llamacpp."
     )
     llamacpp: LlamaCppSettings = Field(default_factory=LlamaCppSettings)
+    exllamav2: ExLlamaV2Settings = Field(default_factory=ExLlamaV2Settings)
 
 
 class OperationLimits(BaseModel):
@@ -94,17 +102,23 @@ class Settings(BaseSettings):
         env_nested_delimiter="__",
         extra="forbid",
         validate_default=True,
+        hide_input_in_errors=True,
     )
 
     profile: Literal["production", "dev"] = "production"
     instance_id: str = Field(default_factory=_default_instance_id)
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    security: KafkaSecuritySettings = Field(default_factory=KafkaSecuritySettings)
     topics: TopicSettings = Field(default_factory=TopicSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     limits: OperationLimits = Field(default_factory=OperationLimits)
     intake: IntakeSettings = Field(default_factory=IntakeSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    quota: QuotaSettings = Field(default_factory=QuotaSettings)
+    usage: UsageSettings = Field(default_factory=UsageSettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -49,19 +49,22 @@ class ErrorInfo(_Strict):
     limit_name: str | None = Field(
         default=None, description="quota_exceeded: which limit, e.g. 'summarize.requests'"
     )
+    reason: str | None = Field(
+        default=None, description="unauthorized: missing_signature, unknown_key, wrong_tenant, …"
+    )
 
 
 class Meta(_Strict):
     """How the request was served."""
 
-    operation: str | None
-    model_used: str | None
+    operation: str | None = None
+    model_used: str | None = None
     input_chars: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
     queue_ms: float = 0.0
     execution_time_ms: float = 0.0
-    request_id: str | None
+    request_id: str | None = None
     timestamp: datetime
 
 

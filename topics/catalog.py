@@ -72,3 +72,26 @@ def core_topics(settings: TopicSettings) -> list[TopicSpec]:
             "records that could not be decoded or routed",
         ),
     ]
+
+
+def quota_topics(
+    settings: TopicSettings, *, state_topic: str, control_topic: str, state_retention_ms: int
+) -> list[TopicSpec]:
+    """The quota changelog (co-partitioned with requests) and the limit-command topic."""
+    rf = settings.replication_factor
+    return [
+        TopicSpec(
+            state_topic,
+            settings.request_partitions,
+            rf,
+            {"cleanup.policy": "compact,delete", "retention.ms": str(state_retention_ms)},
+            "quota counters, co-partitioned with the request topic",
+        ),
+        TopicSpec(
+            control_topic,
+            1,
+            rf,
+            {"cleanup.policy": "compact"},
+            "limit commands, read in full by every instance",
+        ),
+    ]

@@ -25,7 +25,10 @@ def choose_backend(settings: Settings) -> str:
     backend = settings.engine.backend
     if backend != "auto":
         return backend
-    return "exllamav2" if cuda_available() else "llamacpp"
+    # A GPU alone is not enough: the EXL2 model directory must be configured too.
+    if settings.engine.exllamav2.model_dir is not None and cuda_available():
+        return "exllamav2"
+    return "llamacpp"
 
 
 def load_engine(settings: Settings) -> Engine:

@@ -1,0 +1,368 @@
+"""`opstream run | dev | topics ensure | request | schema`: the service's own subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from consumer.settings import Settings
+
+_SubParsers = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    """Add the core subcommands to the `opstream` command line."""
+    run = subparsers.add_parser(
+        "run", parents=[common], help="run the consumer against a Kafka cluster"
+    )
+    _add_http_options(run)
+    run.set_defaults(func=cmd_run)
+
+    dev = subparsers.add_parser(
+        "dev",
+        parents=[common],
+        help="local run: embedded broker (unless --bootstrap-servers), topics, consumer",
+    )
+    _add_http_options(dev)
+    dev.add_argument(
+        "--require-auth",
+        action="store_true",
+        help="check tenant signatures as production does (dev turns them off by default)",
+    )
+    dev.set_defaults(func=cmd_dev, settings_overrides=[_dev_overrides])
+
+    topics = subparsers.add_parser("topics", help="manage opstream's topics")
+    actions = topics.add_subparsers(dest="topics_command", required=True, metavar="ACTION")
+    ensure = actions.add_parser(
+        "ensure", parents=[common], help="create missing topics (idempotent) and report"
+    )
+    ensure.set_defaults(func=cmd_topics_ensure)
+
+    request = subparsers.add_parser(
+        "request", help="send one operation request and print the reply JSON"
+    )
+    ops = request.add_subparsers(dest="operation", required=True, metavar="OPERATION")
+    for name, helptext in (
+        ("summarize", "summarize --text"),
+        ("translate", "translate --text into --target-language"),
+        ("classify", "classify --text into one of --category (repeat it)"),
+        ("chat", "chat: --text is the user's message (or --message role:content, repeated)"),
+    ):
+        op = ops.add_parser(name, parents=[common], help=helptext)
+        _add_request_options(op, name)
+        op.set_defaults(func=cmd_request)
+
+    schema = subparsers.add_parser(
+        "schema", parents=[common], help="write JSON Schema files and the AsyncAPI document"
+    )
+    schema.add_argument("--out", type=Path, required=True, help="directory to write into")
+    schema.set_defaults(func=cmd_schema)
+
+
+def _add_http_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--http-host", default=None, help="health/metrics/admin bind address")
+    parser.add_argument("--http-port", type=int, default=None, help="health/metrics/admin port")
+    parser.set_defaults(settings_overrides=[_http_overrides])
+
+
+def _http_overrides(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
+    http = overrides.setdefault("http", {})
+    if args.http_host is not None:
+        http["host"] = args.http_host
+    if args.http_port is not None:
+        http["port"] = args.http_port
+
+
+def _dev_overrides(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
+    _http_overrides(args, overrides)
+    overrides["profile"] = "dev"
+    # The embedded broker holds every fetch for the whole wait; keep replies snappy.
+    overrides.setdefault("kafka", {}).setdefault("fetch_max_wait_ms", 5)
+    if not args.require_auth:
+        overrides.setdefault("auth", {})["required"] = False
+
+
+def _add_request_options(parser: argparse.ArgumentParser, operation: str) -> None:
+    parser.add_argument("--tenant", required=True, help="tenant_id")
+    parser.add_argument("--text", default=None, help="the input text (chat: the user message)")
+    parser.add_argument("--request-id", default=None)
+    parser.add_argument("--max-tokens", type=int, default=None)
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (120)")
+    parser.add_argument("--key-id", default=None, help="signing key id (else from auth keys)")
+    parser.add_argument("--secret", default=None, help="signing secret (else from auth keys)")
+    if operation == "summarize":
+        parser.add_argument("--max-sentences", type=int, default=None)
+    if operation == "translate":
+        parser.add_argument("--target-language", required=True)
+        parser.add_argument("--source-language", default=None)
+    if operation == "classify":
+        parser.add_argument("--category", action="append", required=True, dest="categories")
+    if operation == "chat":
+        parser.add_argument(
+            "--message",
+            action="append",
+            default=[],
+            help="role:content, in order (system/user/assistant)",
+        )
+
+
+def request_body(args: argparse.Namespace) -> dict[str, Any]:
+    """The request JSON for the `opstream request` arguments."""
+    operation = args.operation
+    body: dict[str, Any] = {"operation": operation, "tenant_id": args.tenant}
+    if args.request_id:
+        body["request_id"] = args.request_id
+    if args.max_tokens is not None:
+        body["max_tokens"] = args.max_tokens
+    if operation == "chat":
+        messages = []
+        for item in args.message:
+            role, sep, content = item.partition(":")
+            if not sep:
+                raise ValueError(f"--message must be role:content, got {item[:40]!r}")
+            messages.append({"role": role.strip(), "content": content})
+        if args.text is not None:
+            messages.append({"role": "user", "content": args.text})
+        body["messages"] = messages
+        return body
+    if args.text is None:
+        raise ValueError(f"{operation} needs --text")
+    body["text"] = args.text
+    if operation == "summarize" and args.max_sentences is not None:
+        body["max_sentences"] = args.max_sentences
+    if operation == "translate":
+        body["target_language"] = args.target_language
+        if args.source_language:
+            body["source_language"] = args.source_language
+    if operation == "classify":
+        body["categories"] = args.categories
+    return body
+
+
+def _signing_key(args: argparse.Namespace, settings: Settings) -> tuple[str, str] | None:
+    if args.key_id and args.secret:
+        return args.key_id, args.secret
+    if args.key_id or args.secret:
+        raise ValueError("give both --key-id and --secret")
+    from consumer.auth.keys import read_keys_file
+
+    keys = dict(settings.auth.keys)
+    if settings.auth.keys_file is not None and settings.auth.keys_file.is_file():
+        for tenant, found in read_keys_file(settings.auth.keys_file).items():
+            keys.setdefault(tenant, []).extend(found)
+    mine = keys.get(args.tenant) or []
+    if not mine:
+        return None
+    return mine[0].key_id, mine[0].secret.get_secret_value()
+
+
+def cmd_request(args: argparse.Namespace, settings: Settings) -> int:
+    """Send one request, print its reply; exit 0 for `ok`, 1 for an error reply."""
+    from consumer.client import OperationsClient
+    from consumer.kafka_security import aiokafka_security_kwargs
+
+    if not settings.kafka.bootstrap_servers:
+        print("opstream request: --bootstrap-servers is required", file=sys.stderr)
+        return 2
+    try:
+        body = request_body(args)
+        key = _signing_key(args, settings)
+    except ValueError as exc:
+        print(f"opstream request: {exc}", file=sys.stderr)
+        return 2
+
+    async def send() -> int:
+        async with OperationsClient(
+            settings.kafka.bootstrap_servers or "",
+            request_topic=settings.topics.requests,
+            reply_topic=settings.topics.replies,
+            timeout_s=args.timeout,
+            key_id=key[0] if key else None,
+            secret=key[1] if key else None,
+            client_options=aiokafka_security_kwargs(settings.security),
+        ) as client:
+            reply = await client.request(body)
+        print(reply.model_dump_json(indent=2, exclude_none=True))
+        return 0 if reply.status == "ok" else 1
+
+    try:
+        return asyncio.run(send())
+    except TimeoutError:
+        print(f"opstream request: no reply within {args.timeout} s", file=sys.stderr)
+        return 3
+
+
+def all_topic_specs(settings: Settings) -> list[Any]:
+    """Every topic the service needs: requests, replies, DLQ, quota state and control."""
+    from topics.catalog import core_topics, quota_topics
+
+    specs = core_topics(settings.topics)
+    specs += quota_topics(
+        settings.topics,
+        state_topic=settings.quota.state_topic,
+        control_topic=settings.quota.control_topic,
+        state_retention_ms=settings.quota.state_retention_ms,
+    )
+    return specs
+
+
+async def ensure_all_topics(settings: Settings) -> list[Any]:
+    from consumer.kafka_security import aiokafka_security_kwargs
+    from topics.ensure import ensure_topics
+
+    assert settings.kafka.bootstrap_servers
+    return await ensure_topics(
+        settings.kafka.bootstrap_servers,
+        all_topic_specs(settings),
+        client_kwargs=aiokafka_security_kwargs(settings.security),
+    )
+
+
+def _report_topics(results: list[Any], settings: Settings) -> int:
+    width = max(len(r.name) for r in results)
+    bad = 0
+    for r in results:
+        note = ""
+        if r.action == "exists-different-partitions":
+            note = f" (expected {r.expected_partitions})"
+            if r.name in (settings.topics.requests, settings.quota.state_topic):
+                bad += 1
+                note += ": requests and quota state must have the same partition count"
+        print(f"{r.name:<{width}}  {r.action:<28} partitions={r.partitions}{note}")
+    return 1 if bad else 0
+
+
+def cmd_topics_ensure(args: argparse.Namespace, settings: Settings) -> int:
+    """Create missing topics; exit 1 when a co-partitioned topic has the wrong count."""
+    if not settings.kafka.bootstrap_servers:
+        print("opstream topics ensure: --bootstrap-servers is required", file=sys.stderr)
+        return 2
+    results = asyncio.run(ensure_all_topics(settings))
+    return _report_topics(results, settings)
+
+
+def cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
+    """Write one JSON Schema per message and the app's AsyncAPI document."""
+    from schemas.export import write_schemas
+
+    written = write_schemas(args.out, settings)
+    for path in written:
+        print(path)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the consumer until SIGTERM/SIGINT; exit 0 after a graceful shutdown."""
+    from consumer.logging_setup import configure_logging
+
+    if not settings.kafka.bootstrap_servers:
+        print(
+            "opstream run: set --bootstrap-servers or OPSTREAM_KAFKA__BOOTSTRAP_SERVERS "
+            "(or use `opstream dev` for an embedded broker)",
+            file=sys.stderr,
+        )
+        return 2
+    configure_logging(settings.logging)
+    asyncio.run(serve(settings))
+    return 0
+
+
+async def serve(settings: Settings, announce: Any = None) -> None:
+    """Serve the app (consumer + HTTP routes) until a signal stops it."""
+    import uvicorn
+
+    from consumer.app import build_app
+
+    app = build_app(settings)
+    service = app.context.get("service")
+    config = uvicorn.Config(
+        app,
+        host=settings.http.host,
+        port=settings.http.port,
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.intake.shutdown_grace_s) + 5,
+    )
+    server = uvicorn.Server(config)
+    watcher = None
+    if announce is not None:
+        watcher = asyncio.create_task(_announce_when_ready(service, announce))
+    try:
+        await server.serve()
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+    if server.started is False and not server.should_exit:
+        raise RuntimeError("the service failed to start (see the log above)")
+
+
+async def _announce_when_ready(service: Any, announce: Any) -> None:
+    while True:
+        ready, _ = service.health.ready()
+        if ready:
+            announce()
+            return
+        await asyncio.sleep(0.5)
+
+
+def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
+    """Embedded broker (when none is configured), topics, consumer; Ctrl-C stops all of it."""
+    from consumer.devbroker import start_local_broker
+    from consumer.logging_setup import LoggingSettings, configure_logging
+
+    logging_settings = settings.logging
+    if "format" not in settings.logging.model_fields_set:
+        logging_settings = LoggingSettings(**{**settings.logging.model_dump(), "format": "console"})
+    configure_logging(logging_settings)
+    broker = None
+    if not settings.kafka.bootstrap_servers:
+        broker = start_local_broker()
+        settings = settings.model_copy(
+            update={
+                "kafka": settings.kafka.model_copy(
+                    update={"bootstrap_servers": broker.bootstrap_servers}
+                )
+            }
+        )
+        print(f"opstream dev: embedded Kafka broker (Tansu) at {broker.bootstrap_servers}")
+    servers = settings.kafka.bootstrap_servers
+    try:
+        results = asyncio.run(ensure_all_topics(settings))
+        _report_topics(results, settings)
+        if not settings.auth.required:
+            print(
+                "opstream dev: WARNING: tenant authentication is OFF (dev profile); "
+                "use --require-auth to check signatures",
+                file=sys.stderr,
+            )
+
+        def announce() -> None:
+            http = f"http://{settings.http.host}:{settings.http.port}"
+            print(
+                "\nopstream dev: ready. From another terminal:\n"
+                f"  opstream request summarize --bootstrap-servers {servers} "
+                '--tenant demo --text "Kafka is a distributed log. It stores records."\n'
+                f"  curl {http}/health\n"
+                "Ctrl-C stops the consumer and the broker.\n",
+                flush=True,
+            )
+
+        started = time.monotonic()
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve(settings, announce))
+        print(f"opstream dev: stopped after {time.monotonic() - started:.0f} s")
+    finally:
+        if broker is not None:
+            broker.stop()
+    return 0
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, indent=2, sort_keys=True)
