@@ -240,6 +240,9 @@ def make_broker(settings: Settings, service: Service | None = None) -> KafkaBrok
         request_timeout_ms=kafka.request_timeout_ms,
         graceful_timeout=settings.intake.shutdown_grace_s,
         security=faststream_security(settings.security),
+        # FastStream's per-message "Received/Processed" lines go to our handlers at DEBUG.
+        logger=logging.getLogger("opstream.faststream"),
+        log_level=logging.DEBUG,
     )
     subscriber = broker.subscriber(
         settings.topics.requests,

@@ -273,13 +273,13 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-async def serve(settings: Settings, announce: Any = None) -> None:
+async def serve(settings: Settings, announce: Any = None, engine: Any = None) -> None:
     """Serve the app (consumer + HTTP routes) until a signal stops it."""
     import uvicorn
 
     from consumer.app import build_app
 
-    app = build_app(settings)
+    app = build_app(settings, engine)
     service = app.context.get("service")
     config = uvicorn.Config(
         app,
@@ -290,7 +290,7 @@ async def serve(settings: Settings, announce: Any = None) -> None:
         access_log=False,
         timeout_graceful_shutdown=int(settings.intake.shutdown_grace_s) + 5,
     )
-    server = uvicorn.Server(config)
+    server = _Server(config)
     watcher = None
     if announce is not None:
         watcher = asyncio.create_task(_announce_when_ready(service, announce))
@@ -301,6 +301,34 @@ async def serve(settings: Settings, announce: Any = None) -> None:
             watcher.cancel()
     if server.started is False and not server.should_exit:
         raise RuntimeError("the service failed to start (see the log above)")
+
+
+class _Server:
+    """uvicorn's server, except that a handled SIGTERM/SIGINT ends with exit status 0.
+
+    (uvicorn re-raises the signal after a graceful shutdown, so the process would report
+    death by signal even though it drained and committed.)
+    """
+
+    def __new__(cls, config: Any) -> Any:
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self) -> Any:
+                import signal
+
+                loop = asyncio.get_running_loop()
+                handled = (signal.SIGINT, signal.SIGTERM)
+                for sig in handled:
+                    loop.add_signal_handler(sig, self.handle_exit, sig, None)
+                try:
+                    yield
+                finally:
+                    for sig in handled:
+                        loop.remove_signal_handler(sig)
+
+        return Server(config)
 
 
 async def _announce_when_ready(service: Any, announce: Any) -> None:

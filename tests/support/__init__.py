@@ -1,0 +1,1 @@
+"""Shared helpers for integration, fault and benchmark tests: broker, topics, consumers."""

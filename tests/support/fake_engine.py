@@ -1,0 +1,63 @@
+"""A zero-cost engine for tests of the plumbing (and the pipeline-overhead benchmark)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+from consumer.engine.base import (
+    ChatMessage,
+    EngineError,
+    EngineInfo,
+    Generation,
+    GenerationRequest,
+    Scores,
+)
+
+
+class FakeEngine:
+    """Answers instantly (or after `delay_s`) with text derived from the prompt's size.
+
+    A message containing `fail_marker` makes `generate` raise a retryable EngineError.
+    """
+
+    def __init__(self, delay_s: float = 0.0, fail_marker: str = "__engine_failure__") -> None:
+        self.delay_s = delay_s
+        self.fail_marker = fail_marker
+        self.calls = 0
+        self._info = EngineInfo(backend="fake", model="fake-model", loaded=True)
+
+    @property
+    def info(self) -> EngineInfo:
+        return self._info
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    async def generate(self, request: GenerationRequest) -> Generation:
+        self.calls += 1
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if any(self.fail_marker in m.content for m in request.messages):
+            raise EngineError("the fake engine was asked to fail", retryable=True)
+        prompt_tokens = sum(self.count_tokens(m.content) for m in request.messages)
+        words = ["word"] * max(1, min(request.max_tokens, 8))
+        text = " ".join(words) + "."
+        return Generation(
+            text=text,
+            input_tokens=prompt_tokens,
+            output_tokens=len(words),
+            finish_reason="stop",
+            first_token_ms=0.0,
+        )
+
+    async def score(self, messages: tuple[ChatMessage, ...], candidates: tuple[str, ...]) -> Scores:
+        self.calls += 1
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        logprobs = tuple(-math.log(i + 2) for i in range(len(candidates)))
+        prompt_tokens = sum(self.count_tokens(m.content) for m in messages)
+        return Scores(logprobs=logprobs, input_tokens=prompt_tokens, scored_tokens=len(candidates))
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,232 @@
+"""Brokers, topics and consumer processes for tests that run the real service.
+
+Every test gets its own topic names and consumer group (`TopicSet`), so tests can share
+one broker. Consumers run as real processes (`ConsumerProcess`) configured through
+OPSTREAM_* environment variables, exactly as an operator configures `opstream run`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from consumer.devbroker import LocalBroker, free_port, start_local_broker
+
+REPO = Path(__file__).resolve().parents[2]
+# Tansu answers a fetch only after the whole fetch_max_wait_ms (DESIGN.md): keep it small.
+FETCH_MAX_WAIT_MS = 5
+
+
+@dataclass
+class Broker:
+    """A Kafka-protocol broker for tests: Tansu we started, or KAFKA_BOOTSTRAP_SERVERS."""
+
+    bootstrap: str
+    local: LocalBroker | None = field(default=None, repr=False)
+
+    @classmethod
+    def start(cls) -> Broker:
+        external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+        if external:
+            return cls(external)
+        local = start_local_broker(timeout_s=20.0)
+        return cls(local.bootstrap_servers, local)
+
+    def stop(self) -> None:
+        if self.local is not None:
+            self.local.stop(timeout_s=5.0)
+            self.local = None
+
+
+@dataclass
+class TopicSet:
+    """One test's topics and consumer group (unique names on a shared broker)."""
+
+    requests: str
+    replies: str
+    dlq: str
+    state: str
+    control: str
+    group: str
+    partitions: int = 12
+
+    @classmethod
+    def unique(cls, partitions: int = 12) -> TopicSet:
+        tag = uuid.uuid4().hex[:10]
+        return cls(
+            requests=f"ops.requests.t{tag}",
+            replies=f"ops.replies.t{tag}",
+            dlq=f"ops.requests.dlq.t{tag}",
+            state=f"ops.quota.state.t{tag}",
+            control=f"ops.control.t{tag}",
+            group=f"opstream-t{tag}",
+            partitions=partitions,
+        )
+
+    def settings(self) -> dict[str, Any]:
+        """The nested settings naming these topics (for `Settings(**...)` or `env_of`)."""
+        return {
+            "kafka": {"group_id": self.group, "fetch_max_wait_ms": FETCH_MAX_WAIT_MS},
+            "topics": {
+                "requests": self.requests,
+                "replies": self.replies,
+                "dlq": self.dlq,
+                "request_partitions": self.partitions,
+                "reply_partitions": 3,
+                "dlq_partitions": 1,
+            },
+            "quota": {"state_topic": self.state, "control_topic": self.control},
+        }
+
+
+def merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merge nested settings dicts (`extra` wins)."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def env_of(settings: Mapping[str, Any], prefix: str = "OPSTREAM_") -> dict[str, str]:
+    """Flatten nested settings into OPSTREAM_A__B=value variables (JSON for lists/dicts)."""
+    env: dict[str, str] = {}
+    for key, value in settings.items():
+        name = f"{prefix}{key.upper()}"
+        if isinstance(value, Mapping) and not key.endswith("keys"):
+            env.update(env_of(value, name + "__"))
+        elif isinstance(value, (list, dict)):
+            env[name] = json.dumps(value)
+        elif isinstance(value, bool):
+            env[name] = "true" if value else "false"
+        else:
+            env[name] = str(value)
+    return env
+
+
+def base_settings(
+    broker: Broker, topics: TopicSet, tmp: Path, *, auth: bool = False
+) -> dict[str, Any]:
+    """Settings for a test consumer: its topics, a private usage directory, fast flushes."""
+    settings: dict[str, Any] = {
+        "kafka": {"bootstrap_servers": broker.bootstrap},
+        "usage": {"directory": str(tmp / "usage"), "flush_age_s": 0.2},
+        "intake": {"commit_interval_ms": 20, "shutdown_grace_s": 10},
+        "logging": {"format": "json", "level": "INFO"},
+    }
+    if not auth:
+        settings["profile"] = "dev"
+        settings["auth"] = {"required": False}
+    return merge(topics.settings(), settings)
+
+
+class ConsumerProcess:
+    """`opstream run` (or the fake-engine variant) as a child process with its own HTTP port."""
+
+    def __init__(
+        self,
+        settings: Mapping[str, Any],
+        *,
+        fake_engine: bool = True,
+        delay_s: float = 0.0,
+        log_path: Path | None = None,
+        instance_id: str | None = None,
+    ) -> None:
+        self.port = free_port()
+        self.instance_id = instance_id or f"test-{uuid.uuid4().hex[:6]}"
+        full = merge(
+            settings,
+            {"http": {"host": "127.0.0.1", "port": self.port}, "instance_id": self.instance_id},
+        )
+        self.env = {**os.environ, **env_of(full), "PYTHONPATH": str(REPO)}
+        self.args = [sys.executable, "-m", "tests.support.consumer_main"]
+        if fake_engine:
+            self.args += ["--fake-engine", "--delay", str(delay_s)]
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ConsumerProcess:
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.process = subprocess.Popen(
+            self.args, env=self.env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT
+        )
+        return self
+
+    def get(self, path: str, timeout_s: float = 2.0) -> tuple[int, Any]:
+        """GET a route of the consumer's HTTP app: (status, decoded JSON or text)."""
+        url = f"http://127.0.0.1:{self.port}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as response:
+                body = response.read()
+                status = response.status
+        except urllib.error.HTTPError as exc:
+            body, status = exc.read(), exc.code
+        try:
+            return status, json.loads(body)
+        except ValueError:
+            return status, body.decode("utf-8", "replace")
+
+    def wait_ready(self, timeout_s: float = 90.0) -> None:
+        """Wait until /ready answers 200 (model loaded, partitions assigned)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(f"consumer exited with {self.process.returncode}{self._tail()}")
+            try:
+                status, _ = self.get("/ready", timeout_s=1.0)
+                if status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"consumer not ready within {timeout_s} s{self._tail()}")
+
+    def signal(self, sig: int) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no commit (what a crash does)."""
+        self.signal(signal.SIGKILL)
+        if self.process is not None:
+            self.process.wait(10)
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        """SIGTERM and wait for a graceful exit; returns the exit code."""
+        if self.process is None:
+            return 0
+        self.signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+            raise
+
+    def _tail(self) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return "\n--- consumer log (tail) ---\n" + self.log_path.read_text(errors="replace")[-4000:]
+
+
+async def ensure_test_topics(broker: Broker, topics: TopicSet) -> None:
+    """Create the test's topics explicitly (auto-created ones get the wrong partition count)."""
+    from consumer.core_cli import ensure_all_topics
+    from consumer.settings import Settings
+
+    settings = Settings(**merge(topics.settings(), {"kafka": {"bootstrap_servers": broker.bootstrap}}))
+    await ensure_all_topics(settings)
