@@ -54,11 +54,8 @@ GRACE_SETTING = "OPSTREAM_INTAKE__SHUTDOWN_GRACE_S"
 # Settings the deployment files set before consumer/settings.py has wired them in. Every entry
 # must still be unknown to Settings (a test checks it), so wiring one in forces its removal
 # here, and from then on its name and value are checked like every other setting.
-PENDING_SETTINGS = {
-    "OPSTREAM_ENGINE__EXLLAMAV2__MODEL_DIR",
-    "OPSTREAM_AUTH__KEYS_FILE",
-    "OPSTREAM_USAGE__DIRECTORY",
-}
+# Settings the deployment files use before the service reads them (none left).
+PENDING_SETTINGS: set[str] = set()
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -819,11 +816,6 @@ def test_every_opstream_variable_names_a_real_setting(env):
         name for name in env if name.startswith("OPSTREAM_") and not _settings_path_exists(name)
     }
     assert unknown <= PENDING_SETTINGS, f"not settings (silently ignored): {unknown}"
-
-
-@pytest.mark.parametrize("name", sorted(PENDING_SETTINGS))
-def test_pending_settings_are_still_unwired(name):
-    assert not _settings_path_exists(name), f"{name} is wired now: drop it from PENDING_SETTINGS"
 
 
 @pytest.mark.parametrize("env", list(_deployment_environments()))

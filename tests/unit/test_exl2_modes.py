@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 from pydantic import BaseModel, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from consumer.engine.exllamav2 import ExLlamaV2Settings
 from consumer.engine.exllamav2.errors import EngineConfigError
@@ -87,19 +86,19 @@ def test_invalid_settings_are_rejected(bad: dict[str, object]) -> None:
         ExLlamaV2Settings(**bad)  # type: ignore[arg-type]
 
 
-def test_settings_nest_under_exllamav2_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    class AppSettings(BaseSettings):
-        model_config = SettingsConfigDict(env_prefix="OPSTREAM_", env_nested_delimiter="__")
-        exllamav2: ExLlamaV2Settings = ExLlamaV2Settings()
+def test_settings_nest_under_engine_exllamav2_in_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from consumer.settings import Settings
 
-    monkeypatch.setenv("OPSTREAM_EXLLAMAV2__MAX_BATCH_SIZE", "4")
-    monkeypatch.setenv("OPSTREAM_EXLLAMAV2__BATCHING_MODE", "static")
-    monkeypatch.setenv("OPSTREAM_EXLLAMAV2__GPU_SPLIT", "[10.5, 14]")
-    settings = AppSettings()
-    assert isinstance(settings.exllamav2, BaseModel)
-    assert settings.exllamav2.max_batch_size == 4
-    assert settings.exllamav2.batching_mode == "static"
-    assert settings.exllamav2.gpu_split == [10.5, 14.0]
+    monkeypatch.setenv("OPSTREAM_ENGINE__EXLLAMAV2__MAX_BATCH_SIZE", "4")
+    monkeypatch.setenv("OPSTREAM_ENGINE__EXLLAMAV2__BATCHING_MODE", "static")
+    monkeypatch.setenv("OPSTREAM_ENGINE__EXLLAMAV2__GPU_SPLIT", "[10.5, 14]")
+    settings = Settings()
+    assert isinstance(settings.engine.exllamav2, BaseModel)
+    assert settings.engine.exllamav2.max_batch_size == 4
+    assert settings.engine.exllamav2.batching_mode == "static"
+    assert settings.engine.exllamav2.gpu_split == [10.5, 14.0]
 
 
 def test_importing_the_engine_package_imports_neither_torch_nor_exllamav2() -> None:

@@ -80,7 +80,7 @@ def select_batching_mode(
         if blocker is not None:
             raise EngineConfigError(
                 f"batching_mode=paged cannot run: {blocker}. "
-                "Set OPSTREAM_EXLLAMAV2__BATCHING_MODE=static (or auto)."
+                "Set OPSTREAM_ENGINE__EXLLAMAV2__BATCHING_MODE=static (or auto)."
             )
         return ModeDecision("paged", "forced by settings (batching_mode=paged)")
     if blocker is None:
