@@ -201,3 +201,23 @@ def log_tail(path: Path, chars: int = 4000) -> str:
 def unique_ids(prefix: str, count: int) -> list[str]:
     tag = uuid.uuid4().hex[:6]
     return [f"{prefix}-{tag}-{i:05d}" for i in range(count)]
+
+
+def admin_get(process: ConsumerProcess, path: str, admin_key: str) -> tuple[int, Any]:
+    """GET an admin route of a consumer with its admin key."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{process.port}{path}", headers={"X-Admin-Key": admin_key}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode("utf-8", "replace")
+
+
+# Tansu joins and rebalances a group in 5-40 s; a dead member is noticed after the session
+# timeout. A shorter one (with heartbeats to match) keeps the fault tests quick.
+FAST_GROUP = {"kafka": {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}}

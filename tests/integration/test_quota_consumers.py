@@ -1,0 +1,503 @@
+"""Daily quotas end to end: real broker, real consumer processes (fake engine), many producers.
+
+The consumers are started once per module and reused; each test uses its own tenants. Tests
+that need a different set of consumers (after a SIGKILL, a restart, a clock past midnight)
+ask `Cluster.ensure` for it, which restarts processes only when the running set differs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Iterable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from consumer.client import OperationsClient
+from consumer.quota import LimitCommandPublisher, make_state_producer, partition_for_tenant
+from consumer.records import CORRELATION_ID
+from schemas.replies import OperationReply
+from tests.support.harness import (
+    FETCH_MAX_WAIT_MS,
+    REPO,
+    Broker,
+    ConsumerProcess,
+    TopicSet,
+    base_settings,
+    ensure_test_topics,
+    env_of,
+    merge,
+)
+
+pytestmark = pytest.mark.integration
+
+LIMIT = 10  # quota.default_daily_requests: requests per tenant, per operation, per day
+KEY = "quota-admin-key"
+DELAY_S = 0.05  # fake engine seconds per call, so that granted requests overlap
+PRODUCERS = 3
+TEXT = "The quarterly report shows steady growth in every region."
+
+
+# ── consumers ──
+
+
+class Cluster:
+    """The module's consumer processes: one group, one set of topics."""
+
+    def __init__(self, broker: Broker, topics: TopicSet, root: Path) -> None:
+        self.broker = broker
+        self.topics = topics
+        self.root = root
+        self.settings = merge(
+            base_settings(broker, topics, root),
+            {
+                "kafka": {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000},
+                "quota": {"default_daily_requests": LIMIT, "admin_key": KEY},
+            },
+        )
+        self.consumers: list[ConsumerProcess] = []
+        self.clock_offset_s = 0.0
+
+    def alive(self) -> list[ConsumerProcess]:
+        return [c for c in self.consumers if c.process and c.process.poll() is None]
+
+    def ensure(self, count: int, clock_offset_s: float = 0.0) -> list[ConsumerProcess]:
+        """`count` running consumers with this clock offset, sharing the partitions."""
+        if len(self.alive()) != count or self.clock_offset_s != clock_offset_s:
+            self.stop_all()
+            settings = merge(self.settings, {"quota": {"clock_offset_s": clock_offset_s}})
+            self.clock_offset_s = clock_offset_s
+            for _ in range(count):
+                consumer = ConsumerProcess(settings, fake_engine=True, delay_s=DELAY_S)
+                consumer.log_path = self.root / f"{consumer.instance_id}.log"
+                self.consumers.append(consumer.start())
+        self.wait_balanced()
+        return self.alive()
+
+    def wait_balanced(self, timeout_s: float = 120.0) -> dict[str, set[int]]:
+        """Wait until every live consumer is ready and together they own each partition once."""
+        deadline = time.monotonic() + timeout_s
+        owned: dict[str, set[int]] = {}
+        while time.monotonic() < deadline:
+            owned = {}
+            for consumer in self.alive():
+                try:
+                    status, body = consumer.get("/ready", timeout_s=1.0)
+                except OSError:
+                    break
+                if status != 200:
+                    break
+                owned[consumer.instance_id] = {
+                    int(name.rsplit("-", 1)[1])
+                    for name in body.get("assigned_partitions", [])
+                    if name.rsplit("-", 1)[0] == self.topics.requests
+                }
+            else:
+                counts = Counter(p for parts in owned.values() for p in parts)
+                if owned and set(counts) == set(range(self.topics.partitions)):
+                    if all(n == 1 for n in counts.values()) and all(owned.values()):
+                        return owned
+            time.sleep(0.2)
+        tails = "".join(c._tail() for c in self.consumers[-3:])
+        raise TimeoutError(f"group not balanced within {timeout_s} s: {owned}{tails}")
+
+    def stop_all(self) -> None:
+        for consumer in self.alive():
+            consumer.stop()
+        self.consumers = []
+
+
+@pytest.fixture(scope="module")
+async def module_topics(broker: Broker) -> TopicSet:
+    created = TopicSet.unique()
+    await ensure_test_topics(broker, created)
+    return created
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    broker: Broker, module_topics: TopicSet, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
+    started = Cluster(broker, module_topics, tmp_path_factory.mktemp("quota-consumers"))
+    try:
+        yield started
+    finally:
+        started.stop_all()
+
+
+# ── producers and replies ──
+
+
+def tenant_on(partitions: Iterable[int], count: int, total: int, tag: str = "") -> list[str]:
+    """`count` fresh tenants whose requests land on the given partitions, one per partition."""
+    wanted, found = set(partitions), {}
+    prefix = f"tenant-{tag}{uuid.uuid4().hex[:6]}"
+    n = 0
+    while len(found) < count:
+        name = f"{prefix}-{n}"
+        home = partition_for_tenant(name, total)
+        if home in wanted and home not in found:
+            found[home] = name
+        n += 1
+    return list(found.values())
+
+
+@pytest.fixture
+async def clients(module_topics: TopicSet, broker: Broker) -> AsyncIterator[list[OperationsClient]]:
+    """Several producers, each its own Kafka client."""
+    started = [
+        OperationsClient(
+            broker.bootstrap,
+            request_topic=module_topics.requests,
+            reply_topic=module_topics.replies,
+            timeout_s=30.0,
+            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+        )
+        for _ in range(PRODUCERS)
+    ]
+    await asyncio.gather(*(c.start() for c in started))
+    try:
+        yield started
+    finally:
+        await asyncio.gather(*(c.close() for c in started))
+
+
+class ReplyTap:
+    """Every record on the reply topic, duplicates included (the client keeps only the first)."""
+
+    def __init__(self, broker: Broker, topic: str) -> None:
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=broker.bootstrap,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+        )
+        self.topic = topic
+        self.replies: dict[str, list[OperationReply]] = defaultdict(list)
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> ReplyTap:
+        await self.consumer.start()
+        await self.consumer._client.force_metadata_update()
+        partitions = self.consumer.partitions_for_topic(self.topic) or set()
+        assignment = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+        self.consumer.assign(assignment)
+        await self.consumer.seek_to_end(*assignment)
+        for tp in assignment:
+            await self.consumer.position(tp)
+        self._task = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self.consumer.stop()
+
+    async def _read(self) -> None:
+        while True:
+            batches = await self.consumer.getmany(timeout_ms=200)
+            for records in batches.values():
+                for record in records:
+                    headers = dict(record.headers or ())
+                    correlation_id = headers.get(CORRELATION_ID, b"").decode()
+                    reply = OperationReply.model_validate_json(record.value)
+                    self.replies[correlation_id].append(reply)
+
+    async def settle(self, expected: Iterable[str], quiet_s: float = 1.0) -> None:
+        """Wait until each expected correlation id has a reply and nothing new came for a while."""
+        wanted = set(expected)
+        deadline = time.monotonic() + 30
+        while set(self.replies) < wanted or _count(self.replies) != _count(await _pause(quiet_s, self.replies)):
+            assert time.monotonic() < deadline, "replies still missing"
+
+
+def _count(replies: dict[str, list[OperationReply]]) -> int:
+    return sum(len(v) for v in replies.values())
+
+
+async def _pause(seconds: float, replies: dict[str, list[OperationReply]]) -> dict[str, list[OperationReply]]:
+    before = {k: list(v) for k, v in replies.items()}
+    await asyncio.sleep(seconds)
+    return before
+
+
+def summarize(tenant: str, correlation_id: str | None = None, **extra: Any) -> dict[str, Any]:
+    body = {"operation": "summarize", "tenant_id": tenant, "text": TEXT, "max_sentences": 1}
+    return {**body, **extra}
+
+
+async def send_all(
+    clients: list[OperationsClient], bodies: list[dict[str, Any]], timeout_s: float = 30.0
+) -> dict[str, OperationReply]:
+    """Send every body at once, spread over the producers; replies by correlation id."""
+    ids = [str(uuid.uuid4()) for _ in bodies]
+    replies = await asyncio.gather(
+        *(
+            clients[i % len(clients)].request(body, correlation_id=cid, timeout_s=timeout_s)
+            for i, (body, cid) in enumerate(zip(bodies, ids, strict=True))
+        )
+    )
+    return dict(zip(ids, replies, strict=True))
+
+
+def statuses(replies: Iterable[OperationReply]) -> Counter[str]:
+    return Counter(r.status if r.error is None else r.error.code for r in replies)
+
+
+def next_midnight(now: datetime) -> datetime:
+    return datetime.combine(now.date() + timedelta(days=1), datetime.min.time(), UTC)
+
+
+def assert_requests_exhausted(reply: OperationReply, limit: int = LIMIT) -> None:
+    assert reply.status == "error" and reply.error is not None, reply
+    error = reply.error
+    assert error.code == "quota_exceeded", error
+    assert (error.limit, error.used, error.remaining) == (limit, limit, 0), error
+    assert error.limit_name == "summarize.requests"
+    assert error.http_status == 429 and error.retryable is False
+    now = datetime.now(UTC)
+    assert error.resets_at in {next_midnight(now), next_midnight(now - timedelta(minutes=5))}
+
+
+def admin_get(consumer: ConsumerProcess, path: str, key: str | None = KEY) -> tuple[int, Any]:
+    request = urllib.request.Request(f"http://127.0.0.1:{consumer.port}{path}")
+    if key is not None:
+        request.add_header("X-Admin-Key", key)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def usage_row(consumer: ConsumerProcess, tenant: str, operation: str = "summarize") -> dict[str, Any]:
+    status, body = admin_get(consumer, f"/limits/usage?tenant_id={tenant}")
+    assert status == 200, body
+    return next(r for r in body["usage"] if r["operation"] == operation)
+
+
+def wait_limit(
+    consumers: list[ConsumerProcess], tenant: str, field: str, value: int, timeout_s: float = 15.0
+) -> float:
+    """Poll GET /limits on every consumer until `field` of (tenant, summarize) is `value`."""
+    started = time.monotonic()
+    pending = list(consumers)
+    while pending:
+        assert time.monotonic() - started < timeout_s, f"{field}={value} not applied in time"
+        status, body = admin_get(pending[0], f"/limits?tenant_id={tenant}")
+        assert status == 200, body
+        row = next(r for r in body["limits"] if r["operation"] == "summarize")
+        if row[field] == value:
+            pending.pop(0)
+        else:
+            time.sleep(0.1)
+    return time.monotonic() - started
+
+
+# ── the tests ──
+
+
+async def test_concurrent_producers_get_exactly_the_daily_limit(
+    cluster: Cluster, clients: list[OperationsClient]
+) -> None:
+    consumers = cluster.ensure(2)
+    owned = cluster.wait_balanced()
+    # one tenant on each consumer's partitions
+    tenants = [tenant_on(parts, 1, cluster.topics.partitions)[0] for parts in owned.values()]
+    bodies = [summarize(t) for _ in range(3 * LIMIT) for t in tenants]
+
+    replies = await send_all(clients, bodies)
+
+    for tenant in tenants:
+        mine = [r for cid, r in replies.items() if r.meta.tenant_id == tenant] if hasattr(
+            next(iter(replies.values())).meta, "tenant_id"
+        ) else None
+        del mine
+    by_tenant: dict[str, list[OperationReply]] = defaultdict(list)
+    for body, reply in zip(bodies, replies.values(), strict=True):
+        by_tenant[body["tenant_id"]].append(reply)
+    for tenant in tenants:
+        assert statuses(by_tenant[tenant]) == {"ok": LIMIT, "quota_exceeded": 2 * LIMIT}, tenant
+        for reply in by_tenant[tenant]:
+            if reply.status != "ok":
+                assert_requests_exhausted(reply)
+
+    # GET /limits/usage: any instance reports every tenant's counts
+    for consumer in consumers:
+        for tenant in tenants:
+            row = usage_row(consumer, tenant)
+            assert row["request_count"] == LIMIT
+            assert (row["daily_limit"], row["remaining"]) == (LIMIT, 0)
+            assert row["date"] == datetime.now(UTC).date().isoformat()
+            assert row["resets_at"] == next_midnight(datetime.now(UTC)).isoformat().replace(
+                "+00:00", "Z"
+            )
+            assert row["total_tokens"] > 0
+    status, _ = admin_get(consumers[0], f"/limits/usage?tenant_id={tenants[0]}", key=None)
+    assert status == 401
+    status, _ = admin_get(consumers[0], f"/limits/usage?tenant_id={tenants[0]}", key="wrong")
+    assert status == 401
+
+
+async def test_token_limit_rejects_a_request_that_would_overshoot(
+    cluster: Cluster, clients: list[OperationsClient], broker: Broker
+) -> None:
+    consumers = cluster.ensure(2)
+    tenant = tenant_on(range(cluster.topics.partitions), 1, cluster.topics.partitions, "tok")[0]
+    producer = make_state_producer(broker.bootstrap)
+    await producer.start()
+    try:
+        publisher = LimitCommandPublisher(producer, cluster.topics.control)
+        await publisher.set_limits(
+            tenant, "summarize", daily_requests=None, daily_tokens=300, issued_by="test"
+        )
+    finally:
+        await producer.stop()
+    wait_limit(consumers, tenant, "daily_tokens", 300)
+
+    big = await clients[0].request(summarize(tenant, max_tokens=400))
+    assert big.status == "error" and big.error is not None
+    assert big.error.code == "quota_exceeded"
+    assert big.error.limit_name == "summarize.tokens"
+    assert big.error.limit == 300 and big.error.used == 0 and big.error.remaining == 300
+
+    small = await clients[1].request(summarize(tenant, max_tokens=16))
+    assert small.status == "ok", small
+    row = usage_row(consumers[0], tenant)
+    assert row["request_count"] == 1
+    assert 0 < row["total_tokens"] < 300
+    assert row["daily_tokens"] == 300 and row["tokens_remaining"] == 300 - row["total_tokens"]
+
+
+async def test_a_limit_set_with_the_cli_applies_to_running_consumers(
+    cluster: Cluster, clients: list[OperationsClient], broker: Broker
+) -> None:
+    consumers = cluster.ensure(2)
+    tenant = tenant_on(range(cluster.topics.partitions), 1, cluster.topics.partitions, "cli")[0]
+    first = await clients[0].request(summarize(tenant))
+    assert first.status == "ok"
+
+    env = {**os.environ, **env_of(cluster.topics.settings()), "PYTHONPATH": str(REPO)}
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "consumer.cli", "limits", "set",
+         "--bootstrap-servers", broker.bootstrap, "--tenant", tenant,
+         "--operation", "summarize", "--daily-requests", "2"],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    cli_s = time.monotonic() - started
+    applied_s = wait_limit(consumers, tenant, "daily_limit", 2, timeout_s=10.0)
+    print(f"cli took {cli_s:.1f} s; applied on every consumer {applied_s:.1f} s later")
+
+    replies = list((await send_all(clients, [summarize(tenant) for _ in range(4)])).values())
+    assert statuses(replies) == {"ok": 1, "quota_exceeded": 3}
+    for reply in replies:
+        if reply.status != "ok":
+            assert_requests_exhausted(reply, limit=2)
+
+
+async def test_sigkilled_consumer_grants_no_more_than_the_limit(
+    cluster: Cluster, clients: list[OperationsClient], broker: Broker
+) -> None:
+    cluster.ensure(2)
+    owned = cluster.wait_balanced()
+    victim_id, survivor_id = list(owned)
+    victim = next(c for c in cluster.alive() if c.instance_id == victim_id)
+    total = cluster.topics.partitions
+    victim_tenants = tenant_on(owned[victim_id], 2, total, "v")
+    tenants = victim_tenants + tenant_on(owned[survivor_id], 2, total, "s")
+    bodies = [summarize(t) for _ in range(3 * LIMIT) for t in tenants]
+    ids = [str(uuid.uuid4()) for _ in bodies]
+    tenant_of = dict(zip(ids, (b["tenant_id"] for b in bodies), strict=True))
+
+    async with ReplyTap(broker, cluster.topics.replies) as tap:
+
+        async def produce(k: int) -> list[OperationReply]:
+            # each producer paces its share, so the kill lands while requests still arrive
+            out = []
+            tasks = []
+            for i in range(k, len(bodies), PRODUCERS):
+                tasks.append(
+                    asyncio.create_task(
+                        clients[k].request(bodies[i], correlation_id=ids[i], timeout_s=120)
+                    )
+                )
+                await asyncio.sleep(0.04)
+            out = await asyncio.gather(*tasks)
+            return list(out)
+
+        producing = asyncio.gather(*(produce(k) for k in range(PRODUCERS)))
+        deadline = time.monotonic() + 30
+        while sum(1 for cid in tap.replies if tenant_of.get(cid) in victim_tenants) < 6:
+            assert time.monotonic() < deadline, "no replies from the victim's partitions"
+            await asyncio.sleep(0.005)
+        victim.kill()
+        answered_before_kill = len(tap.replies)
+        await producing
+        await tap.settle(ids)
+
+    assert answered_before_kill < len(ids), "the kill came after every reply"
+    for tenant in tenants:
+        mine = {cid: tap.replies[cid] for cid in ids if tenant_of[cid] == tenant}
+        granted = {cid for cid, rs in mine.items() if any(r.status == "ok" for r in rs)}
+        assert len(granted) == LIMIT, (tenant, statuses(r for rs in mine.values() for r in rs))
+        for cid, replies in mine.items():
+            # a redelivered request may be answered again, and the same way
+            assert len({(r.status, r.error.code if r.error else None) for r in replies}) == 1, (
+                cid,
+                replies,
+            )
+            if cid not in granted:
+                assert_requests_exhausted(replies[0])
+    survivor = next(c for c in cluster.alive() if c.instance_id == survivor_id)
+    for tenant in tenants:
+        assert usage_row(survivor, tenant)["request_count"] == LIMIT
+
+
+async def test_restarted_consumers_keep_the_counters(
+    cluster: Cluster, clients: list[OperationsClient]
+) -> None:
+    cluster.ensure(len(cluster.alive()) or 1)
+    tenant = tenant_on(range(cluster.topics.partitions), 1, cluster.topics.partitions, "r")[0]
+    replies = await send_all(clients, [summarize(tenant) for _ in range(LIMIT)])
+    assert statuses(replies.values()) == {"ok": LIMIT}
+
+    cluster.stop_all()
+    consumers = cluster.ensure(2)
+
+    again = await clients[0].request(summarize(tenant))
+    assert_requests_exhausted(again)
+    for consumer in consumers:
+        assert usage_row(consumer, tenant)["request_count"] == LIMIT
+
+
+async def test_a_new_day_makes_the_quota_available_again(
+    cluster: Cluster, clients: list[OperationsClient]
+) -> None:
+    cluster.ensure(len(cluster.alive()) or 1)
+    tenant = tenant_on(range(cluster.topics.partitions), 1, cluster.topics.partitions, "d")[0]
+    replies = await send_all(clients, [summarize(tenant) for _ in range(LIMIT + 1)])
+    assert statuses(replies.values()) == {"ok": LIMIT, "quota_exceeded": 1}
+
+    now = datetime.now(UTC)
+    offset_s = (next_midnight(now) - now).total_seconds() + 60
+    (consumer,) = cluster.ensure(1, clock_offset_s=offset_s)
+
+    tomorrow = await clients[0].request(summarize(tenant))
+    assert tomorrow.status == "ok", tomorrow
+    row = usage_row(consumer, tenant)
+    assert row["date"] == (now.date() + timedelta(days=1)).isoformat()
+    assert (row["request_count"], row["remaining"]) == (1, LIMIT - 1)

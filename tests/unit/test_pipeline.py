@@ -1,0 +1,341 @@
+"""RequestProcessor with the fake engine and an in-memory publisher: one reply or dead letter
+per record, error replies for every request failure, never any prompt text in errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from consumer.pipeline import RequestProcessor
+from consumer.records import (
+    CORRELATION_ID,
+    DLQ_INSTANCE,
+    DLQ_ORIGIN_OFFSET,
+    DLQ_ORIGIN_PARTITION,
+    DLQ_ORIGIN_TOPIC,
+    DLQ_REASON,
+    REPLY_TO,
+    InboundRecord,
+)
+from consumer.settings import OperationLimits
+from schemas.replies import OperationReply
+from tests.support.fake_engine import FakeEngine
+from topics.catalog import TopicSettings
+
+TOPICS = TopicSettings(requests="ops.requests.v1", replies="ops.replies.v1", dlq="ops.dlq.v1")
+SECRET = "PROMPT-TEXT-that-must-never-leak"
+
+
+@dataclass
+class Sent:
+    topic: str
+    value: bytes
+    key: bytes | None
+    headers: dict[str, str]
+
+
+class MemoryPublisher:
+    """A RecordPublisher that keeps what was sent (and can be told to fail)."""
+
+    def __init__(self) -> None:
+        self.sent: list[Sent] = []
+        self.fail: Exception | None = None
+
+    async def send(
+        self, topic: str, value: bytes, *, key: bytes | None, headers: list[tuple[str, bytes]]
+    ) -> None:
+        if self.fail is not None:
+            raise self.fail
+        decoded = {k: v.decode("utf-8", "replace") for k, v in headers}
+        self.sent.append(Sent(topic, value, key, decoded))
+
+    def to(self, topic: str) -> list[Sent]:
+        return [s for s in self.sent if s.topic == topic]
+
+    def reply(self) -> OperationReply:
+        (only,) = self.to(TOPICS.replies)
+        return OperationReply.model_validate_json(only.value)
+
+
+def make_processor(
+    engine: FakeEngine | None = None, limits: OperationLimits | None = None
+) -> tuple[RequestProcessor, FakeEngine, MemoryPublisher]:
+    engine = engine or FakeEngine()
+    publisher = MemoryPublisher()
+    processor = RequestProcessor(
+        engine=engine,
+        publisher=publisher,
+        topics=TOPICS,
+        limits=limits or OperationLimits(),
+        instance_id="unit-1",
+    )
+    return processor, engine, publisher
+
+
+_offsets = iter(range(10_000))
+
+
+def record(
+    body: Any,
+    *,
+    correlation_id: str | None = "cid-1",
+    reply_to: str | None = TOPICS.replies,
+    produced_ms: int | None = None,
+) -> InboundRecord:
+    value = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    headers: list[tuple[str, bytes]] = []
+    if correlation_id is not None:
+        headers.append((CORRELATION_ID, correlation_id.encode()))
+    if reply_to is not None:
+        headers.append((REPLY_TO, reply_to.encode()))
+    now = time.time()
+    return InboundRecord(
+        topic=TOPICS.requests,
+        partition=3,
+        offset=next(_offsets),
+        key=b"tenant-a",
+        value=value,
+        headers=tuple(headers),
+        timestamp_ms=produced_ms if produced_ms is not None else int(now * 1000),
+        received_at=now,
+    )
+
+
+BODIES: dict[str, dict[str, Any]] = {
+    "summarize": {"operation": "summarize", "tenant_id": "tenant-a",
+                  "text": "First point. Second point. Third point.", "max_sentences": 2},
+    "translate": {"operation": "translate", "tenant_id": "tenant-a", "text": "Hello there.",
+                  "source_language": "en", "target_language": "de"},
+    "classify": {"operation": "classify", "tenant_id": "tenant-a", "text": "Goal!",
+                 "categories": ["sports", "finance", "weather"]},
+    "chat": {"operation": "chat", "tenant_id": "tenant-a",
+             "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("operation", list(BODIES))
+async def test_each_operation_gets_one_ok_reply_with_meta(operation: str) -> None:
+    processor, engine, publisher = make_processor()
+    outcome = await processor.process(record(BODIES[operation], correlation_id=f"c-{operation}"))
+
+    assert outcome.status == "ok"
+    assert outcome.operation == operation
+    assert outcome.request_id == f"c-{operation}"
+    assert engine.calls == 1
+    (sent,) = publisher.sent
+    assert sent.topic == TOPICS.replies
+    assert sent.key == b"tenant-a"
+    assert sent.headers[CORRELATION_ID] == f"c-{operation}"
+    reply = publisher.reply()
+    assert reply.status == "ok" and reply.error is None
+    assert reply.meta.operation == operation
+    assert reply.meta.model_used == "fake-model"
+    assert reply.meta.request_id == f"c-{operation}"
+    assert reply.meta.input_chars == outcome.input_chars > 0
+    result = reply.model_dump()["result"]
+    if operation == "summarize":
+        assert result["sentence_count"] <= 2
+    elif operation == "translate":
+        assert (result["source_language"], result["target_language"]) == ("en", "de")
+    elif operation == "classify":
+        assert result["label"] == "sports"  # the fake engine likes the first candidate most
+        assert sum(result["scores"].values()) == pytest.approx(1.0)
+    else:
+        assert result["finish_reason"] == "stop"
+        assert result["message"]["role"] == "assistant"
+
+
+async def test_request_id_in_body_is_kept_and_correlation_id_comes_from_header() -> None:
+    processor, _, publisher = make_processor()
+    body = {**BODIES["classify"], "request_id": "idem-7"}
+    outcome = await processor.process(record(body, correlation_id="corr-7"))
+    assert outcome.request_id == "idem-7"
+    assert publisher.to(TOPICS.replies)[0].headers[CORRELATION_ID] == "corr-7"
+
+
+async def test_request_id_stands_in_for_a_missing_correlation_header() -> None:
+    processor, _, publisher = make_processor()
+    body = {**BODIES["classify"], "request_id": "idem-8"}
+    await processor.process(record(body, correlation_id=None))
+    assert publisher.to(TOPICS.replies)[0].headers[CORRELATION_ID] == "idem-8"
+
+
+async def test_missing_reply_to_uses_the_default_reply_topic() -> None:
+    processor, _, publisher = make_processor()
+    await processor.process(record(BODIES["chat"], reply_to=None))
+    assert [s.topic for s in publisher.sent] == [TOPICS.replies]
+
+
+async def test_invalid_request_gets_validation_error_and_never_runs() -> None:
+    processor, engine, publisher = make_processor()
+    body = {"operation": "classify", "tenant_id": "tenant-a", "text": SECRET * 100,
+            "categories": ["only-one"], "unknown": 1}  # fmt: skip
+    outcome = await processor.process(record(body))
+
+    assert engine.calls == 0
+    assert outcome.status == "error" and outcome.error_code == "validation"
+    reply = publisher.reply()
+    assert reply.status == "error" and reply.result is None
+    assert reply.error is not None
+    assert reply.error.code == "validation" and reply.error.http_status == 422
+    assert not reply.error.retryable
+    locs = {tuple(e.loc) for e in reply.error.errors or []}
+    assert {("classify", "text"), ("classify", "categories"), ("classify", "unknown")} <= locs
+    assert SECRET not in publisher.sent[0].value.decode()
+
+
+async def test_unknown_operation_is_a_validation_error() -> None:
+    processor, _, publisher = make_processor()
+    outcome = await processor.process(record({"operation": "poem", "tenant_id": "tenant-a"}))
+    assert outcome.error_code == "validation"
+    assert outcome.operation is None
+    assert publisher.reply().error.code == "validation"  # type: ignore[union-attr]
+
+
+async def test_chat_over_configured_limits_is_a_validation_error() -> None:
+    limits = OperationLimits(chat_max_messages=2, chat_max_output_tokens=8)
+    processor, engine, publisher = make_processor(limits=limits)
+    body = {"operation": "chat", "tenant_id": "tenant-a", "max_tokens": 9,
+            "messages": [{"role": "user", "content": "a"}] * 3}  # fmt: skip
+    await processor.process(record(body))
+    reply = publisher.reply()
+    assert reply.error is not None and reply.error.code == "validation"
+    assert {tuple(e.loc) for e in reply.error.errors or []} == {("messages",), ("max_tokens",)}
+    assert engine.calls == 0
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (b"\xff\xfe\x80", "not UTF-8"),
+        (b"{not json", "invalid JSON"),
+        (b"[1, 2]", "not an object"),
+        (b"", "empty body"),
+        (None, "empty body"),
+    ],
+)
+async def test_undecodable_record_is_dead_lettered_with_its_origin(
+    value: bytes | None, reason: str
+) -> None:
+    processor, engine, publisher = make_processor()
+    inbound = record(value, correlation_id=None)
+    outcome = await processor.process(inbound)
+
+    assert outcome.status == "dlq"
+    assert engine.calls == 0
+    (dead,) = publisher.sent
+    assert dead.topic == TOPICS.dlq
+    assert dead.value == (value or b"")
+    assert dead.key == inbound.key
+    assert dead.headers[DLQ_ORIGIN_TOPIC] == TOPICS.requests
+    assert dead.headers[DLQ_ORIGIN_PARTITION] == "3"
+    assert dead.headers[DLQ_ORIGIN_OFFSET] == str(inbound.offset)
+    assert dead.headers[DLQ_INSTANCE] == "unit-1"
+    assert reason in dead.headers[DLQ_REASON]
+    assert dead.headers[REPLY_TO] == TOPICS.replies  # original headers travel along
+
+
+async def test_undecodable_record_with_correlation_id_also_gets_an_error_reply() -> None:
+    processor, _, publisher = make_processor()
+    outcome = await processor.process(record(b"{oops", correlation_id="c-oops"))
+    assert outcome.status == "dlq"
+    assert [s.topic for s in publisher.sent] == [TOPICS.dlq, TOPICS.replies]
+    reply = publisher.reply()
+    assert reply.error is not None and reply.error.code == "validation"
+    assert publisher.to(TOPICS.replies)[0].headers[CORRELATION_ID] == "c-oops"
+
+
+@pytest.mark.parametrize("reply_to", [TOPICS.requests, TOPICS.dlq, "ops.control.v1", "other"])
+async def test_reply_to_outside_the_allowed_topics_is_dead_lettered(reply_to: str) -> None:
+    processor, engine, publisher = make_processor()
+    outcome = await processor.process(record(BODIES["chat"], reply_to=reply_to))
+    assert outcome.status == "dlq"
+    assert engine.calls == 0
+    (dead,) = publisher.sent
+    assert dead.topic == TOPICS.dlq
+    assert "not allowed" in dead.headers[DLQ_REASON]
+
+
+async def test_record_without_any_correlation_is_dead_lettered() -> None:
+    processor, _, publisher = make_processor()
+    outcome = await processor.process(record(BODIES["chat"], correlation_id=None))
+    assert outcome.status == "dlq"
+    assert [s.topic for s in publisher.sent] == [TOPICS.dlq]
+    assert "correlation_id" in publisher.sent[0].headers[DLQ_REASON]
+
+
+async def test_request_past_its_deadline_is_answered_without_running() -> None:
+    processor, engine, publisher = make_processor()
+    past = (datetime.now(UTC) - timedelta(seconds=5)).isoformat()
+    outcome = await processor.process(record({**BODIES["summarize"], "deadline": past}))
+    assert engine.calls == 0
+    assert outcome.error_code == "deadline_exceeded"
+    error = publisher.reply().error
+    assert error is not None and error.code == "deadline_exceeded" and error.http_status == 504
+
+
+async def test_timeout_ms_counts_from_when_the_record_was_produced() -> None:
+    processor, engine, publisher = make_processor()
+    produced = int((time.time() - 10) * 1000)
+    body = {**BODIES["translate"], "timeout_ms": 1000}
+    await processor.process(record(body, produced_ms=produced))
+    assert engine.calls == 0
+    assert publisher.reply().error.code == "deadline_exceeded"  # type: ignore[union-attr]
+
+
+async def test_request_within_its_deadline_runs() -> None:
+    processor, engine, publisher = make_processor()
+    future = (datetime.now(UTC) + timedelta(minutes=5)).isoformat()
+    await processor.process(record({**BODIES["summarize"], "deadline": future}))
+    assert engine.calls == 1
+    assert publisher.reply().status == "ok"
+
+
+async def test_engine_failure_is_a_retryable_internal_error_and_the_next_request_runs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    processor, engine, publisher = make_processor()
+    caplog.set_level(logging.DEBUG)
+    failing = {"operation": "chat", "tenant_id": "tenant-a",
+               "messages": [{"role": "user", "content": f"{SECRET} __engine_failure__"}]}  # fmt: skip
+    outcome = await processor.process(record(failing, correlation_id="c-fail"))
+    assert outcome.status == "error" and outcome.error_code == "internal"
+    reply = publisher.reply()
+    assert reply.error is not None
+    assert reply.error.code == "internal" and reply.error.retryable is True
+    assert reply.error.http_status == 500
+    assert SECRET not in publisher.sent[0].value.decode()
+    assert SECRET not in caplog.text
+
+    publisher.sent.clear()
+    outcome = await processor.process(record(BODIES["chat"], correlation_id="c-next"))
+    assert outcome.status == "ok"
+    assert publisher.reply().status == "ok"
+    assert engine.calls == 2
+
+
+async def test_a_bug_in_serving_becomes_a_retryable_internal_error() -> None:
+    class BrokenEngine(FakeEngine):
+        async def score(self, messages: Any, candidates: Any) -> Any:
+            raise RuntimeError(f"bug while scoring {messages[-1].content}")
+
+    processor, _, publisher = make_processor(engine=BrokenEngine())
+    body = {**BODIES["classify"], "text": SECRET}
+    outcome = await processor.process(record(body))
+    assert outcome.error_code == "internal"
+    error = publisher.reply().error
+    assert error is not None and error.retryable is True
+    assert SECRET not in publisher.sent[0].value.decode()
+
+
+async def test_broker_failure_propagates_so_the_record_stays_uncommitted() -> None:
+    processor, _, publisher = make_processor()
+    publisher.fail = ConnectionError("broker down")
+    with pytest.raises(ConnectionError):
+        await processor.process(record(BODIES["chat"]))
