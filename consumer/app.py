@@ -56,7 +56,10 @@ class Service:
         self.assigned: set[Partition] = set()
         self.security = aiokafka_security_kwargs(settings.security)
         self.publisher = KafkaRecordPublisher(
-            settings.kafka.bootstrap_servers, settings.kafka.client_id, **self.security
+            settings.kafka.bootstrap_servers,
+            settings.kafka.client_id,
+            request_timeout_ms=settings.kafka.request_timeout_ms,
+            **self.security,
         )
         self.telemetry = telemetry or Telemetry(
             settings.telemetry, instance_id=settings.instance_id
@@ -153,7 +156,7 @@ class Service:
         log.info("service_stopped", extra={"instance_id": self.settings.instance_id})
 
     async def submit(self, message: KafkaMessage) -> None:
-        raw = message.raw_message
+        raw: Any = message.raw_message  # one ConsumerRecord (the subscriber is not batched)
         assert self.intake is not None, "service not started"
         record = InboundRecord(
             topic=raw.topic,
@@ -173,7 +176,7 @@ class Service:
             await self.quota.store.persist(outcome.record.partition)
         if self.usage is not None:
             receipt: UsageReceipt | None = getattr(outcome, "usage_receipt", None)
-            if receipt is None or (receipt.done and receipt.error is not None):
+            if receipt is None or (receipt.done() and receipt.error is not None):
                 receipt = self.usage.append_nowait(usage_row(outcome, self.settings.instance_id))
                 outcome.usage_receipt = receipt
             await receipt.wait()
@@ -217,7 +220,7 @@ class Service:
         self.assigned -= partitions
 
 
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+class _Rebalance(ConsumerRebalanceListener):
     def __init__(self, service: Service) -> None:
         self._service = service
 

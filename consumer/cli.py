@@ -21,7 +21,7 @@ def _common_options() -> argparse.ArgumentParser:
     common.add_argument(
         "--bootstrap-servers",
         default=None,
-        help="Kafka bootstrap servers, host:port[,host:port] (env OPSTREAM_KAFKA__BOOTSTRAP_SERVERS)",
+        help="Kafka bootstrap servers, host:port[,...] (env OPSTREAM_KAFKA__BOOTSTRAP_SERVERS)",
     )
     return common
 

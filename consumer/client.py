@@ -27,6 +27,7 @@ def _hmac_signer(key_id: str, secret: str) -> Signer:
 
     return signer
 
+
 log = logging.getLogger(__name__)
 
 

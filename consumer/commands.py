@@ -18,4 +18,12 @@ def _core(
     register(subparsers, common)
 
 
-REGISTRARS: list[Registrar] = [_core]
+def _quota(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    from consumer.quota.cli import register
+
+    register(subparsers, common)
+
+
+REGISTRARS: list[Registrar] = [_core, _quota]

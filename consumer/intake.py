@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from consumer.offsets import OffsetTracker, Partition
 from consumer.pipeline import Outcome
 from consumer.records import InboundRecord
 
 log = logging.getLogger(__name__)
+
+_A = TypeVar("_A")
+_R = TypeVar("_R")
 
 Process = Callable[[InboundRecord], Awaitable[Outcome]]
 Durable = Callable[[Outcome], Awaitable[None]]
@@ -93,9 +97,7 @@ class Intake:
         if self._tracker.finish((record.topic, record.partition), record.offset):
             self._dirty.set()
 
-    async def _retry_until_done(
-        self, step: Callable[[object], Awaitable[object]], arg: object
-    ) -> object:
+    async def _retry_until_done(self, step: Callable[[_A], Awaitable[_R]], arg: _A) -> _R:
         # Only broker/disk failures reach here (the processor turns request failures
         # into replies), so waiting for the outage to pass is the right thing.
         delay = self._retry_backoff_s

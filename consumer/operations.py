@@ -122,10 +122,15 @@ def parse_translation(output: str) -> str:
     return _strip_preamble(output).strip()
 
 
+_PREAMBLE = re.compile(
+    r"^(summary|translation|here is[^:\n]{0,60}|here's[^:\n]{0,60}):\s*", re.IGNORECASE
+)
+
+
 def _strip_preamble(output: str) -> str:
     text = output.strip()
     # Small models like to announce themselves: "Summary: ...", "Here is the translation: ..."
-    match = re.match(r"^(summary|translation|here is[^:\n]{0,60}|here's[^:\n]{0,60}):\s*", text, re.I)
+    match = _PREAMBLE.match(text)
     return text[match.end() :] if match else text
 
 
@@ -136,9 +141,7 @@ class Classification:
     scores: dict[str, float]
 
 
-def normalise_label_scores(
-    categories: Sequence[str], logprobs: Sequence[float]
-) -> Classification:
+def normalise_label_scores(categories: Sequence[str], logprobs: Sequence[float]) -> Classification:
     """Turn per-category log-likelihoods into probabilities that sum to 1 (softmax)."""
     if len(categories) != len(logprobs) or not categories:
         raise ValueError("one log-likelihood per category is required")

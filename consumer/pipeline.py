@@ -318,9 +318,7 @@ class RequestProcessor:
                 f"request for tenant {request.tenant_id!r} arrived on partition "
                 f"{record.partition}, not {expected}: key requests by tenant_id",
                 errors=[
-                    FieldError(
-                        loc=["key"], msg="the record key must be the tenant_id", type="key"
-                    )
+                    FieldError(loc=["key"], msg="the record key must be the tenant_id", type="key")
                 ],
             )
         input_tokens = self._estimate_input_tokens(prompt)
@@ -434,7 +432,7 @@ class RequestProcessor:
         outcome.finished_at = self._clock()
         details = {k: v for k, v in exc.details.items() if k in ErrorInfo.model_fields}
         error = ErrorInfo(
-            code=exc.code,  # type: ignore[arg-type]
+            code=exc.code,
             message=exc.message,
             retryable=exc.retryable,
             http_status=HTTP_STATUS.get(exc.code, 500),

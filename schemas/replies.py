@@ -7,8 +7,6 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from schemas.requests import SCHEMA_VERSION
-
 ErrorCode = Literal[
     "validation", "unauthorized", "quota_exceeded", "deadline_exceeded", "overloaded", "internal"
 ]
@@ -104,7 +102,7 @@ Result = Annotated[
 class OperationReply(_Strict):
     """Every reply: `status`, then a `result` (ok) or an `error` (error), and `meta`."""
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1] = 1
     status: Literal["ok", "error"]
     result: Result | None = None
     error: ErrorInfo | None = None

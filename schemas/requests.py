@@ -52,7 +52,7 @@ class RequestEnvelope(BaseModel):
 
     operation: ClassVar[str]
 
-    schema_version: Literal[1] = Field(default=SCHEMA_VERSION, description="Envelope version.")
+    schema_version: Literal[1] = Field(default=1, description="Envelope version.")
     tenant_id: TenantId
     request_id: RequestId | None = Field(
         default=None,

@@ -90,14 +90,15 @@ class LlamaCppEngine:
         )
 
     def count_tokens(self, text: str) -> int:
-        return len(self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+        return len(self._tokens(text))
+
+    def _tokens(self, text: str) -> list[int]:
+        return list(self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
     async def generate(self, request: GenerationRequest) -> Generation:
         return await self._run(self._generate_sync, request)
 
-    async def score(
-        self, messages: tuple[ChatMessage, ...], candidates: tuple[str, ...]
-    ) -> Scores:
+    async def score(self, messages: tuple[ChatMessage, ...], candidates: tuple[str, ...]) -> Scores:
         return await self._run(self._score_sync, messages, candidates)
 
     async def close(self) -> None:
@@ -118,7 +119,8 @@ class LlamaCppEngine:
         return text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
 
     def _prompt_tokens(self, messages: tuple[ChatMessage, ...]) -> list[int]:
-        rendered = self._formatter(messages=[{"role": m.role, "content": m.content} for m in messages])
+        chat: list[Any] = [{"role": m.role, "content": m.content} for m in messages]
+        rendered = self._formatter(messages=chat)
         tokens = self._llama.tokenize(rendered.prompt.encode("utf-8"), add_bos=False, special=True)
         return list(tokens)
 
@@ -162,14 +164,9 @@ class LlamaCppEngine:
             first_token_ms=(first_token_at[0] - started) * 1000 if first_token_at else None,
         )
 
-    def _score_sync(
-        self, messages: tuple[ChatMessage, ...], candidates: tuple[str, ...]
-    ) -> Scores:
+    def _score_sync(self, messages: tuple[ChatMessage, ...], candidates: tuple[str, ...]) -> Scores:
         prompt = self._prompt_tokens(messages)
-        continuations = [
-            [*self._llama.tokenize(c.encode("utf-8"), add_bos=False, special=False), self._end_of_turn]
-            for c in candidates
-        ]
+        continuations = [[*self._tokens(c), self._end_of_turn] for c in candidates]
         self._check_fits(len(prompt), max(len(c) for c in continuations))
         llama = self._llama
         # Evaluate the shared prompt once; its last logits predict every candidate's first token.

@@ -29,9 +29,7 @@ def packaged_smollm2() -> Path | None:
     return None
 
 
-def resolve_gguf(
-    model_path: Path | None, hf_repo: str | None, hf_file: str | None
-) -> Path:
+def resolve_gguf(model_path: Path | None, hf_repo: str | None, hf_file: str | None) -> Path:
     """The GGUF to load, in order: explicit path, Hugging Face repo + file, packaged SmolLM2."""
     if model_path is not None:
         if not model_path.is_file():

@@ -251,8 +251,10 @@ async def bench(args: argparse.Namespace) -> None:
         settings = merge(
             base_settings(broker, consumer_topics, tmp),
             # Production intervals: commit every 50 ms, usage rows flushed every 5 s.
-            {"intake": {"commit_interval_ms": 50}, "usage": {"flush_age_s": 5.0},
-             "logging": {"level": "WARNING"}},
+            {"intake": {"commit_interval_ms": 50}, "usage": {"flush_age_s": 5.0,
+             "enabled": args.usage},
+             "logging": {"level": "WARNING"},
+             "quota": {"enabled": args.quota}},
         )  # fmt: skip
         consumer = ConsumerProcess(settings, log_path=tmp / "consumer.log").start()
         echo = LoadGenerator(broker.bootstrap, echo_topics)
@@ -267,7 +269,8 @@ async def bench(args: argparse.Namespace) -> None:
             await load.run(label, args.warmup, args.concurrency)
         print(
             f"\n{args.requests} requests per run, {args.concurrency} concurrent, "
-            f"{args.rounds} rounds (alternating); broker {broker.bootstrap}",
+            f"{args.rounds} rounds (alternating); quota {'on' if args.quota else 'OFF'}, "
+            f"usage {'on' if args.usage else 'OFF'}; broker {broker.bootstrap}",
             flush=True,
         )
         rounds: dict[str, list[RunResult]] = {"echo": [], "consumer": []}
@@ -308,6 +311,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=2, help="alternating echo/consumer runs")
+    # For locating overhead only; the comparison that counts runs with both on.
+    parser.add_argument("--quota", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--usage", action=argparse.BooleanOptionalAction, default=True)
     asyncio.run(bench(parser.parse_args()))
 
 

@@ -159,7 +159,7 @@ class ConsumerProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> ConsumerProcess:
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(
             self.args, env=self.env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT
         )
@@ -228,5 +228,6 @@ async def ensure_test_topics(broker: Broker, topics: TopicSet) -> None:
     from consumer.core_cli import ensure_all_topics
     from consumer.settings import Settings
 
-    settings = Settings(**merge(topics.settings(), {"kafka": {"bootstrap_servers": broker.bootstrap}}))
+    wanted = merge(topics.settings(), {"kafka": {"bootstrap_servers": broker.bootstrap}})
+    settings = Settings(**wanted)
     await ensure_all_topics(settings)

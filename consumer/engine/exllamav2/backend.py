@@ -693,7 +693,9 @@ class ExLlamaV2Engine:
 def prepare_startup(settings: ExLlamaV2Settings) -> _Startup:
     """Everything that can fail cheaply, before any weights are read: GPU, mode, template, VRAM."""
     if settings.model_dir is None:
-        raise EngineConfigError("exllamav2.model_dir is not set (OPSTREAM_ENGINE__EXLLAMAV2__MODEL_DIR)")
+        raise EngineConfigError(
+            "exllamav2.model_dir is not set (OPSTREAM_ENGINE__EXLLAMAV2__MODEL_DIR)"
+        )
     if not settings.model_dir.is_dir():
         raise EngineConfigError(f"exllamav2.model_dir {settings.model_dir} is not a directory")
     template = load_chat_template(settings.model_dir)

@@ -1,0 +1,151 @@
+"""The broker freezes (SIGSTOP) for longer than the session timeout mid-run, then resumes.
+
+The consumer must survive the outage, report it on /health while it is visible (a send
+that the frozen broker never acknowledged), rejoin its group, and answer every request.
+The broker is this module's own, so freezing it cannot stall other tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.faults._helpers import (
+    RawProducer,
+    TopicReader,
+    log_tail,
+    start_consumer,
+    summarize_body,
+    unique_ids,
+    wait_usage,
+)
+from tests.support.harness import (
+    Broker,
+    ConsumerProcess,
+    TopicSet,
+    base_settings,
+    ensure_test_topics,
+    merge,
+)
+
+BEFORE, AFTER = 150, 50
+FREEZE_S = 12.0  # > session_timeout_ms below
+SESSION_TIMEOUT_MS = 6000
+
+
+@pytest.fixture(scope="module")
+def own_broker() -> Iterator[Broker]:
+    started = Broker.start()
+    if started.local is None:
+        started.stop()
+        pytest.skip("KAFKA_BOOTSTRAP_SERVERS names an external broker: it cannot be frozen")
+    yield started
+    started.stop()
+
+
+class HealthSampler(threading.Thread):
+    """Polls GET /health until stopped; keeps (monotonic time, status code, body)."""
+
+    def __init__(self, process: ConsumerProcess) -> None:
+        super().__init__(daemon=True)
+        self.process = process
+        self.samples: list[tuple[float, int | None, Any]] = []
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            try:
+                status, body = self.process.get("/health", timeout_s=2.0)
+            except OSError as exc:
+                status, body = None, repr(exc)
+            self.samples.append((time.monotonic(), status, body))
+            self.halt.wait(0.25)
+
+
+async def test_consumer_survives_broker_freeze_longer_than_session_timeout(
+    own_broker: Broker, tmp_path: Path
+) -> None:
+    assert own_broker.local is not None
+    broker_process = own_broker.local.process
+    topics = TopicSet.unique(partitions=6)
+    await ensure_test_topics(own_broker, topics)
+    settings = merge(
+        base_settings(own_broker, topics, tmp_path),
+        {
+            "kafka": {
+                "session_timeout_ms": SESSION_TIMEOUT_MS,
+                "heartbeat_interval_ms": 1000,
+                "request_timeout_ms": 5000,
+            },
+            "intake": {"max_in_flight": 16},
+        },
+    )
+    log_path = tmp_path / "consumer.log"
+    consumer = await start_consumer(
+        ConsumerProcess(settings, delay_s=0.2, log_path=log_path, instance_id="outage")
+    )
+    sampler = HealthSampler(consumer)
+    ids = unique_ids("outage", BEFORE + AFTER)
+    bodies = [summarize_body(f"outage-tenant-{i % 4}", rid) for i, rid in enumerate(ids)]
+    frozen = False
+    try:
+        status, body = consumer.get("/health")
+        assert status == 200 and body["broker"]["connected"], body
+        sampler.start()
+        async with TopicReader(own_broker.bootstrap, topics.replies) as replies:
+            async with RawProducer(own_broker.bootstrap) as producer:
+                await producer.send_requests(topics.requests, topics.replies, bodies[:BEFORE])
+            await replies.until(lambda: len(replies.by_correlation()) >= 20, timeout_s=60)
+
+            broker_process.send_signal(signal.SIGSTOP)
+            frozen = True
+            froze_at = time.monotonic()
+            await asyncio.sleep(FREEZE_S)
+            broker_process.send_signal(signal.SIGCONT)
+            frozen = False
+            resumed_at = time.monotonic()
+            answered_before_resume = len(replies.by_correlation())
+            assert answered_before_resume < BEFORE, "the outage did not happen mid-run"
+
+            assert consumer.process is not None and consumer.process.poll() is None, (
+                "consumer died during the outage" + log_tail(log_path)
+            )
+            async with RawProducer(own_broker.bootstrap) as producer:
+                await producer.send_requests(topics.requests, topics.replies, bodies[BEFORE:])
+            all_answered = await replies.until(
+                lambda: set(ids) <= replies.by_correlation().keys(), timeout_s=120
+            )
+            grouped = replies.by_correlation()
+        missing = sorted(set(ids) - grouped.keys())
+        assert all_answered and not missing, (
+            f"{len(missing)} requests never answered after the outage, e.g. {missing[:5]}"
+            + log_tail(log_path)
+        )
+        assert all(r["status"] == "ok" for rs in grouped.values() for r in rs)
+
+        during = [s for s in sampler.samples if froze_at <= s[0] <= resumed_at + 1.0]
+        after = [s for s in sampler.samples if s[0] > resumed_at]
+        print("health during outage:", [(round(t - froze_at, 1), c, b["broker"] if isinstance(b, dict) else b) for t, c, b in during])
+        print("health after:", [(round(t - froze_at, 1), c, b["broker"] if isinstance(b, dict) else b) for t, c, b in after[-3:]])
+
+        rows = await asyncio.to_thread(
+            wait_usage,
+            tmp_path / "usage",
+            "SELECT DISTINCT request_id FROM usage WHERE request_id IS NOT NULL",
+            lambda found: len(found) >= len(ids),
+            30.0,
+        )
+        assert {r[0] for r in rows} == set(ids)
+        assert consumer.stop() == 0, log_tail(log_path)
+    finally:
+        sampler.halt.set()
+        if frozen:
+            broker_process.send_signal(signal.SIGCONT)
+        consumer.kill()

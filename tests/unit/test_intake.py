@@ -1,0 +1,280 @@
+"""Intake with a fake `process` and `commit`: concurrency, back-pressure and what gets committed."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from consumer.intake import Intake
+from consumer.offsets import Partition
+from consumer.pipeline import Outcome
+from consumer.records import InboundRecord
+
+TOPIC = "ops.requests.v1"
+P0: Partition = (TOPIC, 0)
+P1: Partition = (TOPIC, 1)
+
+
+def rec(offset: int, partition: int = 0) -> InboundRecord:
+    return InboundRecord(
+        topic=TOPIC,
+        partition=partition,
+        offset=offset,
+        key=None,
+        value=b"{}",
+        headers=(),
+        timestamp_ms=0,
+        received_at=time.time(),
+    )
+
+
+class Gated:
+    """A `process` whose every record waits for its own gate; counts concurrency."""
+
+    def __init__(self) -> None:
+        self.gates: dict[tuple[int, int], asyncio.Event] = {}
+        self.started: list[tuple[int, int]] = []
+        self.running = 0
+        self.peak = 0
+
+    def gate(self, offset: int, partition: int = 0) -> asyncio.Event:
+        return self.gates.setdefault((partition, offset), asyncio.Event())
+
+    def open(self, offset: int, partition: int = 0) -> None:
+        self.gate(offset, partition).set()
+
+    async def __call__(self, record: InboundRecord) -> Outcome:
+        self.started.append((record.partition, record.offset))
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        try:
+            await self.gate(record.offset, record.partition).wait()
+        finally:
+            self.running -= 1
+        return Outcome(record=record, status="ok")
+
+
+class Commits:
+    def __init__(self) -> None:
+        self.calls: list[dict[Partition, int]] = []
+        self.fail_next = 0
+
+    async def __call__(self, positions: dict[Partition, int]) -> None:
+        if self.fail_next:
+            self.fail_next -= 1
+            raise ConnectionError("commit failed")
+        self.calls.append(dict(positions))
+
+    def last(self, partition: Partition) -> int | None:
+        found = [c[partition] for c in self.calls if partition in c]
+        return found[-1] if found else None
+
+
+async def wait_until(condition: Callable[[], bool], timeout_s: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
+def make(
+    max_in_flight: int = 16, commit_interval_s: float = 0.01, **kwargs: object
+) -> tuple[Intake, Gated, Commits]:
+    process, commits = Gated(), Commits()
+    intake = Intake(
+        process,
+        commits,
+        max_in_flight=max_in_flight,
+        commit_interval_s=commit_interval_s,
+        retry_backoff_s=0.01,
+        **kwargs,  # type: ignore[arg-type]
+    )
+    return intake, process, commits
+
+
+async def test_commits_only_up_to_the_lowest_unfinished_offset() -> None:
+    intake, process, commits = make()
+    intake.start()
+    for offset in range(4):
+        await intake.submit(rec(offset))
+    process.open(1)
+    process.open(2)
+    await wait_until(lambda: intake.in_flight == 2)
+    await intake.commit_now()
+    assert commits.calls == []  # offset 0 is still running
+
+    process.open(0)
+    await wait_until(lambda: commits.last(P0) == 3)  # 0..2 done; 3 still running
+    assert intake.committed(P0) == 3
+
+    process.open(3)
+    await wait_until(lambda: commits.last(P0) == 4)
+    await intake.close(1.0)
+
+
+async def test_partitions_commit_independently() -> None:
+    intake, process, commits = make()
+    intake.start()
+    await intake.submit(rec(10, partition=0))
+    await intake.submit(rec(20, partition=1))
+    process.open(20, partition=1)
+    await wait_until(lambda: commits.last(P1) == 21)
+    assert commits.last(P0) is None
+    await intake.close(0.1)
+
+
+async def test_max_in_flight_bounds_concurrency_and_submit_waits() -> None:
+    intake, process, _ = make(max_in_flight=2)
+    await intake.submit(rec(0))
+    await intake.submit(rec(1))
+    third = asyncio.create_task(intake.submit(rec(2)))
+    await asyncio.sleep(0.05)
+    assert not third.done(), "submit must wait while max_in_flight records run"
+    assert process.started == [(0, 0), (0, 1)]
+
+    process.open(1)
+    await asyncio.wait_for(third, 1.0)
+    await wait_until(lambda: (0, 2) in process.started)
+    assert process.peak == 2
+    process.open(0)
+    process.open(2)
+    await intake.drain(None, 1.0)
+    assert process.peak == 2
+
+
+async def test_waiting_for_durability_does_not_hold_an_in_flight_slot() -> None:
+    durable = asyncio.Event()
+
+    async def make_durable(outcome: Outcome) -> None:
+        await durable.wait()
+
+    intake, process, commits = make(max_in_flight=1, make_durable=make_durable)
+    intake.start()
+    process.open(0)
+    process.open(1)
+    await intake.submit(rec(0))
+    await asyncio.wait_for(intake.submit(rec(1)), 1.0)  # slot freed though 0 is not durable
+    await asyncio.sleep(0.05)
+    assert commits.calls == []  # nothing is committable before it is durable
+    durable.set()
+    await wait_until(lambda: commits.last(P0) == 2)
+    await intake.close(1.0)
+
+
+async def test_failed_process_is_retried_until_it_succeeds() -> None:
+    attempts = 0
+
+    async def flaky(record: InboundRecord) -> Outcome:
+        nonlocal attempts
+        attempts += 1
+        if attempts < 3:
+            raise ConnectionError("broker unreachable")
+        return Outcome(record=record, status="ok")
+
+    commits = Commits()
+    intake = Intake(flaky, commits, max_in_flight=4, commit_interval_s=0.01, retry_backoff_s=0.01)
+    intake.start()
+    await intake.submit(rec(5))
+    await wait_until(lambda: commits.last(P0) == 6)
+    assert attempts == 3
+    await intake.close(0.1)
+
+
+async def test_failed_commit_is_retried_with_the_latest_watermark() -> None:
+    intake, process, commits = make(commit_interval_s=0.01)
+    commits.fail_next = 1
+    intake.start()
+    await intake.submit(rec(0))
+    process.open(0)
+    await wait_until(lambda: commits.last(P0) == 1)
+    assert intake.committed(P0) == 1
+    await intake.close(0.1)
+
+
+async def test_outcome_listeners_hear_every_finished_record() -> None:
+    intake, process, _ = make()
+    heard: list[int] = []
+    intake.on_outcome.append(lambda outcome: heard.append(outcome.record.offset))
+    for offset in (0, 1):
+        process.open(offset)
+        await intake.submit(rec(offset))
+    await intake.drain(None, 1.0)
+    assert sorted(heard) == [0, 1]
+
+
+async def test_drain_waits_for_in_flight_work_then_commits() -> None:
+    intake, process, commits = make(commit_interval_s=60.0)  # only drain commits here
+    intake.start()
+    for offset in range(3):
+        await intake.submit(rec(offset))
+    asyncio.get_running_loop().call_later(0.05, lambda: [process.open(o) for o in range(3)])
+    assert await intake.drain(None, 2.0) is True
+    assert commits.last(P0) == 3
+    await intake.close(0.1)
+
+
+async def test_drain_abandons_work_past_its_timeout_uncommitted() -> None:
+    flushed = 0
+
+    async def flush() -> None:
+        nonlocal flushed
+        flushed += 1
+
+    intake, process, commits = make(commit_interval_s=60.0, flush=flush)
+    await intake.submit(rec(0))
+    await intake.submit(rec(1))
+    process.open(0)
+    assert await intake.drain(None, 0.2) is False  # offset 1 never finishes
+    assert commits.last(P0) == 1
+    assert flushed >= 1
+    await wait_until(lambda: intake.in_flight == 0)  # the stuck one was cancelled
+
+
+async def test_revoke_commits_the_revoked_partition_and_forgets_it() -> None:
+    intake, process, commits = make(commit_interval_s=60.0)
+    intake.start()
+    await intake.submit(rec(0, partition=0))
+    await intake.submit(rec(0, partition=1))
+    process.open(0, partition=0)
+    await intake.revoke({P0}, 1.0)
+    assert commits.calls == [{P0: 1}]
+    assert intake.committed(P0) is None  # forgotten: a new owner takes over
+
+    process.open(0, partition=1)
+    await intake.drain(None, 1.0)
+    assert commits.last(P1) == 1
+
+
+async def test_revoke_abandons_unfinished_work_without_committing_it() -> None:
+    intake, _, commits = make(commit_interval_s=60.0)
+    await intake.submit(rec(7))
+    await intake.revoke({P0}, 0.05)
+    assert commits.calls == []
+    await wait_until(lambda: intake.in_flight == 0)
+
+
+async def test_close_finishes_in_flight_work_and_takes_no_more_records() -> None:
+    intake, process, commits = make(commit_interval_s=60.0)
+    intake.start()
+    await intake.submit(rec(0))
+    process.open(0)
+    await intake.close(1.0)
+    assert commits.last(P0) == 1
+
+    await intake.submit(rec(1))
+    await asyncio.sleep(0.02)
+    assert process.started == [(0, 0)]
+    assert intake.in_flight == 0
+
+
+async def test_submit_waiting_for_a_slot_gives_up_when_closed() -> None:
+    intake, process, _ = make(max_in_flight=1, commit_interval_s=60.0)
+    await intake.submit(rec(0))
+    waiting = asyncio.create_task(intake.submit(rec(1)))
+    await asyncio.sleep(0.02)
+    closing = asyncio.create_task(intake.close(1.0))
+    await asyncio.sleep(0.02)
+    process.open(0)
+    await asyncio.wait_for(asyncio.gather(waiting, closing), 2.0)
+    assert process.started == [(0, 0)]
