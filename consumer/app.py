@@ -117,7 +117,7 @@ class Service:
         self.intake = Intake(
             processor.process,
             self._commit,
-            max_in_flight=self.settings.intake.max_in_flight,
+            max_in_flight=in_flight_bound(self.settings, self.engine.info),
             commit_interval_s=self.settings.intake.commit_interval_ms / 1000,
             make_durable=self._make_durable,
             flush=self.usage.flush if self.usage is not None else None,
@@ -218,6 +218,19 @@ class Service:
                     log.warning("quota_persist_on_revoke_failed", extra={"error": repr(exc)[:300]})
             self.quota.store.forget(numbers)
         self.assigned -= partitions
+
+
+def in_flight_bound(settings: Settings, info: EngineInfo) -> int:
+    """`intake.max_in_flight`, or 4x the engine's batch capacity (at least 32).
+
+    Beyond what the engine runs at once, the extra in-flight records keep the next batch
+    queued and overlap reply publishing and usage flushes with generation.
+    """
+    if settings.intake.max_in_flight is not None:
+        return settings.intake.max_in_flight
+    capacity = info.details.get("max_batch_size", 1)
+    batch = capacity if isinstance(capacity, int) and capacity > 0 else 1
+    return max(32, 4 * batch)
 
 
 class _Rebalance(ConsumerRebalanceListener):

@@ -77,7 +77,13 @@ class OperationLimits(BaseModel):
 class IntakeSettings(BaseModel):
     """How much work is in flight and how offsets are committed."""
 
-    max_in_flight: int = Field(default=64, ge=1, le=10_000)
+    max_in_flight: int | None = Field(
+        default=None,
+        ge=1,
+        le=10_000,
+        description="Records taken from Kafka and not yet finished. Unset: 4x the engine's "
+        "batch capacity (max_batch_size; 1 for llama.cpp), at least 32.",
+    )
     commit_interval_ms: int = Field(default=50, ge=1, le=60_000)
     shutdown_grace_s: float = Field(default=30.0, ge=0)
 

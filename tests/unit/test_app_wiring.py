@@ -1,0 +1,86 @@
+"""Pure pieces of the app's wiring: the in-flight bound and the usage row of an outcome."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from consumer.app import in_flight_bound
+from consumer.engine.base import EngineInfo
+from consumer.pipeline import Outcome
+from consumer.records import InboundRecord
+from consumer.settings import Settings
+from consumer.usage.rows import usage_row
+
+
+def _info(**details: object) -> EngineInfo:
+    return EngineInfo(backend="x", model="m", loaded=True, details=dict(details))
+
+
+@pytest.mark.parametrize(
+    ("configured", "details", "expected"),
+    [
+        (None, {}, 32),  # llama.cpp: one at a time, floor of 32
+        (None, {"max_batch_size": 16}, 64),
+        (None, {"max_batch_size": "bogus"}, 32),
+        (7, {"max_batch_size": 16}, 7),  # an explicit setting wins
+    ],
+)
+def test_in_flight_bound(configured: int | None, details: dict[str, object], expected: int) -> None:
+    settings = Settings(intake={"max_in_flight": configured})
+    assert in_flight_bound(settings, _info(**details)) == expected
+
+
+def _record() -> InboundRecord:
+    now = time.time()
+    return InboundRecord(
+        topic="ops.requests.v1",
+        partition=3,
+        offset=42,
+        key=b"t1",
+        value=b"{}",
+        headers=(),
+        timestamp_ms=int(now * 1000) - 20,
+        received_at=now,
+    )
+
+
+def test_ok_outcome_becomes_an_ok_row_without_error_code() -> None:
+    record = _record()
+    outcome = Outcome(
+        record=record,
+        status="ok",
+        tenant_id="t1",
+        operation="summarize",
+        request_id="r1",
+        model="m",
+        input_tokens=10,
+        output_tokens=5,
+        queue_ms=20.0,
+        finished_at=record.received_at + 0.5,
+    )
+    row = usage_row(outcome, "i1")
+    assert (row.status, row.error_code) == ("ok", None)
+    assert (row.kafka_partition, row.kafka_offset, row.instance_id) == (3, 42, "i1")
+    assert row.total_ms == pytest.approx(520.0, abs=1.0)
+
+
+def test_dead_letter_outcome_is_an_error_row_coded_dlq() -> None:
+    record = _record()
+    outcome = Outcome(record=record, status="dlq", error_code="validation")
+    outcome.finished_at = record.received_at
+    row = usage_row(outcome, "i1")
+    assert (row.status, row.error_code, row.tenant_id, row.request_id) == (
+        "error",
+        "dlq",
+        None,
+        None,
+    )
+
+
+def test_error_outcome_keeps_its_code() -> None:
+    record = _record()
+    outcome = Outcome(record=record, status="error", error_code="quota_exceeded", tenant_id="t")
+    outcome.finished_at = record.received_at + 0.01
+    assert usage_row(outcome, "i1").error_code == "quota_exceeded"
