@@ -26,4 +26,20 @@ def _quota(
     register(subparsers, common)
 
 
-REGISTRARS: list[Registrar] = [_core, _quota]
+def _usage(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    from consumer.usage.cli import register
+
+    register(subparsers, common)
+
+
+def _keys(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    from consumer.auth.cli import register
+
+    register(subparsers, common)
+
+
+REGISTRARS: list[Registrar] = [_core, _quota, _usage, _keys]

@@ -142,7 +142,7 @@ def cluster(
 
 def tenant_on(partitions: Iterable[int], count: int, total: int, tag: str = "") -> list[str]:
     """`count` fresh tenants whose requests land on the given partitions, one per partition."""
-    wanted, found = set(partitions), {}
+    wanted, found = set(partitions), dict[int, str]()
     prefix = f"tenant-{tag}{uuid.uuid4().hex[:6]}"
     n = 0
     while len(found) < count:
@@ -419,7 +419,6 @@ async def test_sigkilled_consumer_grants_no_more_than_the_limit(
 
         async def produce(k: int) -> list[OperationReply]:
             # each producer paces its share, so the kill lands while requests still arrive
-            out = []
             tasks = []
             for i in range(k, len(bodies), PRODUCERS):
                 tasks.append(
@@ -428,8 +427,7 @@ async def test_sigkilled_consumer_grants_no_more_than_the_limit(
                     )
                 )
                 await asyncio.sleep(0.04)
-            out = await asyncio.gather(*tasks)
-            return list(out)
+            return list(await asyncio.gather(*tasks))
 
         producing = asyncio.gather(*(produce(k) for k in range(PRODUCERS)))
         deadline = time.monotonic() + 30
@@ -438,10 +436,16 @@ async def test_sigkilled_consumer_grants_no_more_than_the_limit(
             await asyncio.sleep(0.005)
         victim.kill()
         answered_before_kill = len(tap.replies)
+        victims_before_kill = sum(1 for cid in tap.replies if tenant_of.get(cid) in victim_tenants)
         await producing
         await tap.settle(ids)
 
     assert answered_before_kill < len(ids), "the kill came after every reply"
+    repeated = sum(len(rs) - 1 for rs in tap.replies.values())
+    print(
+        f"kill after {answered_before_kill}/{len(ids)} replies "
+        f"({victims_before_kill}/{len(ids) // 2} of the victim's); {repeated} repeated replies"
+    )
     for tenant in tenants:
         mine = {cid: tap.replies[cid] for cid in ids if tenant_of[cid] == tenant}
         granted = {cid for cid, rs in mine.items() if any(r.status == "ok" for r in rs)}

@@ -84,3 +84,24 @@ def test_error_outcome_keeps_its_code() -> None:
     outcome = Outcome(record=record, status="error", error_code="quota_exceeded", tenant_id="t")
     outcome.finished_at = record.received_at + 0.01
     assert usage_row(outcome, "i1").error_code == "quota_exceeded"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", "--help"],
+        ["dev", "--help"],
+        ["topics", "ensure", "--help"],
+        ["request", "summarize", "--help"],
+        ["schema", "--help"],
+        ["limits", "show", "--help"],
+        ["usage", "report", "--help"],
+        ["keys", "new", "--help"],
+    ],
+)
+def test_every_subcommand_is_on_the_command_line(argv: list[str]) -> None:
+    from consumer.cli import build_parser
+
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(argv)
+    assert exited.value.code == 0
