@@ -28,7 +28,10 @@ LANGUAGE_NAMES: dict[str, str] = {
 # Output budgets when a request gives no max_tokens: enough for the task, not the maximum.
 DEFAULT_MAX_TOKENS = {"summarize": 256, "translate": 512, "classify": 16, "chat": 512}
 
-_SENTENCE_END = re.compile(r"(?<=[.!?。！？])[\"'”’)\]]*\s+")
+# Closing quotes/brackets stay with their sentence (lookbehinds must be fixed-width).
+_SENTENCE_END = re.compile(
+    r"(?:(?<=[.!?。！？])|(?<=[.!?。！？][\"'”’)\]])|(?<=[.!?。！？][\"'”’)\]]{2}))\s+"
+)
 
 
 def language_name(code: str) -> str:

@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -28,6 +28,8 @@ from topics.catalog import TopicSettings
 class KafkaSettings(BaseModel):
     """How to reach the broker. Security (TLS/SASL) lives in `security`."""
 
+    model_config = ConfigDict(extra="forbid")
+
     bootstrap_servers: str | None = Field(
         default=None,
         description="host:port[,host:port]. Unset: `opstream dev` starts an embedded broker.",
@@ -47,6 +49,8 @@ class KafkaSettings(BaseModel):
 class LlamaCppSettings(BaseModel):
     """The CPU engine: a GGUF file, given as a path or a Hugging Face repo + file."""
 
+    model_config = ConfigDict(extra="forbid")
+
     model_path: Path | None = None
     hf_repo: str | None = Field(default=None, description="e.g. Qwen/Qwen2.5-7B-Instruct-GGUF")
     hf_file: str | None = Field(default=None, description="e.g. qwen2.5-7b-instruct-q4_k_m.gguf")
@@ -59,6 +63,8 @@ class LlamaCppSettings(BaseModel):
 class EngineSettings(BaseModel):
     """Which backend runs the model."""
 
+    model_config = ConfigDict(extra="forbid")
+
     backend: Literal["auto", "llamacpp", "exllamav2"] = Field(
         default="auto", description="auto: exllamav2 when CUDA is usable, else llamacpp."
     )
@@ -69,6 +75,8 @@ class EngineSettings(BaseModel):
 class OperationLimits(BaseModel):
     """Per-operation bounds that are configurable (the others are fixed by the contract)."""
 
+    model_config = ConfigDict(extra="forbid")
+
     chat_max_input_chars: int = Field(default=16_000, ge=1, le=200_000)
     chat_max_output_tokens: int = Field(default=1_024, ge=1, le=32_768)
     chat_max_messages: int = Field(default=64, ge=1, le=1_024)
@@ -76,6 +84,8 @@ class OperationLimits(BaseModel):
 
 class IntakeSettings(BaseModel):
     """How much work is in flight and how offsets are committed."""
+
+    model_config = ConfigDict(extra="forbid")
 
     max_in_flight: int | None = Field(
         default=None,
@@ -90,6 +100,8 @@ class IntakeSettings(BaseModel):
 
 class HttpSettings(BaseModel):
     """The ASGI app: health, readiness, metrics and admin endpoints."""
+
+    model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
     host: str = "127.0.0.1"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 # Keep requests long enough to replay a day of traffic; replies only until clients read them.
 REQUEST_RETENTION_MS = 7 * 24 * 3600 * 1000
@@ -15,6 +15,8 @@ DLQ_RETENTION_MS = 30 * 24 * 3600 * 1000
 
 class TopicSettings(BaseModel):
     """Names and sizes of the topics opstream owns."""
+
+    model_config = ConfigDict(extra="forbid")
 
     requests: str = "ops.requests.v1"
     replies: str = "ops.replies.v1"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Annotated, Any, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, BeforeValidator, Field, SecretStr, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator
 
 from consumer.quota.arithmetic import DailyCap, LimitDefaults
 
@@ -27,12 +27,16 @@ Cap = Annotated[Annotated[int, Field(ge=0)] | None, BeforeValidator(_unlimited_a
 class DailyLimitSettings(BaseModel):
     """Default daily limits of one operation (overrides `default_daily_*` for it)."""
 
+    model_config = ConfigDict(extra="forbid")
+
     requests: Cap = None
     tokens: Cap = None
 
 
 class QuotaSettings(BaseModel):
     """How daily quotas are enforced; nested as `Settings.quota` (env OPSTREAM_QUOTA__...)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
     timezone: str = Field(default="UTC", description="IANA zone whose midnight starts a day.")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class UsageSettings(BaseModel):
@@ -15,6 +15,8 @@ class UsageSettings(BaseModel):
     hour of each row's `finished_at`) and the read-only catalog `<directory>/usage.duckdb`.
     A relative `directory` is resolved against the working directory of the process.
     """
+
+    model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
     directory: Path = Field(

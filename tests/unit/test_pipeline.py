@@ -302,8 +302,9 @@ async def test_engine_failure_is_a_retryable_internal_error_and_the_next_request
 ) -> None:
     processor, engine, publisher = make_processor()
     caplog.set_level(logging.DEBUG)
+    content = f"{SECRET} __engine_failure__"
     failing = {"operation": "chat", "tenant_id": "tenant-a",
-               "messages": [{"role": "user", "content": f"{SECRET} __engine_failure__"}]}  # fmt: skip
+               "messages": [{"role": "user", "content": content}]}  # fmt: skip
     outcome = await processor.process(record(failing, correlation_id="c-fail"))
     assert outcome.status == "error" and outcome.error_code == "internal"
     reply = publisher.reply()
