@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -73,9 +72,7 @@ async def echo_service(bootstrap: str, requests: str, replies: str, group: str) 
             acks = []
             for records in batches.values():
                 for record in records:
-                    correlation = next(
-                        (v for k, v in record.headers if k == "correlation_id"), b""
-                    )
+                    correlation = next((v for k, v in record.headers if k == "correlation_id"), b"")
                     acks.append(
                         await producer.send(
                             replies,
@@ -92,6 +89,14 @@ async def echo_service(bootstrap: str, requests: str, replies: str, group: str) 
     finally:
         await consumer.stop()
         await producer.stop()
+
+
+def start_echo_service(bootstrap: str, topics: TopicSet) -> subprocess.Popen[bytes]:
+    """This script in `--echo-service` mode, as a child process."""
+    args = [topics.requests, topics.replies, topics.group]
+    return subprocess.Popen(
+        [sys.executable, __file__, "--echo-service", bootstrap, *args], cwd=REPO
+    )
 
 
 # ── the load generator ──
@@ -242,11 +247,7 @@ async def bench(args: argparse.Namespace) -> None:
         echo_topics, consumer_topics = TopicSet.unique(), TopicSet.unique()
         await ensure_test_topics(broker, echo_topics)
         await ensure_test_topics(broker, consumer_topics)
-        echo_process = subprocess.Popen(
-            [sys.executable, __file__, "--echo-service", broker.bootstrap, echo_topics.requests,
-             echo_topics.replies, echo_topics.group],
-            cwd=REPO,
-        )  # fmt: skip
+        echo_process = start_echo_service(broker.bootstrap, echo_topics)
         tmp = Path(tempfile.mkdtemp(prefix="opstream-bench-"))
         settings = merge(
             base_settings(broker, consumer_topics, tmp),
