@@ -7,6 +7,8 @@ from datetime import UTC, datetime
 from consumer.pipeline import Outcome
 from schemas.usage import UsageRow
 
+IDENTIFIER_MAX_CHARS = 256  # schemas.usage.Identifier
+
 
 def usage_row(outcome: Outcome, instance_id: str) -> UsageRow:
     """Counts and timings of `outcome` (never text); a dead letter is an `error` row `dlq`."""
@@ -27,8 +29,8 @@ def usage_row(outcome: Outcome, instance_id: str) -> UsageRow:
         queue_ms=outcome.queue_ms,
         execution_ms=outcome.execution_ms,
         total_ms=max(0.0, (finished - received).total_seconds() * 1000 + outcome.queue_ms),
-        request_id=outcome.request_id,
-        correlation_id=outcome.correlation_id,
+        request_id=_identifier(outcome.request_id),
+        correlation_id=_identifier(outcome.correlation_id),
         kafka_topic=record.topic,
         kafka_partition=record.partition,
         kafka_offset=record.offset,
@@ -36,3 +38,9 @@ def usage_row(outcome: Outcome, instance_id: str) -> UsageRow:
         received_at=received,
         finished_at=finished,
     )
+
+
+def _identifier(value: str | None) -> str | None:
+    # A correlation id comes from a header of any length (and a request id may fall back to
+    # it); a row that fails validation would be retried forever and block its partition.
+    return value if value is not None and 0 < len(value) <= IDENTIFIER_MAX_CHARS else None

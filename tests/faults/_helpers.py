@@ -59,13 +59,13 @@ class RawProducer:
 
     async def send_many(
         self, topic: str, records: Iterable[tuple[bytes | None, bytes | None, list[Header]]]
-    ) -> None:
-        """Send (key, value, headers) records and wait until the broker acknowledged all."""
+    ) -> list[tuple[int, int]]:
+        """Send (key, value, headers) records, wait for all acks; their (partition, offset)."""
         futures = [
             await self._producer.send(topic, value, key=key, headers=headers)
             for key, value, headers in records
         ]
-        await asyncio.gather(*futures)
+        return [(m.partition, m.offset) for m in await asyncio.gather(*futures)]
 
     async def send_requests(
         self, topic: str, reply_to: str, bodies: Iterable[dict[str, Any]]
@@ -150,7 +150,9 @@ def header(record: Any, name: str) -> str | None:
     return None
 
 
-def query_usage(usage_dir: Path, sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
+def query_usage(
+    usage_dir: Path, sql: str, params: list[Any] | None = None
+) -> list[tuple[Any, ...]]:
     """Run `sql` against the analysts' catalog, opened read-only like an analyst would."""
     conn = duckdb.connect(str(usage_dir / "usage.duckdb"), read_only=True)
     try:
@@ -221,3 +223,47 @@ def admin_get(process: ConsumerProcess, path: str, admin_key: str) -> tuple[int,
 # Tansu joins and rebalances a group in 5-40 s; a dead member is noticed after the session
 # timeout. A shorter one (with heartbeats to match) keeps the fault tests quick.
 FAST_GROUP = {"kafka": {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}}
+
+
+async def group_committed(bootstrap: str, group: str, topic: str) -> dict[int, int | None]:
+    """The group's committed offset of each partition of `topic` (None: nothing committed).
+
+    (Tansu's ListOffsets does not report the end of a partition written in multi-record
+    batches correctly, so tests compare against the offsets their producer was given.)
+    """
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False
+    )
+    await consumer.start()  # not subscribed: it never joins the group, only reads offsets
+    try:
+        partitions = consumer.partitions_for_topic(topic)
+        if not partitions:
+            await consumer._client.force_metadata_update()
+            partitions = consumer.partitions_for_topic(topic) or set()
+        return {p: await consumer.committed(TopicPartition(topic, p)) for p in sorted(partitions)}
+    finally:
+        await consumer.stop()
+
+
+async def wait_committed(
+    bootstrap: str, group: str, topic: str, ends: dict[int, int], timeout_s: float
+) -> dict[int, tuple[int | None, int]]:
+    """Wait until the group committed up to `ends` (partition -> next offset); returns the
+    partitions still behind as (committed, wanted), empty when none is."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        committed = await group_committed(bootstrap, group, topic)
+        behind = {
+            p: (committed.get(p), end) for p, end in ends.items() if (committed.get(p) or 0) < end
+        }
+        if not behind or time.monotonic() >= deadline:
+            return behind
+        await asyncio.sleep(0.5)
+
+
+def ends_of(positions: Iterable[tuple[int, int]]) -> dict[int, int]:
+    """partition -> one past the highest offset among (partition, offset) positions."""
+    ends: dict[int, int] = {}
+    for partition, offset in positions:
+        ends[partition] = max(ends.get(partition, 0), offset + 1)
+    return ends

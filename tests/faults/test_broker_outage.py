@@ -12,6 +12,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from tests.faults._helpers import (
     RawProducer,
     TopicReader,
     log_tail,
+    query_usage,
     start_consumer,
     summarize_body,
     unique_ids,
@@ -35,9 +37,11 @@ from tests.support.harness import (
     merge,
 )
 
-BEFORE, AFTER = 150, 50
-FREEZE_S = 12.0  # > session_timeout_ms below
+BEFORE, AFTER = 100, 30
 SESSION_TIMEOUT_MS = 6000
+FREEZE_S = 12.0  # twice the session timeout
+# Sends the frozen broker never acknowledges fail after this, which /health reports.
+REQUEST_TIMEOUT_MS = 5000
 
 
 @pytest.fixture(scope="module")
@@ -82,14 +86,14 @@ async def test_consumer_survives_broker_freeze_longer_than_session_timeout(
             "kafka": {
                 "session_timeout_ms": SESSION_TIMEOUT_MS,
                 "heartbeat_interval_ms": 1000,
-                "request_timeout_ms": 5000,
+                "request_timeout_ms": REQUEST_TIMEOUT_MS,
             },
-            "intake": {"max_in_flight": 16},
+            "intake": {"max_in_flight": 8},
         },
     )
     log_path = tmp_path / "consumer.log"
     consumer = await start_consumer(
-        ConsumerProcess(settings, delay_s=0.2, log_path=log_path, instance_id="outage")
+        ConsumerProcess(settings, delay_s=0.5, log_path=log_path, instance_id="outage")
     )
     sampler = HealthSampler(consumer)
     ids = unique_ids("outage", BEFORE + AFTER)
@@ -106,13 +110,11 @@ async def test_consumer_survives_broker_freeze_longer_than_session_timeout(
 
             broker_process.send_signal(signal.SIGSTOP)
             frozen = True
-            froze_at = time.monotonic()
+            froze_at, froze_wall = time.monotonic(), datetime.now(UTC)
             await asyncio.sleep(FREEZE_S)
             broker_process.send_signal(signal.SIGCONT)
             frozen = False
             resumed_at = time.monotonic()
-            answered_before_resume = len(replies.by_correlation())
-            assert answered_before_resume < BEFORE, "the outage did not happen mid-run"
 
             assert consumer.process is not None and consumer.process.poll() is None, (
                 "consumer died during the outage" + log_tail(log_path)
@@ -122,6 +124,7 @@ async def test_consumer_survives_broker_freeze_longer_than_session_timeout(
             all_answered = await replies.until(
                 lambda: set(ids) <= replies.by_correlation().keys(), timeout_s=120
             )
+            sampler.halt.set()
             grouped = replies.by_correlation()
         missing = sorted(set(ids) - grouped.keys())
         assert all_answered and not missing, (
@@ -130,10 +133,14 @@ async def test_consumer_survives_broker_freeze_longer_than_session_timeout(
         )
         assert all(r["status"] == "ok" for rs in grouped.values() for r in rs)
 
-        during = [s for s in sampler.samples if froze_at <= s[0] <= resumed_at + 1.0]
-        after = [s for s in sampler.samples if s[0] > resumed_at]
-        print("health during outage:", [(round(t - froze_at, 1), c, b["broker"] if isinstance(b, dict) else b) for t, c, b in during])
-        print("health after:", [(round(t - froze_at, 1), c, b["broker"] if isinstance(b, dict) else b) for t, c, b in after[-3:]])
+        # /health: degraded while sends to the frozen broker time out, connected again after.
+        during = [b for t, _, b in sampler.samples if froze_at <= t <= resumed_at + 1.0]
+        degraded = [b for b in during if isinstance(b, dict) and not b["broker"]["connected"]]
+        assert degraded, f"/health never showed the outage: {during[-3:]}"
+        assert all(b["status"] == "degraded" for b in degraded), degraded[:3]
+        status, body = consumer.get("/health")
+        assert status == 200 and body["broker"]["connected"], body
+        assert body["status"] == "healthy", body
 
         rows = await asyncio.to_thread(
             wait_usage,
@@ -143,6 +150,14 @@ async def test_consumer_survives_broker_freeze_longer_than_session_timeout(
             30.0,
         )
         assert {r[0] for r in rows} == set(ids)
+        # The outage happened mid-run: requests sent before it finished only after it began.
+        [(late,)] = query_usage(
+            tmp_path / "usage",
+            "SELECT count(*) FROM usage "
+            "WHERE request_id IN (SELECT unnest(?)) AND finished_at >= ?",
+            [ids[:BEFORE], froze_wall],
+        )
+        assert late > 0, "every request sent before the outage finished before it"
         assert consumer.stop() == 0, log_tail(log_path)
     finally:
         sampler.halt.set()
