@@ -123,6 +123,7 @@ class Service:
             commit_interval_s=self.settings.intake.commit_interval_ms / 1000,
             make_durable=self._make_durable,
             flush=self.usage.flush if self.usage is not None else None,
+            owns=self.assigned.__contains__,
         )
         self.intake.start()
         self.telemetry.metrics.set_lag_source(self._lag)
@@ -209,6 +210,8 @@ class Service:
         log.info("partitions_assigned", extra={"partitions": sorted(p for _, p in partitions)})
 
     async def on_revoked(self, partitions: set[Partition]) -> None:
+        # First: records still waiting for an intake slot must not start on these.
+        self.assigned -= partitions
         if self.intake is not None and partitions:
             await self.intake.revoke(partitions, self.settings.intake.shutdown_grace_s)
         if self.quota is not None:
@@ -219,7 +222,6 @@ class Service:
                 except Exception as exc:
                     log.warning("quota_persist_on_revoke_failed", extra={"error": repr(exc)[:300]})
             self.quota.store.forget(numbers)
-        self.assigned -= partitions
 
 
 def in_flight_bound(settings: Settings, info: EngineInfo) -> int:

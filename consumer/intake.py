@@ -39,12 +39,14 @@ class Intake:
         commit_interval_s: float,
         make_durable: Durable | None = None,
         flush: Callable[[], Awaitable[None]] | None = None,
+        owns: Callable[[Partition], bool] | None = None,
         retry_backoff_s: float = 1.0,
     ) -> None:
         self._process = process
         self._commit = commit
         self._make_durable = make_durable
         self._flush = flush
+        self._owns = owns
         self._slots = asyncio.Semaphore(max_in_flight)
         self._tracker = OffsetTracker()
         self._tasks: dict[asyncio.Task[None], Partition] = {}
@@ -72,10 +74,12 @@ class Intake:
         if self._closing:
             return  # shutting down: left uncommitted, so it is redelivered
         await self._slots.acquire()
-        if self._closing:
+        partition = (record.topic, record.partition)
+        if self._closing or (self._owns is not None and not self._owns(partition)):
+            # Shutting down, or the partition was revoked while this record waited for a
+            # slot: leave it uncommitted for the next owner (which redoes it exactly once).
             self._slots.release()
             return
-        partition = (record.topic, record.partition)
         self._tracker.begin(partition, record.offset)
         task = asyncio.create_task(
             self._run(record), name=f"opstream-{record.partition}-{record.offset}"
