@@ -59,7 +59,7 @@ def start_local_broker(
 
     port = port or free_port()
     log_path = log_path or os.environ.get("OPSTREAM_DEVBROKER_LOG") or None
-    output = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
+    output = open(log_path, "ab") if log_path else subprocess.DEVNULL
     url = f"tcp://127.0.0.1:{port}"
     process = subprocess.Popen(
         [
@@ -80,7 +80,7 @@ def start_local_broker(
         # consumer has drained and committed; we stop it ourselves afterwards.
         start_new_session=True,
     )
-    if output is not subprocess.DEVNULL:
+    if not isinstance(output, int):
         output.close()  # the child holds its own descriptor
     broker = LocalBroker(process, port)
     deadline = time.monotonic() + timeout_s
