@@ -20,7 +20,7 @@ import duckdb
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from consumer.records import CORRELATION_ID, REPLY_TO
-from tests.support.harness import ConsumerProcess
+from tests.support.harness import Broker, ConsumerProcess, TopicSet, probe_partitions
 
 Header = tuple[str, bytes]
 
@@ -267,3 +267,15 @@ def ends_of(positions: Iterable[tuple[int, int]]) -> dict[int, int]:
     for partition, offset in positions:
         ends[partition] = max(ends.get(partition, 0), offset + 1)
     return ends
+
+
+async def broker_diagnosis(broker: Broker, topics: TopicSet, consumer: ConsumerProcess) -> str:
+    """What to print when replies stop coming: the consumer's own view, and whether the
+    broker still serves each partition of the request, reply and quota-state topics."""
+    try:
+        status, body = await asyncio.to_thread(consumer.get, "/ready", 2.0)
+        view = f"\n--- consumer /ready: {status} {json.dumps(body)[:600]}"
+    except OSError as exc:
+        view = f"\n--- consumer /ready: {type(exc).__name__}"
+    probes = [await probe_partitions(broker.bootstrap, t) for t in (topics.replies, topics.state)]
+    return view + "".join(probes)

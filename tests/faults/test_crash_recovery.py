@@ -15,6 +15,7 @@ from tests.faults._helpers import (
     RawProducer,
     TopicReader,
     admin_get,
+    broker_diagnosis,
     log_tail,
     start_consumer,
     summarize_body,
@@ -66,16 +67,18 @@ async def test_sigkill_mid_run_then_restart_loses_nothing_and_charges_once(
                 ),
                 timeout_s=90,
             )
-            all_answered = await replies.until(
-                lambda: set(ids) <= replies.by_correlation().keys(), timeout_s=90
-            )
+            await replies.until(lambda: set(ids) <= replies.by_correlation().keys(), timeout_s=90)
             await replies.settle(quiet_s=1.0)
             grouped = replies.by_correlation()
 
         missing = sorted(set(ids) - grouped.keys())
-        assert all_answered and not missing, (
-            f"{len(missing)} requests never answered, e.g. {missing[:5]}" + log_tail(second_log)
-        )
+        if missing:
+            diagnosis = await broker_diagnosis(broker, topics, second)
+            raise AssertionError(
+                f"{len(missing)} requests never answered, e.g. {missing[:5]}"
+                + diagnosis
+                + log_tail(second_log)
+            )
         failed = {cid: r for cid, r in grouped.items() if any(x["status"] != "ok" for x in r)}
         assert not failed, f"error replies after the crash: {list(failed.items())[:3]}"
         duplicates = sum(len(r) - 1 for r in grouped.values())

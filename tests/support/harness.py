@@ -7,6 +7,8 @@ OPSTREAM_* environment variables, exactly as an operator configures `opstream ru
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -231,3 +233,41 @@ async def ensure_test_topics(broker: Broker, topics: TopicSet) -> None:
     wanted = merge(topics.settings(), {"kafka": {"bootstrap_servers": broker.bootstrap}})
     settings = Settings(**wanted)
     await ensure_all_topics(settings)
+
+
+async def probe_partitions(bootstrap: str, topic: str, timeout_s: float = 6.0) -> str:
+    """Diagnostics for a failed test: can a fresh client produce to and fetch from each
+    partition of `topic`? Returns a one-line report ("ok" or the partitions that are not)."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+    timeout_ms = int(timeout_s * 1000)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+        request_timeout_ms=timeout_ms,
+    )
+    problems: list[str] = []
+    try:
+        await asyncio.wait_for(asyncio.gather(producer.start(), consumer.start()), timeout_s)
+        partitions = sorted(consumer.partitions_for_topic(topic) or ())
+        for number in partitions:
+            tp = TopicPartition(topic, number)
+            consumer.assign([tp])
+            try:
+                await asyncio.wait_for(consumer.seek_to_end(tp), timeout_s)
+                await asyncio.wait_for(
+                    producer.send_and_wait(topic, b"probe", partition=number), timeout_s
+                )
+                got = await asyncio.wait_for(consumer.getmany(tp, timeout_ms=2000), timeout_s)
+                if not got.get(tp):
+                    problems.append(f"{number}: produced but not fetched")
+            except Exception as exc:  # a diagnostic: report every kind of failure
+                problems.append(f"{number}: {type(exc).__name__}")
+        report = "; ".join(problems) or f"all {len(partitions)} partitions answer"
+    except Exception as exc:
+        report = f"broker unreachable: {type(exc).__name__}"
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.gather(producer.stop(), consumer.stop()), timeout_s)
+    return f"\n--- probe of {topic}: {report}"
