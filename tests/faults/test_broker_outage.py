@@ -44,7 +44,7 @@ FREEZE_S = 12.0  # twice the session timeout
 REQUEST_TIMEOUT_MS = 5000
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def own_broker() -> Iterator[Broker]:
     started = Broker.start()
     if started.local is None:

@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,8 @@ from tests.support.harness import (
     merge,
 )
 
-pytestmark = pytest.mark.integration
+# One rerun, on a fresh broker, when Tansu wedges (tests/faults/conftest.py).
+pytestmark = [pytest.mark.integration, pytest.mark.flaky(reruns=1)]
 
 LIMIT = 10  # quota.default_daily_requests: requests per tenant, per operation, per day
 KEY = "quota-admin-key"
@@ -56,19 +57,41 @@ TEXT = "The quarterly report shows steady growth in every region."
 class Cluster:
     """The module's consumer processes: one group, one set of topics."""
 
-    def __init__(self, broker: Broker, topics: TopicSet, root: Path) -> None:
-        self.broker = broker
-        self.topics = topics
+    def __init__(self, root: Path) -> None:
         self.root = root
+        self.runs = 0
+        self.broker: Broker | None = None
+        self.topics = TopicSet.unique()
+        self.settings: dict[str, Any] = {}
+        self.consumers: list[ConsumerProcess] = []
+        self.clock_offset_s = 0.0
+
+    async def open(self) -> None:
+        """A fresh broker and topics, and no consumers (again before a rerun)."""
+        self.kill_all()
+        if self.broker is not None:
+            self.broker.stop()
+        self.runs += 1
+        self.broker = Broker.start()
+        self.topics = TopicSet.unique()
+        await ensure_test_topics(self.broker, self.topics)
         self.settings = merge(
-            base_settings(broker, topics, root),
+            base_settings(self.broker, self.topics, self.root / f"run{self.runs}"),
             {
                 "kafka": {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000},
                 "quota": {"default_daily_requests": LIMIT, "admin_key": KEY},
             },
         )
-        self.consumers: list[ConsumerProcess] = []
-        self.clock_offset_s = 0.0
+
+    def close(self) -> None:
+        self.kill_all()
+        if self.broker is not None:
+            self.broker.stop()
+
+    @property
+    def bootstrap(self) -> str:
+        assert self.broker is not None, "cluster not opened"
+        return self.broker.bootstrap
 
     def alive(self) -> list[ConsumerProcess]:
         return [c for c in self.consumers if c.process and c.process.poll() is None]
@@ -81,7 +104,7 @@ class Cluster:
             self.clock_offset_s = clock_offset_s
             for _ in range(count):
                 consumer = ConsumerProcess(settings, fake_engine=True, delay_s=DELAY_S)
-                consumer.log_path = self.root / f"{consumer.instance_id}.log"
+                consumer.log_path = self.root / f"run{self.runs}-{consumer.instance_id}.log"
                 self.consumers.append(consumer.start())
         self.wait_balanced()
         return self.alive()
@@ -126,23 +149,31 @@ class Cluster:
                 self.wait_balanced()
         self.consumers = []
 
-
-@pytest.fixture(scope="module")
-async def module_topics(broker: Broker) -> TopicSet:
-    created = TopicSet.unique()
-    await ensure_test_topics(broker, created)
-    return created
+    def kill_all(self) -> None:
+        for consumer in self.alive():
+            consumer.kill()
+        self.consumers = []
 
 
 @pytest.fixture(scope="module")
-def cluster(
-    broker: Broker, module_topics: TopicSet, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Cluster]:
-    started = Cluster(broker, module_topics, tmp_path_factory.mktemp("quota-consumers"))
+async def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Cluster]:
+    """The module's consumers, on a broker of their own (see `fresh_on_rerun`)."""
+    started = Cluster(tmp_path_factory.mktemp("quota-consumers"))
+    await started.open()
     try:
         yield started
     finally:
-        started.stop_all()
+        started.close()
+
+
+@pytest.fixture(autouse=True)
+async def fresh_on_rerun(request: pytest.FixtureRequest, cluster: Cluster) -> Cluster:
+    """A rerun (tests/faults/conftest.py explains why there is one) starts from a fresh
+    broker: a wedged Tansu stays wedged. Each test uses its own tenants, so none depends
+    on what an earlier test left behind."""
+    if getattr(request.node, "execution_count", 1) > 1:
+        await cluster.open()
+    return cluster
 
 
 # ── producers and replies ──
@@ -163,13 +194,14 @@ def tenant_on(partitions: Iterable[int], count: int, total: int, tag: str = "") 
 
 
 @pytest.fixture
-async def clients(module_topics: TopicSet, broker: Broker) -> AsyncIterator[list[OperationsClient]]:
+async def clients(fresh_on_rerun: Cluster) -> AsyncIterator[list[OperationsClient]]:
     """Several producers, each its own Kafka client."""
+    cluster = fresh_on_rerun
     started = [
         OperationsClient(
-            broker.bootstrap,
-            request_topic=module_topics.requests,
-            reply_topic=module_topics.replies,
+            cluster.bootstrap,
+            request_topic=cluster.topics.requests,
+            reply_topic=cluster.topics.replies,
             timeout_s=30.0,
             fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
         )
@@ -185,9 +217,9 @@ async def clients(module_topics: TopicSet, broker: Broker) -> AsyncIterator[list
 class ReplyTap:
     """Every record on the reply topic, duplicates included (the client keeps only the first)."""
 
-    def __init__(self, broker: Broker, topic: str) -> None:
+    def __init__(self, bootstrap: str, topic: str) -> None:
         self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=broker.bootstrap,
+            bootstrap_servers=bootstrap,
             enable_auto_commit=False,
             fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
         )
@@ -351,11 +383,11 @@ async def test_concurrent_producers_get_exactly_the_daily_limit(
 
 
 async def test_token_limit_rejects_a_request_that_would_overshoot(
-    cluster: Cluster, clients: list[OperationsClient], broker: Broker
+    cluster: Cluster, clients: list[OperationsClient]
 ) -> None:
     consumers = cluster.ensure(2)
     tenant = tenant_on(range(cluster.topics.partitions), 1, cluster.topics.partitions, "tok")[0]
-    producer = make_state_producer(broker.bootstrap)
+    producer = make_state_producer(cluster.bootstrap)
     await producer.start()
     try:
         publisher = LimitCommandPublisher(producer, cluster.topics.control)
@@ -381,7 +413,7 @@ async def test_token_limit_rejects_a_request_that_would_overshoot(
 
 
 async def test_a_limit_set_with_the_cli_applies_to_running_consumers(
-    cluster: Cluster, clients: list[OperationsClient], broker: Broker
+    cluster: Cluster, clients: list[OperationsClient]
 ) -> None:
     consumers = cluster.ensure(2)
     tenant = tenant_on(range(cluster.topics.partitions), 1, cluster.topics.partitions, "cli")[0]
@@ -393,7 +425,7 @@ async def test_a_limit_set_with_the_cli_applies_to_running_consumers(
     done = await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-m", "consumer.cli", "limits", "set",
-         "--bootstrap-servers", broker.bootstrap, "--tenant", tenant,
+         "--bootstrap-servers", cluster.bootstrap, "--tenant", tenant,
          "--operation", "summarize", "--daily-requests", "2"],
         env=env, cwd=REPO, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
@@ -410,7 +442,7 @@ async def test_a_limit_set_with_the_cli_applies_to_running_consumers(
 
 
 async def test_sigkilled_consumer_grants_no_more_than_the_limit(
-    cluster: Cluster, clients: list[OperationsClient], broker: Broker
+    cluster: Cluster, clients: list[OperationsClient]
 ) -> None:
     cluster.ensure(2)
     owned = cluster.wait_balanced()
@@ -423,7 +455,7 @@ async def test_sigkilled_consumer_grants_no_more_than_the_limit(
     ids = [str(uuid.uuid4()) for _ in bodies]
     tenant_of = dict(zip(ids, (b["tenant_id"] for b in bodies), strict=True))
 
-    async with ReplyTap(broker, cluster.topics.replies) as tap:
+    async with ReplyTap(cluster.bootstrap, cluster.topics.replies) as tap:
 
         async def produce(k: int) -> list[OperationReply]:
             # each producer paces its share, so the kill lands while requests still arrive
