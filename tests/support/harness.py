@@ -257,7 +257,8 @@ async def probe_partitions(bootstrap: str, topic: str, timeout_s: float = 6.0) -
             try:
                 await asyncio.wait_for(consumer.seek_to_end(tp), timeout_s)
                 await asyncio.wait_for(
-                    producer.send_and_wait(topic, b"probe", partition=number), timeout_s
+                    producer.send_and_wait(topic, b"probe", key=b"probe", partition=number),
+                    timeout_s,
                 )
                 got = await asyncio.wait_for(consumer.getmany(tp, timeout_ms=2000), timeout_s)
                 if not got.get(tp):
