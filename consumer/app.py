@@ -30,7 +30,6 @@ from consumer.quota.store import Clock as QuotaClock
 from consumer.records import InboundRecord, as_headers
 from consumer.settings import Settings
 from consumer.telemetry import Telemetry
-from consumer.usage.compaction import PeriodicCompaction
 from consumer.usage.rows import usage_row
 from consumer.usage.writer import UsageReceipt, UsageWriter
 from schemas.replies import OperationReply
@@ -73,11 +72,9 @@ class Service:
         if settings.quota.enabled:
             self.quota = QuotaRuntime(settings, clock=quota_clock, client_options=self.security)
         self.usage: UsageWriter | None = None
-        self.compaction: PeriodicCompaction | None = None
         if settings.usage.enabled:
+            # The writer also runs periodic compaction when usage.compact_interval_s > 0.
             self.usage = UsageWriter(settings.usage, settings.instance_id)
-            if settings.usage.compact_interval_s > 0:
-                self.compaction = PeriodicCompaction(settings.usage)
         self.consumer: Any = None  # aiokafka consumer, known once the subscriber starts
         self.intake: Intake | None = None
         self.health = HealthReporter(
@@ -99,13 +96,12 @@ class Service:
         if self.engine is None:
             # Loading a model blocks for seconds to minutes; keep the loop responsive.
             self.engine = await asyncio.to_thread(load_engine, self.settings)
+        self.engine.on_batch = self.telemetry.metrics.batch_observer(self.engine.info.backend)
         await self.publisher.start()
         if self.quota is not None:
             await self.quota.start()
         if self.usage is not None:
             await self.usage.start()
-        if self.compaction is not None:
-            await self.compaction.start()
         processor = RequestProcessor(
             engine=self.engine,
             publisher=self.publisher,
@@ -123,7 +119,6 @@ class Service:
             commit_interval_s=self.settings.intake.commit_interval_ms / 1000,
             make_durable=self._make_durable,
             flush=self.usage.flush if self.usage is not None else None,
-            owns=self.assigned.__contains__,
         )
         self.intake.start()
         self.telemetry.metrics.set_lag_source(self._lag)
@@ -146,8 +141,6 @@ class Service:
                 self.consumer.pause(*self.consumer.assignment())  # stop fetching first
         if self.intake is not None:
             await self.intake.close(self.settings.intake.shutdown_grace_s)
-        if self.compaction is not None:
-            await self.compaction.close()
         if self.usage is not None:
             await self.usage.close()
         if self.quota is not None:
@@ -177,6 +170,8 @@ class Service:
         """The quota settlement is in Kafka and the usage row on disk (before the commit)."""
         if self.quota is not None and outcome.reservation is not None:
             await self.quota.store.persist(outcome.record.partition)
+        if outcome.status in ("forwarded", "repeat"):
+            return  # the record that answers it leaves the usage row
         if self.usage is not None:
             receipt: UsageReceipt | None = getattr(outcome, "usage_receipt", None)
             if receipt is None or (receipt.done() and receipt.error is not None):
@@ -202,12 +197,37 @@ class Service:
         return lag
 
     async def on_assigned(self, partitions: set[Partition]) -> None:
+        """Restore the partitions' quota state, then let their records run.
+
+        Records of these partitions may already be fetched (aiokafka fetches while this
+        listener runs); the intake holds them, registered and uncommitted, until `open`.
+        """
         if self.quota is not None:
             requests = {p for t, p in partitions if t == self.settings.topics.requests}
-            # Before any record of these partitions is processed: the listener blocks fetching.
-            await self.quota.store.restore(requests)
+            await self._restore_until_done(requests)
         self.assigned |= partitions
+        if self.intake is not None:
+            self.intake.open(partitions)
         log.info("partitions_assigned", extra={"partitions": sorted(p for _, p in partitions)})
+
+    async def _restore_until_done(self, partitions: set[int]) -> None:
+        # A partition whose counters are not restored must not serve (quotas would be
+        # wrong), and dropping its records would lose them: retry until the broker answers.
+        assert self.quota is not None
+        delay = 0.5
+        while True:
+            try:
+                await self.quota.store.restore(partitions)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.error(
+                    "quota_restore_failed_retrying",
+                    extra={"partitions": sorted(partitions), "error": repr(exc)[:300]},
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
     async def on_revoked(self, partitions: set[Partition]) -> None:
         # First: records still waiting for an intake slot must not start on these.

@@ -13,17 +13,18 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from opentelemetry import trace
 
-from consumer.auth.signature import sign
+from consumer.auth.signature import Routing, sign
 from consumer.records import CONTENT_TYPE, CORRELATION_ID, JSON, REPLY_TO
 from consumer.telemetry import inject_context
 from schemas.replies import OperationReply
 
-Signer = Callable[[bytes, str], list[tuple[str, bytes]]]
+Signer = Callable[[bytes, str, Routing], list[tuple[str, bytes]]]
+"""(body, tenant_id, (correlation bytes, reply topic, reply partition)) -> headers."""
 
 
 def _hmac_signer(key_id: str, secret: str) -> Signer:
-    def signer(body: bytes, tenant_id: str) -> list[tuple[str, bytes]]:
-        return sign(body, tenant_id, key_id, secret, time.time())
+    def signer(body: bytes, tenant_id: str, routing: Routing) -> list[tuple[str, bytes]]:
+        return sign(body, tenant_id, key_id, secret, time.time(), routing)
 
     return signer
 
@@ -54,7 +55,8 @@ class OperationsClient:
         client_options: dict[str, Any] | None = None,
     ) -> None:
         """`key_id` + `secret` sign every request (HMAC-SHA256, see the README); a custom
-        `signer(body, tenant_id) -> headers` may replace them. Trace context of the
+        `signer(body, tenant_id, routing) -> headers` may replace them (scheme v2 signs
+        the routing: correlation id bytes, reply topic, reply partition). Trace context of the
         current span is injected into each request's headers."""
         if (key_id is None) != (secret is None):
             raise ValueError("give both key_id and secret, or neither")
@@ -136,7 +138,8 @@ class OperationsClient:
             (CONTENT_TYPE, JSON.encode()),
         ]
         if self._signer is not None:
-            headers.extend(self._signer(payload, str(body["tenant_id"])))
+            routing = (correlation_id.encode(), self.reply_topic, "")
+            headers.extend(self._signer(payload, str(body["tenant_id"]), routing))
         waiter = asyncio.get_running_loop().create_future()
         self._waiting[correlation_id] = waiter
         try:

@@ -60,6 +60,14 @@ class QuotaExceeded(OpstreamError):
         )
 
 
+class DuplicateRequest(OpstreamError):
+    """Another request already used this request_id (HTTP 409); `original_status` says how
+    that one ended."""
+
+    code = "duplicate_request"
+    http_status = 409
+
+
 class DeadlineExceeded(OpstreamError):
     """The request's deadline passed before it could run (HTTP 504)."""
 
@@ -80,3 +88,8 @@ class InternalError(OpstreamError):
 
     code = "internal"
     http_status = 500
+
+
+class TopicMissing(Exception):
+    """A record's destination topic does not exist or may not be written (not a reply error:
+    the record is dead-lettered instead, so its partition moves on)."""

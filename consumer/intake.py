@@ -39,14 +39,12 @@ class Intake:
         commit_interval_s: float,
         make_durable: Durable | None = None,
         flush: Callable[[], Awaitable[None]] | None = None,
-        owns: Callable[[Partition], bool] | None = None,
         retry_backoff_s: float = 1.0,
     ) -> None:
         self._process = process
         self._commit = commit
         self._make_durable = make_durable
         self._flush = flush
-        self._owns = owns
         self._slots = asyncio.Semaphore(max_in_flight)
         self._tracker = OffsetTracker()
         self._tasks: dict[asyncio.Task[None], Partition] = {}
@@ -56,6 +54,11 @@ class Intake:
         self._committer: asyncio.Task[None] | None = None
         self._dirty = asyncio.Event()
         self._commit_lock = asyncio.Lock()
+        # A partition's records run only once it is open (its state restored). Each revoke
+        # starts a new generation: a record fetched in an earlier one is never started.
+        self._open: set[Partition] = set()
+        self._generation: dict[Partition, int] = {}
+        self._changed = asyncio.Event()  # replaced after each wake-up (see `_wake`)
         self.on_outcome: list[Callable[[Outcome], None]] = []
 
     def start(self) -> None:
@@ -69,18 +72,44 @@ class Intake:
         """The last offset this instance committed for `partition` (None: not yet)."""
         return self._tracker.committed(partition)
 
+    def open(self, partitions: set[Partition]) -> None:
+        """Assignment: the partitions' state is restored, their records may run."""
+        self._open |= partitions
+        self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
     async def submit(self, record: InboundRecord) -> None:
-        """Start processing `record`; waits while the in-flight bound is reached."""
+        """Take one fetched record; waits while its partition is not open or the in-flight
+        bound is reached (which stops the fetch loop: back-pressure, never drops).
+
+        The offset is registered before any wait, so no commit can pass it until it has
+        finished; it is only let go when its partition is revoked (the next owner, or
+        this instance's next generation, fetches it again from the committed offset).
+        """
         if self._closing:
             return  # shutting down: left uncommitted, so it is redelivered
-        await self._slots.acquire()
         partition = (record.topic, record.partition)
-        if self._closing or (self._owns is not None and not self._owns(partition)):
-            # Shutting down, or the partition was revoked while this record waited for a
-            # slot: leave it uncommitted for the next owner (which redoes it exactly once).
+        generation = self._generation.get(partition, 0)
+        if not self._tracker.begin(partition, record.offset):
+            log.warning(
+                "record_already_taken",
+                extra={"partition": record.partition, "offset": record.offset},
+            )
+            return
+        while not (
+            partition in self._open
+            or self._closing
+            or self._generation.get(partition, 0) != generation
+        ):
+            await self._changed.wait()
+        await self._slots.acquire()
+        if self._closing or self._generation.get(partition, 0) != generation:
+            # Revoked (or shutting down) while this record waited: it stays uncommitted.
             self._slots.release()
             return
-        self._tracker.begin(partition, record.offset)
         task = asyncio.create_task(
             self._run(record), name=f"opstream-{record.partition}-{record.offset}"
         )
@@ -98,6 +127,7 @@ class Intake:
             await self._retry_until_done(self._make_durable, outcome)
         for listener in self.on_outcome:
             listener(outcome)
+        # A revoke waits for this (or cancels it), so the offset is still ours to finish.
         if self._tracker.finish((record.topic, record.partition), record.offset):
             self._dirty.set()
 
@@ -162,7 +192,12 @@ class Intake:
         return done
 
     async def revoke(self, partitions: set[Partition], timeout_s: float) -> None:
-        """Rebalance: finish (or abandon) the revoked partitions' work, commit, forget them."""
+        """Rebalance: take no more records of `partitions`, finish (or abandon) their
+        in-flight work, commit it, forget them."""
+        self._open -= partitions
+        for partition in partitions:
+            self._generation[partition] = self._generation.get(partition, 0) + 1
+        self._wake()
         finished = await self.drain(partitions, timeout_s)
         self._tracker.forget(partitions)
         log.info(
@@ -173,6 +208,7 @@ class Intake:
     async def close(self, timeout_s: float) -> None:
         """Graceful shutdown: take no more records, finish in-flight ones, commit."""
         self._closing = True
+        self._wake()
         await self.drain(None, timeout_s)
         if self._committer is not None:
             self._committer.cancel()

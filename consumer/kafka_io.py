@@ -6,6 +6,9 @@ import time
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import TopicAuthorizationFailedError, UnknownTopicOrPartitionError
+
+from consumer.errors import TopicMissing
 
 
 class KafkaRecordPublisher:
@@ -51,11 +54,31 @@ class KafkaRecordPublisher:
         *,
         key: bytes | None,
         headers: list[tuple[str, bytes]],
+        partition: int | None = None,
+        timestamp_ms: int | None = None,
     ) -> None:
+        """Send to `partition` of `topic` (None, or a partition the topic lacks: the key's).
+
+        Raises `TopicMissing` when the topic does not exist (after the metadata wait) or
+        may not be written, any other error when the broker did not acknowledge.
+        """
         if self._producer is None:
             raise RuntimeError("publisher not started")
         try:
-            await self._producer.send_and_wait(topic, value, key=key, headers=headers)
+            try:
+                partitions = await self._producer.partitions_for(topic)
+            except (UnknownTopicOrPartitionError, TopicAuthorizationFailedError) as exc:
+                raise TopicMissing(f"topic {topic[:200]!r}: {type(exc).__name__}") from None
+            if partition is not None and partition not in partitions:
+                partition = None  # a requester's wrong reply partition must not block us
+            await self._producer.send_and_wait(
+                topic,
+                value,
+                key=key,
+                headers=headers,
+                partition=partition,
+                timestamp_ms=timestamp_ms,
+            )
         except Exception as exc:
             self.last_error_at = time.monotonic()
             self.last_error = f"send failed: {type(exc).__name__}"

@@ -2,40 +2,60 @@
 
 from __future__ import annotations
 
-from collections import deque
+import bisect
 from dataclasses import dataclass, field
 
 
 @dataclass(slots=True)
 class PartitionOffsets:
-    """In-flight offsets of one partition, in the order they were fetched.
+    """Fetched-but-unfinished offsets of one partition.
 
-    Offsets finish in any order; the commit watermark only moves past an offset
-    once it and every offset before it have finished.
+    An offset is registered (`begin`) the moment it is fetched, before it waits for
+    anything, and finishes in any order; the commit watermark only moves past an offset
+    once it and every registered offset before it have finished. So no commit can pass a
+    record that was fetched and not finished, whatever order records arrive in.
     """
 
-    _pending: deque[int] = field(default_factory=deque)
+    _pending: list[int] = field(default_factory=list)  # sorted
     _finished: set[int] = field(default_factory=set)
     watermark: int | None = None  # next offset to consume; what Kafka's commit stores
     committed: int | None = None
 
-    def begin(self, offset: int) -> None:
-        if self._pending and offset <= self._pending[-1]:
-            raise ValueError(f"offset {offset} is not after {self._pending[-1]}")
-        self._pending.append(offset)
+    def begin(self, offset: int) -> bool:
+        """Register a fetched offset; False when it is already registered or finished
+        (a stale or repeated delivery, which must not run twice)."""
+        if self.watermark is not None and offset < self.watermark:
+            return False
+        index = bisect.bisect_left(self._pending, offset)
+        if index < len(self._pending) and self._pending[index] == offset:
+            return False
+        self._pending.insert(index, offset)
+        return True
+
+    def is_pending(self, offset: int) -> bool:
+        """Whether `offset` is registered and not finished."""
+        index = bisect.bisect_left(self._pending, offset)
+        found = index < len(self._pending) and self._pending[index] == offset
+        return found and offset not in self._finished
 
     def finish(self, offset: int) -> bool:
         """Mark `offset` done; True when the watermark moved."""
-        if offset not in self._pending or offset in self._finished:
+        index = bisect.bisect_left(self._pending, offset)
+        registered = index < len(self._pending) and self._pending[index] == offset
+        if not registered or offset in self._finished:
             raise ValueError(f"offset {offset} is not in flight")
         self._finished.add(offset)
-        moved = False
-        while self._pending and self._pending[0] in self._finished:
-            done = self._pending.popleft()
-            self._finished.discard(done)
-            self.watermark = done + 1
-            moved = True
-        return moved
+        done = 0
+        for pending in self._pending:
+            if pending not in self._finished:
+                break
+            self._finished.discard(pending)
+            done += 1
+        if not done:
+            return False
+        self.watermark = self._pending[done - 1] + 1
+        del self._pending[:done]
+        return True
 
     @property
     def in_flight(self) -> int:
@@ -61,12 +81,13 @@ class OffsetTracker:
     def __init__(self) -> None:
         self._partitions: dict[Partition, PartitionOffsets] = {}
 
-    def begin(self, partition: Partition, offset: int) -> None:
-        self._partitions.setdefault(partition, PartitionOffsets()).begin(offset)
+    def begin(self, partition: Partition, offset: int) -> bool:
+        """Register a fetched offset; False for a repeated or stale one (see `PartitionOffsets`)."""
+        return self._partitions.setdefault(partition, PartitionOffsets()).begin(offset)
 
     def finish(self, partition: Partition, offset: int) -> bool:
         state = self._partitions.get(partition)
-        if state is None:
+        if state is None or not state.is_pending(offset):
             return False  # revoked meanwhile: the new owner redoes it
         return state.finish(offset)
 

@@ -6,6 +6,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -17,9 +18,11 @@ from consumer.auth.keys import KeyRing
 from consumer.engine.base import ChatMessage, Engine, EngineError, GenerationRequest
 from consumer.errors import (
     DeadlineExceeded,
+    DuplicateRequest,
     InternalError,
     OpstreamError,
     QuotaExceeded,
+    TopicMissing,
     ValidationFailed,
 )
 from consumer.operations import (
@@ -32,7 +35,12 @@ from consumer.operations import (
     summarize_prompt,
     translate_prompt,
 )
-from consumer.quota.arithmetic import Reservation, partition_for_tenant
+from consumer.quota.arithmetic import (
+    RepeatedRecord,
+    Reservation,
+    partition_for_key,
+    partition_for_tenant,
+)
 from consumer.quota.store import QuotaStore
 from consumer.records import (
     CONTENT_TYPE,
@@ -42,9 +50,14 @@ from consumer.records import (
     DLQ_ORIGIN_PARTITION,
     DLQ_ORIGIN_TOPIC,
     DLQ_REASON,
+    FORWARDED_FROM,
     JSON,
     REPLY_TO,
     InboundRecord,
+    ReplyRoute,
+    record_fingerprint,
+    reply_route,
+    signed_routing,
 )
 from consumer.settings import OperationLimits
 from consumer.telemetry import Telemetry, inject_context
@@ -86,6 +99,8 @@ class RecordPublisher(Protocol):
         *,
         key: bytes | None,
         headers: list[tuple[str, bytes]],
+        partition: int | None = None,
+        timestamp_ms: int | None = None,
     ) -> None: ...
 
 
@@ -94,7 +109,7 @@ class Outcome:
     """What happened to one record: the facts a usage row and metrics need (no text)."""
 
     record: InboundRecord
-    status: str  # "ok" | "error" | "dlq"
+    status: str  # "ok" | "error" | "dlq" | "forwarded" | "repeat" (the last two: no usage row)
     error_code: str | None = None
     tenant_id: str | None = None
     operation: str | None = None
@@ -185,7 +200,7 @@ class RequestProcessor:
         assert self._telemetry is not None
         metrics = self._telemetry.metrics
         operation = outcome.operation or "unknown"
-        status = "ok" if outcome.status == "ok" else "error"
+        status = outcome.status if outcome.status in ("ok", "forwarded", "repeat") else "error"
         code = outcome.error_code if outcome.status != "dlq" else "dlq"
         metrics.count_request(operation, status, code)
         metrics.count_tokens(operation, outcome.input_tokens, outcome.output_tokens)
@@ -200,51 +215,97 @@ class RequestProcessor:
     async def _process(self, record: InboundRecord) -> Outcome:
         outcome = Outcome(record=record, status="error")
         outcome.queue_ms = max(0.0, record.received_at * 1000 - record.timestamp_ms)
-        correlation_id = record.header(CORRELATION_ID)
-        reply_to = record.header(REPLY_TO) or self._topics.replies
-        outcome.correlation_id = correlation_id
+        home = self._home_partition(record)
+        if home is not None:
+            await self._forward(record, home, outcome)
+            return outcome
+        route = reply_route(record, self._topics.replies)
+        outcome.correlation_id = route.correlation_id if route else None
 
         body, decode_error = _decode_object(record.value)
         if body is None:
             await self._dead_letter(record, f"undecodable: {decode_error}", outcome)
-            if correlation_id and self._topics.reply_topic_allowed(reply_to):
+            if route is not None and self._topics.reply_topic_allowed(route.topic):
                 await self._reply(
-                    reply_to,
-                    correlation_id,
+                    route,
                     record.key,
                     self._error_reply(
                         ValidationFailed(f"body is not a JSON object: {decode_error}"), outcome
                     ),
                 )
-                outcome.reply_topic = reply_to
+                outcome.reply_topic = route.topic
                 outcome.status = "dlq"
             return outcome
 
         outcome.tenant_id = _str_or_none(body.get("tenant_id"), 128)
         operation = body.get("operation")
         outcome.operation = operation if operation in OPERATIONS else None
-        correlation_id = correlation_id or _str_or_none(body.get("request_id"), 128)
-        outcome.correlation_id = correlation_id
+        if route is None:
+            request_id = _str_or_none(body.get("request_id"), 128)
+            route = _body_route(record, request_id, self._topics.replies)
+            outcome.correlation_id = request_id
+        reply_to = route.topic if route else record.header(REPLY_TO) or self._topics.replies
         if not self._topics.reply_topic_allowed(reply_to):
             await self._dead_letter(
                 record, f"reply_to topic '{reply_to[:200]}' is not allowed", outcome
             )
             return outcome
-        if not correlation_id:
+        if route is None:
             await self._dead_letter(record, "no correlation_id header and no request_id", outcome)
             return outcome
 
-        outcome.reply_topic = reply_to
-        reply = await self._serve(record, body, correlation_id, outcome)
-        await self._reply(reply_to, correlation_id, record.key, reply)
+        outcome.reply_topic = route.topic
+        reply = await self._serve(record, body, route, outcome)
+        if reply is not None and not await self._reply(route, record.key, reply):
+            # Served (and charged) but undeliverable: the record and the reason go to the
+            # DLQ rather than blocking the partition on a topic that will not appear.
+            status, code = outcome.status, outcome.error_code
+            await self._dead_letter(record, f"reply topic {route.topic[:200]!r} missing", outcome)
+            outcome.status, outcome.error_code = status, code
         return outcome
 
+    def _home_partition(self, record: InboundRecord) -> int | None:
+        """The tenant's partition when `record` must move there first, else None.
+
+        Only quotas (and the replay guard that lives beside them) need a tenant's records on
+        one partition. librdkafka clients (kcat, confluent-kafka, node-rdkafka) place keyed
+        records with CRC32, Java with murmur2: a record on another partition than murmur2 of
+        its key is forwarded there once (Kafka Streams' repartition step). A record that was
+        forwarded already, or has no key, is decided here (and refused by `_reserve`).
+        """
+        if self._quota is None or not self._quota.settings.enabled or not record.key:
+            return None
+        home = partition_for_key(record.key, self._topics.request_partitions)
+        if home == record.partition or record.header(FORWARDED_FROM) is not None:
+            return None
+        return home
+
+    async def _forward(self, record: InboundRecord, home: int, outcome: Outcome) -> None:
+        """Copy `record` (same key, value and headers) to its tenant's partition; the
+        original is committed once the copy is acknowledged, like a reply."""
+        origin = f"{record.topic}/{record.partition}/{record.offset}"
+        await self._publisher.send(
+            record.topic,
+            record.value or b"",
+            key=record.key,
+            headers=[*record.headers, (FORWARDED_FROM, origin.encode())],
+            partition=home,
+            timestamp_ms=record.timestamp_ms,  # deadlines count from the producer's write
+        )
+        outcome.status = "forwarded"
+        outcome.finished_at = self._clock()
+        log.debug(
+            "request_forwarded",
+            extra={"partition": record.partition, "offset": record.offset, "to_partition": home},
+        )
+
     async def _serve(
-        self, record: InboundRecord, body: dict[str, Any], correlation_id: str, outcome: Outcome
-    ) -> OperationReply:
+        self, record: InboundRecord, body: dict[str, Any], route: ReplyRoute, outcome: Outcome
+    ) -> OperationReply | None:
+        """The reply to send, or None for a verbatim repeat of a record already taken."""
         try:
             request = _parse_request(body)
-            outcome.request_id = request.request_id or correlation_id
+            outcome.request_id = request.request_id or route.correlation_id
             outcome.tenant_id = request.tenant_id
             outcome.input_chars = request.text_chars()
             with self._tracer.start_as_current_span("opstream.auth"):
@@ -255,7 +316,10 @@ class RequestProcessor:
                 prompt = _prompt_of(request, self._limits)
             with self._tracer.start_as_current_span("opstream.quota"):
                 outcome.reservation = await self._reserve(record, request, prompt, outcome)
-            with self._tracer.start_as_current_span("opstream.generate") as span:
+            with (
+                self._tracer.start_as_current_span("opstream.generate") as span,
+                self._in_flight(request.operation),
+            ):
                 served = await self._run(request, prompt)
                 span.set_attribute("opstream.input_tokens", served.input_tokens)
                 span.set_attribute("opstream.output_tokens", served.output_tokens)
@@ -266,6 +330,22 @@ class RequestProcessor:
                     )
         except BrokerUnavailable:
             raise
+        except RepeatedRecord as exc:
+            # The original record's reply answers it (same correlation id and route).
+            outcome.status = "repeat"
+            outcome.finished_at = self._clock()
+            log.info(
+                "request_repeat_ignored",
+                extra={
+                    "partition": record.partition,
+                    "offset": record.offset,
+                    "original_status": exc.original_status,
+                },
+            )
+            return None
+        except DuplicateRequest as exc:
+            outcome.request_id = None  # its usage row must not stand in for the original's
+            return self._error_reply(exc, outcome)
         except QuotaExceeded as exc:
             if self._telemetry is not None:
                 self._telemetry.metrics.count_quota_rejection(
@@ -273,19 +353,19 @@ class RequestProcessor:
                 )
             return self._error_reply(exc, outcome)
         except OpstreamError as exc:
-            self._settle_failed(outcome)
+            self._settle_failed(outcome, exc.code)
             return self._error_reply(exc, outcome)
         except EngineError as exc:
             log.warning(
                 "engine_failed",
                 extra={"request_id": outcome.request_id, "error": type(exc).__name__},
             )
-            self._settle_failed(outcome)
+            self._settle_failed(outcome, "internal")
             return self._error_reply(InternalError(str(exc), retryable=exc.retryable), outcome)
         except Exception:
             # A bug, not the request's fault: answer it (retryable) rather than block the partition.
             log.exception("request_failed", extra={"request_id": outcome.request_id})
-            self._settle_failed(outcome)
+            self._settle_failed(outcome, "internal")
             return self._error_reply(
                 InternalError("internal error while serving the request", retryable=True), outcome
             )
@@ -300,10 +380,21 @@ class RequestProcessor:
             self._quota.settle(outcome.reservation, served.input_tokens, served.output_tokens)
         return OperationReply(status="ok", result=served.result, meta=self._meta(outcome))
 
+    def _in_flight(self, operation: str) -> AbstractContextManager[None]:
+        if self._telemetry is None:
+            return nullcontext()
+        return self._telemetry.metrics.track_in_flight(operation)
+
     def _authenticate(self, record: InboundRecord, request: AnyRequest) -> None:
         if self._keyring is None:
             return
-        self._keyring.verify(record.headers, record.value or b"", request.tenant_id, self._clock())
+        self._keyring.verify(
+            record.headers,
+            record.value or b"",
+            request.tenant_id,
+            self._clock(),
+            signed_routing(record),
+        )
 
     async def _reserve(
         self, record: InboundRecord, request: AnyRequest, prompt: _Prompt, outcome: Outcome
@@ -312,14 +403,25 @@ class RequestProcessor:
         quota = self._quota
         if quota is None or not quota.settings.enabled:
             return None
+        key_error = [
+            FieldError(loc=["key"], msg="the record key must be the tenant_id", type="key")
+        ]
+        if record.key != request.tenant_id.encode():
+            problem = "has no key" if not record.key else "is keyed by another value"
+            raise ValidationFailed(
+                f"the record {problem}: key requests by their tenant_id, so that one "
+                "partition counts each tenant's quota",
+                errors=key_error,
+            )
         expected = partition_for_tenant(request.tenant_id, self._topics.request_partitions)
         if record.partition != expected:
+            # Only a record that was forwarded already gets here (see `_home_partition`):
+            # the request topic's partition count differs from `topics.request_partitions`.
             raise ValidationFailed(
                 f"request for tenant {request.tenant_id!r} arrived on partition "
-                f"{record.partition}, not {expected}: key requests by tenant_id",
-                errors=[
-                    FieldError(loc=["key"], msg="the record key must be the tenant_id", type="key")
-                ],
+                f"{record.partition}, not {expected}, after being forwarded once: "
+                "the request topic's partition count does not match the consumer's settings",
+                errors=key_error,
             )
         input_tokens = self._estimate_input_tokens(prompt)
         reservation = quota.reserve(
@@ -329,6 +431,8 @@ class RequestProcessor:
             outcome.request_id or "",
             input_tokens,
             prompt.max_tokens,
+            origin=f"{record.topic}/{record.partition}/{record.offset}",
+            fingerprint=record_fingerprint(record),
         )
         try:
             await quota.persist(record.partition)
@@ -343,10 +447,10 @@ class RequestProcessor:
         text_tokens += sum(count(c) for c in prompt.candidates)
         return text_tokens + _TEMPLATE_TOKENS_BASE + _TEMPLATE_TOKENS_PER_MESSAGE * len(messages)
 
-    def _settle_failed(self, outcome: Outcome) -> None:
+    def _settle_failed(self, outcome: Outcome, code: str) -> None:
         # Reserved but not served (engine failure, deadline): charge the request, no tokens.
         if self._quota is not None and outcome.reservation is not None:
-            self._quota.settle(outcome.reservation, 0, 0)
+            self._quota.settle(outcome.reservation, 0, 0, code)
 
     async def _run(self, request: AnyRequest, prompt: _Prompt) -> _Served:
         engine = self._engine
@@ -453,17 +557,27 @@ class RequestProcessor:
             timestamp=datetime.fromtimestamp(outcome.finished_at or self._clock(), UTC),
         )
 
-    async def _reply(
-        self, topic: str, correlation_id: str, key: bytes | None, reply: OperationReply
-    ) -> None:
+    async def _reply(self, route: ReplyRoute, key: bytes | None, reply: OperationReply) -> bool:
+        """Publish `reply`; False when its topic does not exist (or may not be written)."""
+        # The reply carries the correlation header under the name the request used (Spring
+        # and SmallRye match the exact bytes), on the partition it asked for, if any.
         headers = [
-            (CORRELATION_ID, correlation_id.encode()),
+            (route.correlation_header, route.correlation),
             (CONTENT_TYPE, JSON.encode()),
         ]
         inject_context(headers)
-        await self._publisher.send(
-            topic, reply.model_dump_json(exclude_none=True).encode(), key=key, headers=headers
-        )
+        try:
+            await self._publisher.send(
+                route.topic,
+                reply.model_dump_json(exclude_none=True).encode(),
+                key=key,
+                headers=headers,
+                partition=route.partition,
+            )
+        except TopicMissing as exc:
+            log.warning("reply_topic_missing", extra={"error": str(exc)})
+            return False
+        return True
 
     async def _dead_letter(self, record: InboundRecord, reason: str, outcome: Outcome) -> None:
         outcome.status = "dlq"
@@ -561,6 +675,23 @@ def _decode_object(value: bytes | None) -> tuple[dict[str, Any] | None, str]:
     if not isinstance(decoded, dict):
         return None, f"JSON {type(decoded).__name__} is not an object"
     return decoded, ""
+
+
+def _body_route(
+    record: InboundRecord, request_id: str | None, default_topic: str
+) -> ReplyRoute | None:
+    """The route of a request without a correlation header: its request_id correlates."""
+    if request_id is None:
+        return None
+    requested = record.header(REPLY_TO)
+    return ReplyRoute(
+        topic=requested or default_topic,
+        requested_topic=requested,
+        partition=None,
+        correlation_header=CORRELATION_ID,
+        correlation=request_id.encode(),
+        correlation_id=request_id,
+    )
 
 
 def _str_or_none(value: object, max_len: int) -> str | None:

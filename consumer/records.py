@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -10,10 +12,14 @@ REPLY_TO = "reply_to"
 CONTENT_TYPE = "content-type"
 JSON = "application/json"
 
+# Set on a record forwarded from the partition it was produced to to its tenant's
+# partition ("topic/partition/offset" of the original); a record never moves twice.
+FORWARDED_FROM = "x-opstream-forwarded-from"
+
 # Added to dead-lettered records so an operator can find and replay the original.
-DLQ_ORIGIN_TOPIC = "x-opstream-dlq-topic"
-DLQ_ORIGIN_PARTITION = "x-opstream-dlq-partition"
-DLQ_ORIGIN_OFFSET = "x-opstream-dlq-offset"
+DLQ_ORIGIN_TOPIC = "x-opstream-dlq-origin-topic"
+DLQ_ORIGIN_PARTITION = "x-opstream-dlq-origin-partition"
+DLQ_ORIGIN_OFFSET = "x-opstream-dlq-origin-offset"
 DLQ_REASON = "x-opstream-dlq-reason"
 DLQ_INSTANCE = "x-opstream-dlq-instance"
 
@@ -46,3 +52,123 @@ class InboundRecord:
 
 def as_headers(pairs: Sequence[tuple[str, bytes | None]]) -> Headers:
     return tuple((k, v if v is not None else b"") for k, v in pairs)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyConvention:
+    """The header names one request-reply convention uses."""
+
+    name: str
+    correlation: str
+    reply_topic: str
+    reply_partition: str | None
+
+
+# Checked in this order; a request is answered in the first one whose correlation header it
+# carries. Spring Kafka's ReplyingKafkaTemplate (KafkaHeaders) and SmallRye's
+# KafkaRequestReply send the reply partition as a 4-byte big-endian int and match replies
+# on the exact correlation bytes.
+REPLY_CONVENTIONS: tuple[ReplyConvention, ...] = (
+    ReplyConvention("opstream", CORRELATION_ID, REPLY_TO, None),
+    ReplyConvention("spring", "kafka_correlationId", "kafka_replyTopic", "kafka_replyPartition"),
+    ReplyConvention("smallrye", "REPLY_CORRELATION_ID", "REPLY_TOPIC", "REPLY_PARTITION"),
+)
+ROUTING_HEADERS: frozenset[str] = frozenset(
+    name
+    for convention in REPLY_CONVENTIONS
+    for name in (convention.correlation, convention.reply_topic, convention.reply_partition)
+    if name is not None
+)
+_PRINTABLE_ID = re.compile(r"[\x21-\x7e]{1,128}")
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyRoute:
+    """Where and under which correlation header a request's reply goes."""
+
+    topic: str
+    requested_topic: str | None  # the reply topic header as sent (None: the default topic)
+    partition: int | None
+    correlation_header: str
+    correlation: bytes
+    correlation_id: str  # printable form, for logs, usage rows and the default request_id
+
+
+def reply_route(record: InboundRecord, default_topic: str) -> ReplyRoute | None:
+    """The reply route a record asks for, or None when it names no correlation id.
+
+    A request in opstream's own headers may omit `reply_to` (the default topic); one in
+    Spring's or SmallRye's headers may name its topic in either convention.
+    """
+    for convention in REPLY_CONVENTIONS:
+        correlation = _last(record.headers, convention.correlation)
+        if not correlation:
+            continue
+        topic = record.header(convention.reply_topic.lower()) or record.header(REPLY_TO)
+        partition = None
+        if convention.reply_partition is not None:
+            partition = _partition(_last(record.headers, convention.reply_partition))
+        return ReplyRoute(
+            topic=topic or default_topic,
+            requested_topic=topic,
+            partition=partition,
+            correlation_header=convention.correlation,
+            correlation=correlation,
+            correlation_id=printable_id(correlation),
+        )
+    return None
+
+
+def signed_routing(record: InboundRecord) -> tuple[bytes, str, str]:
+    """What signature v2 binds of a record's route: correlation bytes, reply topic header,
+    reply partition; each empty when the record does not name it."""
+    route = reply_route(record, "")
+    if route is None:
+        return b"", record.header(REPLY_TO) or "", ""
+    partition = "" if route.partition is None else str(route.partition)
+    return route.correlation, route.requested_topic or "", partition
+
+
+def record_fingerprint(record: InboundRecord) -> str:
+    """A digest of the record's value and headers (all but the forwarding mark): equal for
+    a verbatim copy of a record, different for any other request."""
+    digest = hashlib.sha256()
+    for key, value in record.headers:
+        if key.lower() == FORWARDED_FROM:
+            continue
+        for part in (key.encode("utf-8", "replace"), value or b""):
+            digest.update(len(part).to_bytes(4, "big"))
+            digest.update(part)
+    digest.update(record.value or b"")
+    return digest.hexdigest()[:32]
+
+
+def printable_id(raw: bytes) -> str:
+    """`raw` as text when it is a printable ASCII id, else its hex (a Spring UUID is binary)."""
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError:
+        return raw.hex()[:128]
+    return text if _PRINTABLE_ID.fullmatch(text) else raw.hex()[:128]
+
+
+def _last(headers: Headers, name: str) -> bytes | None:
+    lowered = name.lower()
+    for key, value in reversed(headers):
+        if key.lower() == lowered:
+            return value
+    return None
+
+
+def _partition(raw: bytes | None) -> int | None:
+    # Spring and SmallRye: a 4-byte big-endian int. Decimal text is accepted too.
+    if raw is None:
+        return None
+    if len(raw) == 4:
+        value = int.from_bytes(raw, "big", signed=True)
+        return value if value >= 0 else None
+    try:
+        value = int(raw.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return value if value >= 0 else None

@@ -58,6 +58,11 @@ class LlamaCppSettings(BaseModel):
     n_threads: int | None = Field(default=None, ge=1)
     n_batch: int = Field(default=512, ge=8)
     seed: int = 0
+    repack_weights: bool = Field(
+        default=False,
+        description="Let llama.cpp repack weights for the CPU's widest instructions (AMX, "
+        "AVX-512). Off: some VMs advertise AMX but fault on it (SIGILL).",
+    )
 
 
 class EngineSettings(BaseModel):

@@ -214,6 +214,10 @@ class Metrics:
         """One engine batch of `size` requests."""
         self.batch_size.record(size, {"backend": backend})
 
+    def batch_observer(self, backend: str) -> Callable[[int], None]:
+        """An `Engine.on_batch` hook that records each batch of `backend` (thread-safe)."""
+        return lambda size: self.observe_batch_size(size, backend)
+
     def count_quota_rejection(self, operation: str, limit: str) -> None:
         """A request refused by a quota; `limit` names it (requests, tokens, …)."""
         self.quota_rejections.add(1, {"operation": operation, "limit": limit})

@@ -120,6 +120,15 @@ class QuotaCharge(_Wire):
     settled: bool
     reset_epoch: str | None = None
     charged_at: datetime
+    origin: str | None = Field(
+        default=None, max_length=300, description="topic/partition/offset of the charged record"
+    )
+    fingerprint: str | None = Field(
+        default=None, max_length=64, description="digest of the charged record (no text)"
+    )
+    outcome: str | None = Field(
+        default=None, max_length=64, description='"ok" or the error code; null while running'
+    )
 
 
 def charge_key(tenant_id: str, day: date, request_id: str) -> bytes:

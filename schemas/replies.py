@@ -8,11 +8,18 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 ErrorCode = Literal[
-    "validation", "unauthorized", "quota_exceeded", "deadline_exceeded", "overloaded", "internal"
+    "validation",
+    "unauthorized",
+    "duplicate_request",
+    "quota_exceeded",
+    "deadline_exceeded",
+    "overloaded",
+    "internal",
 ]
 HTTP_STATUS: dict[str, int] = {
     "validation": 422,
     "unauthorized": 403,
+    "duplicate_request": 409,
     "quota_exceeded": 429,
     "deadline_exceeded": 504,
     "overloaded": 503,
@@ -49,6 +56,11 @@ class ErrorInfo(_Strict):
     )
     reason: str | None = Field(
         default=None, description="unauthorized: missing_signature, unknown_key, wrong_tenant, …"
+    )
+    original_status: str | None = Field(
+        default=None,
+        description="duplicate_request: how the request that used the id first ended "
+        "(ok, an error code, or in_progress)",
     )
 
 

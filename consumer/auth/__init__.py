@@ -14,8 +14,10 @@ from consumer.auth.signature import (
     SIGNATURE_HEADER,
     SIGNATURE_HEADERS,
     TIMESTAMP_HEADER,
+    VERSION_HEADER,
     sign,
     signing_input,
+    signing_input_v2,
 )
 
 __all__ = [
@@ -23,6 +25,7 @@ __all__ = [
     "SIGNATURE_HEADER",
     "SIGNATURE_HEADERS",
     "TIMESTAMP_HEADER",
+    "VERSION_HEADER",
     "AuthSettings",
     "KeyRing",
     "SettingsWithAuth",
@@ -32,4 +35,5 @@ __all__ = [
     "read_keys_file",
     "sign",
     "signing_input",
+    "signing_input_v2",
 ]

@@ -21,6 +21,8 @@ from consumer.auth.signature import (
     SIGNATURE_PATTERN,
     TIMESTAMP_HEADER,
     TIMESTAMP_PATTERN,
+    VERSION_HEADER,
+    Routing,
     compute_signature,
 )
 from consumer.errors import Unauthorized
@@ -65,6 +67,11 @@ class AuthSettings(BaseModel):
     keys: TenantKeys = Field(default_factory=dict)
     max_skew_s: int = Field(
         default=300, ge=1, le=86_400, description="Accepted clock difference, ± seconds."
+    )
+    accept_v1_signatures: bool = Field(
+        default=True,
+        description="Accept scheme opstream-hmac-v1 (does not sign the reply route) during "
+        "the migration to v2; set false once every producer signs v2.",
     )
 
 
@@ -174,8 +181,15 @@ def _describe(exc: ValidationError) -> str:
 class KeyRing:
     """Every tenant's signing keys; `verify` says which key signed a request, or why none did."""
 
-    def __init__(self, keys: Mapping[str, Sequence[TenantKey]], *, max_skew_s: int = 300) -> None:
+    def __init__(
+        self,
+        keys: Mapping[str, Sequence[TenantKey]],
+        *,
+        max_skew_s: int = 300,
+        accept_v1: bool = True,
+    ) -> None:
         self.max_skew_s = max_skew_s
+        self.accept_v1 = accept_v1
         self._keys: dict[str, tuple[str, SecretStr]] = {}
         for tenant_id, tenant_keys in keys.items():
             for key in tenant_keys:
@@ -199,7 +213,7 @@ class KeyRing:
         if settings.keys_file is not None:
             for tenant_id, keys in read_keys_file(settings.keys_file).items():
                 merged.setdefault(tenant_id, []).extend(keys)
-        return cls(merged, max_skew_s=settings.max_skew_s)
+        return cls(merged, max_skew_s=settings.max_skew_s, accept_v1=settings.accept_v1_signatures)
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -216,12 +230,18 @@ class KeyRing:
         return sorted(k for k, (tenant, _) in self._keys.items() if tenant == tenant_id)
 
     def verify(
-        self, headers: Sequence[tuple[str, bytes]], body: bytes, tenant_id: str, now: float
+        self,
+        headers: Sequence[tuple[str, bytes]],
+        body: bytes,
+        tenant_id: str,
+        now: float,
+        routing: Routing = (b"", "", ""),
     ) -> str:
         """The id of the key that signed `body` for `tenant_id`, or `Unauthorized` saying why.
 
         `headers` are the Kafka message's headers, `body` its exact value bytes, `tenant_id`
-        the tenant the decoded request claims, `now` the consumer's clock (unix seconds).
+        the tenant the decoded request claims, `now` the consumer's clock (unix seconds),
+        `routing` the record's reply route as v2 signs it (`records.signed_routing`).
         """
         values = _signature_headers(headers)
         if not values:
@@ -261,13 +281,29 @@ class KeyRing:
                 reason="wrong_tenant",
                 key_id=key_id,
             )
+        version = values.get(VERSION_HEADER, "1")
+        if version not in ("1", "2"):
+            raise Unauthorized(
+                f"{VERSION_HEADER} must be 2 (or absent for v1)", reason="malformed_signature"
+            )
+        if version == "1" and not self.accept_v1:
+            raise Unauthorized(
+                f"signature scheme v1 is no longer accepted: sign v2 and send {VERSION_HEADER}: 2",
+                reason="unsupported_scheme",
+                key_id=key_id,
+            )
         try:
-            expected = compute_signature(body, tenant_id, key_id, timestamp, secret)
+            expected = compute_signature(
+                body, tenant_id, key_id, timestamp, secret, routing if version == "2" else None
+            )
         except ValueError as exc:
             raise Unauthorized(str(exc), reason="malformed_signature") from None
         if not hmac.compare_digest(expected, bytes.fromhex(signature)):
+            signed = "body, tenant, key id and timestamp"
+            if version == "2":
+                signed += ", correlation id and reply topic/partition"
             raise Unauthorized(
-                "signature does not match the body, tenant, key id and timestamp",
+                f"signature does not match the {signed}",
                 reason="bad_signature",
                 key_id=key_id,
             )
@@ -288,7 +324,7 @@ def _signature_headers(headers: Sequence[tuple[str, bytes]]) -> dict[str, str]:
     found: dict[str, str] = {}
     for name, value in headers:
         lowered = name.lower()
-        if lowered not in SIGNATURE_HEADERS:
+        if lowered not in SIGNATURE_HEADERS and lowered != VERSION_HEADER:
             continue
         if lowered in found:
             raise Unauthorized(

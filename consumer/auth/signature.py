@@ -15,6 +15,18 @@ signature binds the tenant, the key, the time and every byte of the body.
 It sends three headers: `x-opstream-key-id`, `x-opstream-timestamp` and
 `x-opstream-signature`, the last being the MAC as 64 lowercase hex digits.
 The secret is the string `opstream keys new` prints, used as-is (it is not base64-decoded).
+
+Scheme `opstream-hmac-v2` (header `x-opstream-signature-version: 2`) also binds where the
+answer goes, so a captured record cannot be replayed with its reply sent elsewhere:
+
+    msg = b"opstream-hmac-v2\n" + tenant_id + b"\n" + key_id + b"\n" + timestamp + b"\n"
+          + hex(correlation) + b"\n" + reply_topic + b"\n" + reply_partition + b"\n" + body
+
+`correlation` is the raw bytes of the correlation header the reply will carry
+(`correlation_id`, or Spring's `kafka_correlationId`, or SmallRye's `REPLY_CORRELATION_ID`)
+in lowercase hex, `reply_topic` the reply topic header as sent (`reply_to`,
+`kafka_replyTopic` or `REPLY_TOPIC`), `reply_partition` the requested reply partition in
+decimal; each is empty when absent (`consumer.records.signed_routing` resolves them).
 """
 
 from __future__ import annotations
@@ -27,6 +39,8 @@ import re
 from pydantic import SecretStr
 
 SCHEME = b"opstream-hmac-v1"
+SCHEME_V2 = b"opstream-hmac-v2"
+VERSION_HEADER = "x-opstream-signature-version"
 KEY_ID_HEADER = "x-opstream-key-id"
 TIMESTAMP_HEADER = "x-opstream-timestamp"
 SIGNATURE_HEADER = "x-opstream-signature"
@@ -62,25 +76,68 @@ def signing_input(body: bytes, tenant_id: str, key_id: str, timestamp: str) -> b
     )
 
 
-def compute_signature(
-    body: bytes, tenant_id: str, key_id: str, timestamp: str, secret: Secret
+Routing = tuple[bytes, str, str]
+"""What v2 signs besides v1's fields: (correlation bytes, reply topic, reply partition)."""
+
+
+def signing_input_v2(
+    body: bytes, tenant_id: str, key_id: str, timestamp: str, routing: Routing
 ) -> bytes:
-    """The raw 32-byte HMAC-SHA256 of the signing input."""
-    message = signing_input(body, tenant_id, key_id, timestamp)
+    """The exact bytes v2 MACs: v1's fields, then the reply route, then the body."""
+    correlation, reply_topic, reply_partition = routing
+    if "\n" in reply_topic or "\n" in reply_partition:
+        raise ValueError("reply topic and partition must not contain a newline")
+    signing_input(b"", tenant_id, key_id, timestamp)  # the same field checks as v1
+    return b"\n".join(
+        (
+            SCHEME_V2,
+            tenant_id.encode("ascii"),
+            key_id.encode("ascii"),
+            timestamp.encode("ascii"),
+            correlation.hex().encode("ascii"),
+            reply_topic.encode("utf-8"),
+            reply_partition.encode("ascii"),
+            body,
+        )
+    )
+
+
+def compute_signature(
+    body: bytes,
+    tenant_id: str,
+    key_id: str,
+    timestamp: str,
+    secret: Secret,
+    routing: Routing | None = None,
+) -> bytes:
+    """The raw 32-byte HMAC-SHA256 of the signing input (v2 when `routing` is given)."""
+    if routing is None:
+        message = signing_input(body, tenant_id, key_id, timestamp)
+    else:
+        message = signing_input_v2(body, tenant_id, key_id, timestamp, routing)
     return hmac.new(secret_bytes(secret), message, hashlib.sha256).digest()
 
 
 def sign(
-    body: bytes, tenant_id: str, key_id: str, secret: Secret, now: float
+    body: bytes,
+    tenant_id: str,
+    key_id: str,
+    secret: Secret,
+    now: float,
+    routing: Routing | None = None,
 ) -> list[tuple[str, bytes]]:
-    """The three signature headers a producer adds to a request whose value is `body`.
+    """The signature headers a producer adds to a request whose value is `body`.
 
-    `now` is the producer's clock in unix seconds; it is truncated to whole seconds.
+    With `routing` (see `consumer.records.signed_routing`) it signs scheme v2 and adds the
+    version header; without, v1. `now` is the producer's clock in unix seconds.
     """
     timestamp = str(math.floor(now))
-    mac = compute_signature(body, tenant_id, key_id, timestamp, secret)
-    return [
+    mac = compute_signature(body, tenant_id, key_id, timestamp, secret, routing)
+    headers = [
         (KEY_ID_HEADER, key_id.encode("ascii")),
         (TIMESTAMP_HEADER, timestamp.encode("ascii")),
         (SIGNATURE_HEADER, mac.hex().encode("ascii")),
     ]
+    if routing is not None:
+        headers.append((VERSION_HEADER, b"2"))
+    return headers

@@ -1,6 +1,7 @@
 """Model engines behind one interface: llama.cpp on the CPU, exllamav2 on NVIDIA GPUs."""
 
 from consumer.engine.base import (
+    BatchObserver,
     ChatMessage,
     Engine,
     EngineError,
@@ -11,6 +12,7 @@ from consumer.engine.base import (
 )
 
 __all__ = [
+    "BatchObserver",
     "ChatMessage",
     "Engine",
     "EngineError",

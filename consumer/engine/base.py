@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
 Role = Literal["system", "user", "assistant"]
 FinishReason = Literal["stop", "length"]
+# Told the number of requests in each batch the engine runs; must be cheap and never raise.
+BatchObserver = Callable[[int], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +78,10 @@ class Engine(Protocol):
     Implementations accept many concurrent calls and schedule them themselves
     (a lock around a single context on the CPU, a batcher on the GPU).
     """
+
+    # None until the app sets it; the backend calls it, from its own worker thread, with the
+    # number of requests in each batch it runs (llama.cpp: 1 per call, one at a time).
+    on_batch: BatchObserver | None
 
     @property
     def info(self) -> EngineInfo: ...

@@ -43,5 +43,10 @@ def load_engine(settings: Settings) -> Engine:
     cfg = settings.engine.llamacpp
     path = resolve_gguf(cfg.model_path, cfg.hf_repo, cfg.hf_file)
     return LlamaCppEngine(
-        path, n_ctx=cfg.n_ctx, n_threads=cfg.n_threads, n_batch=cfg.n_batch, seed=cfg.seed
+        path,
+        n_ctx=cfg.n_ctx,
+        n_threads=cfg.n_threads,
+        n_batch=cfg.n_batch,
+        seed=cfg.seed,
+        repack_weights=cfg.repack_weights,
     )

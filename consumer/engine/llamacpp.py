@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,7 @@ import numpy as np
 from llama_cpp import LogitsProcessorList
 
 from consumer.engine.base import (
+    BatchObserver,
     ChatMessage,
     EngineError,
     EngineInfo,
@@ -39,20 +43,22 @@ class LlamaCppEngine:
         n_threads: int | None = None,
         n_batch: int = 512,
         seed: int = 0,
+        repack_weights: bool = False,
     ) -> None:
         from llama_cpp import Llama
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         started = time.perf_counter()
-        self._llama = Llama(
-            model_path=str(model_path),
-            n_ctx=n_ctx,
-            n_threads=n_threads,
-            n_batch=n_batch,
-            seed=seed,
-            logits_all=False,
-            verbose=False,
-        )
+        with _model_params(use_extra_bufts=repack_weights):
+            self._llama = Llama(
+                model_path=str(model_path),
+                n_ctx=n_ctx,
+                n_threads=n_threads,
+                n_batch=n_batch,
+                seed=seed,
+                logits_all=False,
+                verbose=False,
+            )
         self._model_name = model_path.stem
         self._n_ctx = n_ctx
         template = self._llama.metadata.get("tokenizer.chat_template")
@@ -71,6 +77,7 @@ class LlamaCppEngine:
         self._end_of_turn = end_of_turn[0] if len(end_of_turn) == 1 else eos_id
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llamacpp")
         self._closed = False
+        self.on_batch: BatchObserver | None = None
         log.info(
             "engine_loaded",
             extra={
@@ -112,7 +119,13 @@ class LlamaCppEngine:
         if self._closed:
             raise EngineError("engine is closed", retryable=True)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, func, *args)
+        return await loop.run_in_executor(self._executor, self._run_alone, func, *args)
+
+    def _run_alone(self, func: Any, *args: Any) -> Any:
+        # The worker thread runs one request at a time: every call is a batch of one.
+        if self.on_batch is not None:
+            self.on_batch(1)
+        return func(*args)
 
     def _token_text(self, token_id: int) -> str:
         text = self._llama._model.token_get_text(token_id)
@@ -198,3 +211,32 @@ class LlamaCppEngine:
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits.astype(np.float64) - float(np.max(logits))
     return shifted - float(np.log(np.exp(shifted).sum()))
+
+
+_MODEL_PARAMS_LOCK = threading.Lock()
+
+
+@contextmanager
+def _model_params(*, use_extra_bufts: bool) -> Iterator[None]:
+    """Load models with llama.cpp's weight repacking ("extra buffer types") on or off.
+
+    `Llama()` does not take the option, so its default model params are adjusted while
+    one model loads. Off by default: the repacked layouts use the fastest instructions the
+    CPU advertises, and some VMs (Firecracker on Sapphire Rapids, measured here) advertise
+    AMX but fault on its tile instructions (SIGILL in `ggml_backend_amx_mul_mat`).
+    """
+    import llama_cpp.llama_cpp as native
+
+    original = native.llama_model_default_params
+
+    def adjusted() -> Any:
+        params = original()
+        params.use_extra_bufts = use_extra_bufts
+        return params
+
+    with _MODEL_PARAMS_LOCK:
+        native.llama_model_default_params = adjusted
+        try:
+            yield
+        finally:
+            native.llama_model_default_params = original

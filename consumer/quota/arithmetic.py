@@ -9,7 +9,7 @@ from typing import Literal
 
 from aiokafka.partitioner import murmur2
 
-from consumer.errors import QuotaExceeded
+from consumer.errors import DuplicateRequest, QuotaExceeded
 from schemas.limits import ALL_TENANTS, TOTAL, UNLIMITED, QuotaCharge, charge_key
 
 Metric = Literal["requests", "tokens"]
@@ -188,12 +188,17 @@ def resets_at(day: date, tz: tzinfo) -> datetime:
 
 
 def partition_for_tenant(tenant_id: str, partitions: int) -> int:
-    """The request partition of a record keyed by `tenant_id` (Kafka's default partitioner).
+    """The tenant's request partition: Kafka's (Java's) default partitioner of its id.
 
-    Counters are exact only if each tenant's requests land on one partition; the consumer
-    rejects records whose partition is not this one.
+    Counters are exact because each tenant's requests are served on this one partition;
+    the consumer forwards a record placed elsewhere (another partitioner) here first.
     """
-    return (murmur2(tenant_id.encode()) & 0x7FFFFFFF) % partitions
+    return partition_for_key(tenant_id.encode(), partitions)
+
+
+def partition_for_key(key: bytes, partitions: int) -> int:
+    """Java's default partitioner (murmur2) of a record key."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 # ── checking a reservation against limits ──
@@ -285,6 +290,12 @@ class Charge:
     settled: bool
     epoch: str | None
     charged_at: datetime
+    origin: str | None = None
+    """"topic/partition/offset" of the record charged (None: written before it was kept)."""
+    fingerprint: str | None = None
+    """Digest of that record's value and headers: tells a verbatim copy from a new request."""
+    outcome: str | None = None
+    """"ok" or the error code it ended with; None while it runs."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,7 +310,26 @@ class Reservation:
     tokens: int
     resets_at: datetime
     duplicate: bool = False
-    """True when the request_id was already charged (a redelivery): run it, charge nothing."""
+    """True when this very record was charged before (a redelivery): run it, charge nothing."""
+
+
+# A request that failed this way was charged no tokens and may be sent again, under the
+# same request_id, as a new record: the new attempt replaces the old charge.
+RETRYABLE_OUTCOMES = frozenset({"internal", "overloaded"})
+
+
+class RepeatedRecord(Exception):
+    """A verbatim copy of a charged record at another offset (a producer retry, a replay, a
+    second forward): it is not run again; the original's reply is the answer."""
+
+    def __init__(self, original_status: str) -> None:
+        super().__init__(f"repeat of a record already taken (original: {original_status})")
+        self.original_status = original_status
+
+
+def charge_status(charge: Charge) -> str:
+    """How a charged request ended, as a reply names it ("in_progress" while it runs)."""
+    return charge.outcome or "in_progress"
 
 
 class TenantDay:
@@ -361,18 +391,32 @@ class QuotaLedger:
         input_tokens: int,
         max_tokens: int,
         now: datetime,
+        *,
+        origin: str | None = None,
+        fingerprint: str | None = None,
     ) -> Reservation:
-        """Charge one request and its token budget, or raise QuotaExceeded for the tripped limit."""
+        """Charge one request and its token budget, or raise QuotaExceeded for the tripped limit.
+
+        A request_id already charged today or yesterday is only run again when it is the
+        same record (`origin`: a redelivery, not charged again). Another record with that
+        id is refused: `RepeatedRecord` when it is a verbatim copy (same `fingerprint`),
+        `DuplicateRequest` otherwise, except that a new attempt may replace a charge that
+        ended in a retryable failure. Without `origin` any repeat counts as a redelivery.
+        """
         if operation == TOTAL:
             raise ValueError("a request's operation cannot be the total scope")
         if input_tokens < 0 or max_tokens < 0:
             raise ValueError("token counts must not be negative")
         today = day_of(now, self.tz)
         self._roll(today)
+        replaced: Charge | None = None
         for day in (today, today - timedelta(days=1)):
             earlier = self._days.get((tenant_id, day))
             charge = earlier.charges.get(request_id) if earlier else None
-            if charge is not None:
+            if charge is None:
+                continue
+            if origin is None or charge.origin is None or charge.origin == origin:
+                # The same record again (a crash or rebalance redelivery): run, don't charge.
                 return Reservation(
                     partition=self.partition,
                     tenant_id=tenant_id,
@@ -383,22 +427,47 @@ class QuotaLedger:
                     resets_at=resets_at(day, self.tz),
                     duplicate=True,
                 )
+            if day == today and charge.outcome in RETRYABLE_OUTCOMES:
+                replaced = charge  # a new attempt after a retryable failure
+                break
+            if fingerprint is not None and charge.fingerprint == fingerprint:
+                raise RepeatedRecord(charge_status(charge))
+            raise DuplicateRequest(
+                f"request_id {request_id!r} was already used by another request "
+                f"(status: {charge_status(charge)}); send a new request with a new request_id",
+                original_status=charge_status(charge),
+            )
         tenant_day = self._tenant_day(tenant_id, today)
         epoch = self.book.reset_epoch(tenant_id, today)
         tokens = input_tokens + max_tokens
+        operation_used = tenant_day.usage(epoch, operation)
+        total_used = tenant_day.usage(epoch, TOTAL)
+        if replaced is not None and replaced.epoch == epoch:
+            for used, scope in ((operation_used, operation), (total_used, TOTAL)):
+                if scope in (replaced.operation, TOTAL):
+                    used.requests -= 1
+                    used.tokens -= replaced.tokens
         trip = first_trip(
             operation=operation,
             operation_cap=self.book.resolve(tenant_id, operation),
-            operation_used=tenant_day.usage(epoch, operation),
+            operation_used=operation_used,
             total_cap=self.book.resolve(tenant_id, TOTAL),
-            total_used=tenant_day.usage(epoch, TOTAL),
+            total_used=total_used,
             tokens=tokens,
         )
         if trip is not None:
             raise quota_exceeded(trip, day=today, tz=self.tz)
         tenant_day.put(
             request_id,
-            Charge(operation=operation, tokens=tokens, settled=False, epoch=epoch, charged_at=now),
+            Charge(
+                operation=operation,
+                tokens=tokens,
+                settled=False,
+                epoch=epoch,
+                charged_at=now,
+                origin=origin,
+                fingerprint=fingerprint,
+            ),
         )
         self._dirty.add((tenant_id, today, request_id))
         return Reservation(
@@ -411,8 +480,14 @@ class QuotaLedger:
             resets_at=resets_at(today, self.tz),
         )
 
-    def settle(self, reservation: Reservation, input_tokens: int, output_tokens: int) -> None:
-        """Lower the charge from the reserved budget to the real count.
+    def settle(
+        self,
+        reservation: Reservation,
+        input_tokens: int,
+        output_tokens: int,
+        outcome: str = "ok",
+    ) -> None:
+        """Lower the charge from the reserved budget to the real count and note the outcome.
 
         A settle never raises a charge: a real count above what is charged (more input
         tokens than estimated, or a redelivered request that generated more the second
@@ -426,7 +501,10 @@ class QuotaLedger:
         if tenant_day is None or charge is None:
             return  # its day has rolled off: nothing left to correct
         settled = replace(
-            charge, tokens=min(charge.tokens, input_tokens + output_tokens), settled=True
+            charge,
+            tokens=min(charge.tokens, input_tokens + output_tokens),
+            settled=True,
+            outcome=outcome,
         )
         if settled != charge:
             tenant_day.put(reservation.request_id, settled)
@@ -447,6 +525,9 @@ class QuotaLedger:
                 settled=record.settled,
                 epoch=record.reset_epoch,
                 charged_at=record.charged_at,
+                origin=record.origin,
+                fingerprint=record.fingerprint,
+                outcome=record.outcome,
             ),
         )
 
@@ -485,6 +566,9 @@ class QuotaLedger:
             settled=charge.settled,
             reset_epoch=charge.epoch,
             charged_at=charge.charged_at,
+            origin=charge.origin,
+            fingerprint=charge.fingerprint,
+            outcome=charge.outcome,
         )
 
     # views

@@ -197,11 +197,15 @@ class QuotaStore:
         input_tokens: int,
         max_tokens: int,
         now: datetime | None = None,
+        *,
+        origin: str | None = None,
+        fingerprint: str | None = None,
     ) -> Reservation:
         """Charge one request and `input_tokens + max_tokens`, or raise QuotaExceeded.
 
-        A request_id charged before (a redelivery) comes back with `duplicate=True`
-        and is not charged again. No I/O: call `persist(partition)` to make it durable.
+        The same record charged before (a redelivery, same `origin`) comes back with
+        `duplicate=True` and is not charged again; another record reusing its request_id
+        is refused (see `QuotaLedger.reserve`). No I/O: call `persist(partition)`.
         """
         when = now or self.clock()
         if not self.settings.enabled:
@@ -216,14 +220,28 @@ class QuotaStore:
                 resets_at=resets_at(day, self.tz),
             )
         return self.ledger(partition).reserve(
-            tenant_id, operation, request_id, input_tokens, max_tokens, when
+            tenant_id,
+            operation,
+            request_id,
+            input_tokens,
+            max_tokens,
+            when,
+            origin=origin,
+            fingerprint=fingerprint,
         )
 
-    def settle(self, reservation: Reservation, input_tokens: int, output_tokens: int) -> None:
-        """Lower a reservation to the real token count (never raises it; never below zero)."""
+    def settle(
+        self,
+        reservation: Reservation,
+        input_tokens: int,
+        output_tokens: int,
+        outcome: str = "ok",
+    ) -> None:
+        """Lower a reservation to the real token count (never raises it; never below zero)
+        and note how the request ended ("ok" or its error code)."""
         ledger = self._ledgers.get(reservation.partition)
         if ledger is not None:
-            ledger.settle(reservation, input_tokens, output_tokens)
+            ledger.settle(reservation, input_tokens, output_tokens, outcome)
 
     async def persist(self, partition: int) -> None:
         """Write the partition's changed charges and return once the broker acknowledged them

@@ -6,6 +6,7 @@ import asyncio
 import math
 
 from consumer.engine.base import (
+    BatchObserver,
     ChatMessage,
     EngineError,
     EngineInfo,
@@ -25,6 +26,7 @@ class FakeEngine:
         self.delay_s = delay_s
         self.fail_marker = fail_marker
         self.calls = 0
+        self.on_batch: BatchObserver | None = None
         self._info = EngineInfo(backend="fake", model="fake-model", loaded=True)
 
     @property
@@ -36,6 +38,8 @@ class FakeEngine:
 
     async def generate(self, request: GenerationRequest) -> Generation:
         self.calls += 1
+        if self.on_batch is not None:
+            self.on_batch(1)
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         if any(self.fail_marker in m.content for m in request.messages):
@@ -53,6 +57,8 @@ class FakeEngine:
 
     async def score(self, messages: tuple[ChatMessage, ...], candidates: tuple[str, ...]) -> Scores:
         self.calls += 1
+        if self.on_batch is not None:
+            self.on_batch(1)
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         logprobs = tuple(-math.log(i + 2) for i in range(len(candidates)))

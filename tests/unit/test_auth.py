@@ -260,3 +260,59 @@ def test_production_cannot_turn_auth_off() -> None:
     settings = SimpleNamespace(profile="production", auth=AuthSettings(required=False))
     with pytest.raises(ValueError, match="profile=dev"):
         auth_required(settings)
+
+
+# ── scheme v2: the reply route is signed too ──
+
+ROUTE = (b"corr-1", "ops.replies.v1", "")
+
+
+def test_v2_signature_is_the_documented_hmac_over_the_route() -> None:
+    from consumer.auth import VERSION_HEADER
+
+    headers = dict(sign(BODY, "acme", "acme-2", ACME_SECRET, NOW, ROUTE))
+    assert headers[VERSION_HEADER] == b"2"
+    message = (
+        b"opstream-hmac-v2\nacme\nacme-2\n"
+        + str(int(NOW)).encode()
+        + b"\n"
+        + b"corr-1".hex().encode()
+        + b"\nops.replies.v1\n\n"
+        + BODY
+    )
+    expected = hmac.new(ACME_SECRET.encode(), message, hashlib.sha256).hexdigest()
+    assert headers[SIGNATURE_HEADER].decode() == expected
+    assert ring().verify(list(headers.items()), BODY, "acme", NOW, ROUTE) == "acme-2"
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [
+        (b"corr-2", "ops.replies.v1", ""),  # another correlation id
+        (b"corr-1", "ops.replies.attacker", ""),  # the answer sent elsewhere
+        (b"corr-1", "ops.replies.v1", "3"),  # another reply partition
+    ],
+)
+def test_v2_signature_refuses_a_record_whose_route_was_changed(
+    changed: tuple[bytes, str, str],
+) -> None:
+    headers = sign(BODY, "acme", "acme-2", ACME_SECRET, NOW, ROUTE)
+    with pytest.raises(Unauthorized) as caught:
+        ring().verify(headers, BODY, "acme", NOW, changed)
+    assert caught.value.details["reason"] == "bad_signature"
+
+
+def test_v1_is_accepted_during_the_migration_and_refused_after_it() -> None:
+    headers = sign(BODY, "acme", "acme-2", ACME_SECRET, NOW)
+    assert ring().verify(headers, BODY, "acme", NOW, ROUTE) == "acme-2"
+    strict = KeyRing({"acme": [TenantKey(key_id="acme-2", secret=ACME_SECRET)]}, accept_v1=False)
+    with pytest.raises(Unauthorized) as caught:
+        strict.verify(headers, BODY, "acme", NOW, ROUTE)
+    assert caught.value.details["reason"] == "unsupported_scheme"
+
+
+def test_an_unknown_signature_version_is_malformed() -> None:
+    from consumer.auth import VERSION_HEADER
+
+    headers = [*sign(BODY, "acme", "acme-2", ACME_SECRET, NOW), (VERSION_HEADER, b"7")]
+    assert refusal(headers) == "malformed_signature"

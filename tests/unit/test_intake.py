@@ -90,6 +90,7 @@ def make(
         retry_backoff_s=0.01,
         **kwargs,  # type: ignore[arg-type]
     )
+    intake.open({P0, P1})
     return intake, process, commits
 
 
@@ -174,6 +175,7 @@ async def test_failed_process_is_retried_until_it_succeeds() -> None:
 
     commits = Commits()
     intake = Intake(flaky, commits, max_in_flight=4, commit_interval_s=0.01, retry_backoff_s=0.01)
+    intake.open({P0})
     intake.start()
     await intake.submit(rec(5))
     await wait_until(lambda: commits.last(P0) == 6)
@@ -278,3 +280,90 @@ async def test_submit_waiting_for_a_slot_gives_up_when_closed() -> None:
     process.open(0)
     await asyncio.wait_for(asyncio.gather(waiting, closing), 2.0)
     assert process.started == [(0, 0)]
+
+
+P2: Partition = (TOPIC, 2)  # not opened by `make`: its state is "still restoring"
+
+
+async def test_record_of_a_partition_still_restoring_waits_and_then_runs() -> None:
+    intake, process, commits = make(commit_interval_s=0.01)
+    intake.start()
+    waiting = asyncio.create_task(intake.submit(rec(5, partition=2)))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()  # the fetch loop is held, the record is not dropped
+    assert process.started == []
+
+    intake.open({P2})
+    await asyncio.wait_for(waiting, 1.0)
+    process.open(5, partition=2)
+    await wait_until(lambda: commits.last(P2) == 6)
+    assert process.started == [(2, 5)]
+    await intake.close(1.0)
+
+
+async def test_record_waiting_for_restore_is_left_uncommitted_when_revoked() -> None:
+    intake, process, commits = make(commit_interval_s=0.01)
+    intake.start()
+    waiting = asyncio.create_task(intake.submit(rec(5, partition=2)))
+    await asyncio.sleep(0.02)
+    await intake.revoke({P2}, 1.0)  # revoked during the restore
+    await asyncio.wait_for(waiting, 1.0)
+    assert process.started == []
+    assert commits.last(P2) is None  # the next owner fetches offset 5 again
+    await intake.close(1.0)
+
+
+async def test_second_rebalance_during_restore_runs_each_record_once_from_committed() -> None:
+    intake, process, commits = make(commit_interval_s=0.01)
+    intake.start()
+    stale = [asyncio.create_task(intake.submit(rec(o, partition=2))) for o in (5, 6)]
+    await asyncio.sleep(0.02)
+    await intake.revoke({P2}, 1.0)  # first generation never opened
+    # Assigned again: the fetch restarts at the committed offset while the new restore runs.
+    fresh = asyncio.create_task(intake.submit(rec(5, partition=2)))
+    await asyncio.sleep(0.02)
+    intake.open({P2})
+    await asyncio.wait_for(asyncio.gather(*stale, fresh), 1.0)
+    await intake.submit(rec(6, partition=2))
+    process.open(5, partition=2)
+    process.open(6, partition=2)
+    await wait_until(lambda: commits.last(P2) == 7)
+    assert sorted(process.started) == [(2, 5), (2, 6)]
+    await intake.close(1.0)
+
+
+async def test_no_commit_passes_a_record_waiting_for_a_slot() -> None:
+    intake, process, commits = make(max_in_flight=1, commit_interval_s=0.01)
+    intake.start()
+    await intake.submit(rec(0))
+    waiting = asyncio.create_task(intake.submit(rec(1)))
+    process.open(0)
+    await wait_until(lambda: commits.last(P0) == 1)
+    await asyncio.wait_for(waiting, 1.0)
+    await intake.commit_now()
+    assert commits.last(P0) == 1  # offset 1 is running, not done
+    process.open(1)
+    await wait_until(lambda: commits.last(P0) == 2)
+    await intake.close(1.0)
+
+
+async def test_work_finishing_after_its_partition_was_revoked_and_reassigned_commits_nothing() -> (
+    None
+):
+    intake, process, commits = make(commit_interval_s=0.01)
+    intake.start()
+    durable = asyncio.Event()
+
+    async def slow_durable(outcome: Outcome) -> None:
+        await durable.wait()
+
+    intake._make_durable = slow_durable
+    await intake.submit(rec(3))
+    process.open(3)
+    revoking = asyncio.create_task(intake.revoke({P0}, 0.05))  # gives up on offset 3
+    await asyncio.wait_for(revoking, 1.0)
+    intake.open({P0})
+    durable.set()
+    await asyncio.sleep(0.05)
+    assert commits.last(P0) is None
+    await intake.close(1.0)

@@ -44,15 +44,18 @@ def test_to_commit_reports_a_watermark_once() -> None:
     assert tracker.committed(P) == 1
 
 
-def test_offsets_must_arrive_in_order_and_finish_once() -> None:
+def test_an_offset_is_taken_once_and_finishes_once() -> None:
     state = PartitionOffsets()
-    state.begin(3)
-    with pytest.raises(ValueError):
-        state.begin(3)
-    with pytest.raises(ValueError):
-        state.begin(2)
+    assert state.begin(3) is True
+    assert state.begin(3) is False  # a repeated delivery does not run twice
+    assert state.begin(2) is True  # out of order: still holds the watermark back
     with pytest.raises(ValueError):
         state.finish(9)
+    state.finish(3)
+    assert state.watermark is None  # 2 is not finished
+    state.finish(2)
+    assert state.watermark == 4
+    assert state.begin(3) is False  # already done: a stale delivery
     state.begin(4)
     state.finish(4)
     with pytest.raises(ValueError):
@@ -128,3 +131,23 @@ def test_committed_watermark_never_passes_an_unfinished_offset(
             assert final == offsets[offsets.index(lowest) - 1] + 1
     else:
         assert final == offsets[-1] + 1
+
+
+@given(st.lists(st.tuples(st.sampled_from(["begin", "finish"]), st.integers(0, 30)), max_size=80))
+def test_no_interleaving_of_fetches_and_finishes_commits_past_a_fetched_unfinished_offset(
+    steps: list[tuple[str, int]],
+) -> None:
+    state = PartitionOffsets()
+    taken: set[int] = set()
+    done: set[int] = set()
+    for action, offset in steps:
+        if action == "begin":
+            if state.begin(offset):
+                assert offset not in taken  # each offset is taken at most once
+                taken.add(offset)
+        elif offset in taken and offset not in done:
+            state.finish(offset)
+            done.add(offset)
+        unfinished = taken - done
+        if state.watermark is not None and unfinished:
+            assert state.watermark <= min(unfinished)

@@ -38,6 +38,8 @@ class Sent:
     value: bytes
     key: bytes | None
     headers: dict[str, str]
+    partition: int | None = None
+    raw_headers: tuple[tuple[str, bytes], ...] = ()
 
 
 class MemoryPublisher:
@@ -48,12 +50,19 @@ class MemoryPublisher:
         self.fail: Exception | None = None
 
     async def send(
-        self, topic: str, value: bytes, *, key: bytes | None, headers: list[tuple[str, bytes]]
+        self,
+        topic: str,
+        value: bytes,
+        *,
+        key: bytes | None,
+        headers: list[tuple[str, bytes]],
+        partition: int | None = None,
+        timestamp_ms: int | None = None,
     ) -> None:
         if self.fail is not None:
             raise self.fail
         decoded = {k: v.decode("utf-8", "replace") for k, v in headers}
-        self.sent.append(Sent(topic, value, key, decoded))
+        self.sent.append(Sent(topic, value, key, decoded, partition, tuple(headers)))
 
     def to(self, topic: str) -> list[Sent]:
         return [s for s in self.sent if s.topic == topic]
@@ -340,3 +349,198 @@ async def test_broker_failure_propagates_so_the_record_stays_uncommitted() -> No
     publisher.fail = ConnectionError("broker down")
     with pytest.raises(ConnectionError):
         await processor.process(record(BODIES["chat"]))
+
+
+# ── quotas on: forwarding, request-reply conventions, request identity ──
+
+
+class InstantStateProducer:
+    """Stands in for the state-topic producer: every write is acknowledged at once."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+
+    async def send(self, topic: str, **_: object) -> Any:
+        import asyncio
+
+        self.writes += 1
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+
+def quota_processor(requests_per_day: int = 10) -> tuple[RequestProcessor, MemoryPublisher]:
+    from zoneinfo import ZoneInfo
+
+    from consumer.quota.arithmetic import LimitBook, QuotaLedger
+    from consumer.quota.settings import QuotaSettings
+    from consumer.quota.store import QuotaStore
+
+    settings = QuotaSettings(default_daily_requests=requests_per_day)
+    book = LimitBook(settings.limit_defaults())
+    store = QuotaStore(
+        book=book,
+        settings=settings,
+        producer=InstantStateProducer(),  # type: ignore[arg-type]
+        bootstrap_servers="unused:9092",
+    )
+    for partition in range(TOPICS.request_partitions):
+        store._ledgers[partition] = QuotaLedger(partition, book, ZoneInfo("UTC"))
+    publisher = MemoryPublisher()
+    processor = RequestProcessor(
+        engine=FakeEngine(),
+        publisher=publisher,
+        topics=TOPICS,
+        limits=OperationLimits(),
+        instance_id="unit-q",
+        quota=store,
+    )
+    return processor, publisher
+
+
+def keyed(
+    tenant: str,
+    body: dict[str, Any],
+    *,
+    partition: int | None = None,
+    headers: tuple[tuple[str, bytes], ...] | None = None,
+    key: bytes | None = None,
+    offset: int | None = None,
+) -> InboundRecord:
+    from consumer.quota.arithmetic import partition_for_tenant
+
+    now = time.time()
+    return InboundRecord(
+        topic=TOPICS.requests,
+        partition=partition_for_tenant(tenant, TOPICS.request_partitions)
+        if partition is None
+        else partition,
+        offset=next(_offsets) if offset is None else offset,
+        key=tenant.encode() if key is None else key,
+        value=json.dumps({**body, "tenant_id": tenant}).encode(),
+        headers=headers if headers is not None else ((CORRELATION_ID, b"cid-q"),),
+        timestamp_ms=int(now * 1000),
+        received_at=now,
+    )
+
+
+def foreign_partition(tenant: str) -> int:
+    from consumer.quota.arithmetic import partition_for_tenant
+
+    return (partition_for_tenant(tenant, TOPICS.request_partitions) + 1) % TOPICS.request_partitions
+
+
+async def test_a_record_on_a_foreign_partition_is_forwarded_unchanged_to_its_tenant() -> None:
+    from consumer.quota.arithmetic import partition_for_tenant
+    from consumer.records import FORWARDED_FROM
+
+    processor, publisher = quota_processor()
+    original = keyed("acme", BODIES["summarize"], partition=foreign_partition("acme"))
+    outcome = await processor.process(original)
+    assert outcome.status == "forwarded"
+    (copy,) = publisher.sent
+    assert copy.topic == TOPICS.requests
+    assert copy.partition == partition_for_tenant("acme", TOPICS.request_partitions)
+    assert (copy.key, copy.value) == (original.key, original.value)
+    assert copy.raw_headers[: len(original.headers)] == original.headers
+    assert (
+        copy.headers[FORWARDED_FROM] == f"{TOPICS.requests}/{original.partition}/{original.offset}"
+    )
+
+
+async def test_a_forwarded_copy_is_answered_on_the_tenants_partition() -> None:
+    from consumer.records import FORWARDED_FROM
+
+    processor, publisher = quota_processor()
+    copy = keyed(
+        "acme", BODIES["summarize"], headers=((CORRELATION_ID, b"c"), (FORWARDED_FROM, b"t/1/2"))
+    )
+    outcome = await processor.process(copy)
+    assert outcome.status == "ok"
+    assert publisher.reply().status == "ok"
+
+
+async def test_a_forwarded_record_still_misplaced_is_refused_not_forwarded_again() -> None:
+    from consumer.records import FORWARDED_FROM
+
+    processor, publisher = quota_processor()
+    stray = keyed(
+        "acme",
+        BODIES["summarize"],
+        partition=foreign_partition("acme"),
+        headers=((CORRELATION_ID, b"c"), (FORWARDED_FROM, b"t/1/2")),
+    )
+    await processor.process(stray)
+    reply = publisher.reply()  # answered, and nothing written to the request topic
+    assert reply.error is not None and reply.error.code == "validation"
+    assert "partition count" in reply.error.message
+
+
+@pytest.mark.parametrize("key", [b"", b"someone-else"])
+async def test_a_record_not_keyed_by_its_tenant_gets_a_clear_error(key: bytes) -> None:
+    from consumer.quota.arithmetic import partition_for_key
+
+    processor, publisher = quota_processor()
+    # On the key's own partition (where a record keyed by another value is forwarded to).
+    partition = partition_for_key(key, TOPICS.request_partitions) if key else None
+    await processor.process(keyed("acme", BODIES["summarize"], key=key, partition=partition))
+    reply = publisher.reply()
+    assert reply.error is not None and reply.error.code == "validation"
+    assert "key" in reply.error.message
+    assert publisher.to(TOPICS.requests) == []
+
+
+async def test_spring_request_reply_headers_are_answered_with_the_same_bytes_and_partition() -> (
+    None
+):
+    correlation = bytes(range(16))
+    processor, publisher = quota_processor()
+    request = keyed(
+        "acme",
+        BODIES["classify"],
+        headers=(
+            ("kafka_correlationId", correlation),
+            ("kafka_replyTopic", TOPICS.replies.encode()),
+            ("kafka_replyPartition", (1).to_bytes(4, "big")),
+        ),
+    )
+    outcome = await processor.process(request)
+    (reply,) = publisher.to(TOPICS.replies)
+    assert reply.partition == 1
+    assert ("kafka_correlationId", correlation) in reply.raw_headers
+    assert outcome.request_id == correlation.hex()
+
+
+async def test_reusing_a_request_id_with_another_body_is_refused_and_not_run() -> None:
+    processor, publisher = quota_processor()
+    body = {**BODIES["chat"], "request_id": "same"}
+    assert (await processor.process(keyed("acme", body))).status == "ok"
+    other = {**body, "messages": [{"role": "user", "content": "something else"}]}
+    outcome = await processor.process(keyed("acme", other))
+    reply = OperationReply.model_validate_json(publisher.to(TOPICS.replies)[-1].value)
+    assert reply.error is not None and reply.error.code == "duplicate_request"
+    assert reply.error.original_status == "ok" and reply.error.http_status == 409
+    assert outcome.request_id is None  # its usage row does not stand in for the original's
+
+
+async def test_a_verbatim_copy_of_a_record_is_neither_run_nor_answered_again() -> None:
+    processor, publisher = quota_processor()
+    first = keyed("acme", BODIES["chat"])
+    await processor.process(first)
+    copy = InboundRecord(
+        **{**{f: getattr(first, f) for f in first.__slots__}, "offset": first.offset + 1}
+    )
+    outcome = await processor.process(copy)
+    assert outcome.status == "repeat"
+    assert len(publisher.to(TOPICS.replies)) == 1
+
+
+async def test_the_same_record_redelivered_is_answered_again() -> None:
+    processor, publisher = quota_processor(requests_per_day=1)
+    first = keyed("acme", BODIES["chat"])
+    await processor.process(first)
+    again = await processor.process(first)
+    assert again.status == "ok"
+    assert [
+        OperationReply.model_validate_json(s.value).status for s in publisher.to(TOPICS.replies)
+    ] == ["ok", "ok"]

@@ -181,6 +181,17 @@ def test_in_flight_returns_to_zero_when_the_request_fails(telemetry: Telemetry) 
     assert found[key] == 0
 
 
+def test_batch_observer_records_each_batch_under_its_backend(telemetry: Telemetry) -> None:
+    on_batch = telemetry.metrics.batch_observer("llamacpp")
+    on_batch(1)
+    on_batch(3)
+    found = samples(telemetry.prometheus_text().decode())
+    labels = frozenset({("backend", "llamacpp")})
+    assert found[("opstream_engine_batch_size_count", labels)] == 2
+    assert found[("opstream_engine_batch_size_sum", labels)] == 4
+    assert found[("opstream_engine_batch_size_bucket", labels | {("le", "1")})] == 1
+
+
 async def test_metrics_endpoint_is_404_when_prometheus_is_disabled() -> None:
     telemetry = Telemetry(TelemetrySettings(prometheus_enabled=False))
     status, _, _ = await call_asgi(telemetry.metrics_asgi(), "/metrics")

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from consumer.engine.base import (
+    BatchObserver,
     ChatMessage,
     EngineError,
     EngineInfo,
@@ -289,6 +290,7 @@ class _Worker(threading.Thread):
         self.ready: concurrent.futures.Future[_Runtime] = concurrent.futures.Future()
         self.active_rows = 0
         self.pending_generate = 0
+        self.on_batch: BatchObserver | None = None
         self._runner: Any = None  # consumer.engine.exllamav2.runner, imported with torch
 
     # -- thread entry -------------------------------------------------------------------
@@ -327,9 +329,20 @@ class _Worker(threading.Thread):
         except queue.Empty:
             return items, False
 
+    def _report_batch(self, size: int) -> None:
+        observer = self.on_batch
+        if observer is None:
+            return
+        try:
+            observer(size)
+        except Exception:
+            # A metrics hook must not take the GPU thread, and every request with it, down.
+            log.exception("exl2_batch_observer_failed size=%d", size)
+
     def _score(self, runtime: _Runtime, ticket: Any) -> None:
         if ticket.cancelled:
             return
+        self._report_batch(1)
         try:
             logprobs = self._runner.score_candidates(
                 runtime.model,
@@ -405,6 +418,7 @@ class _Worker(threading.Thread):
             self.pending_generate = len(waiting)
             if batch is not None:
                 self.active_rows = batch.size
+                self._report_batch(batch.size)
                 try:
                     batch.step()
                 except Exception as exc:
@@ -475,10 +489,13 @@ class _Worker(threading.Thread):
                 jobs.clear()
                 continue
             now = time.monotonic()
+            decoded: set[int] = set()  # jobs that sampled a token in this step
             for result in results:
                 ticket = result.get("identifier")
                 if ticket is None:
                     continue
+                if result.get("stage") == "streaming":
+                    decoded.add(id(ticket))
                 if result.get("stage") == "started" and ticket.started is None:
                     ticket.started = now
                 if result.get("stage") == "streaming" and ticket.first_token_at is None:
@@ -494,6 +511,8 @@ class _Worker(threading.Thread):
                             int(result.get("new_tokens", 0)),
                         )
                     )
+            if decoded:
+                self._report_batch(len(decoded))
             self.active_rows = len(generator.active_jobs)
             self.pending_generate = len(generator.pending_jobs)
 
@@ -567,6 +586,15 @@ class ExLlamaV2Engine:
         self._version = runtime.exllamav2_version
 
     # -- Engine ---------------------------------------------------------------------------
+
+    @property
+    def on_batch(self) -> BatchObserver | None:
+        """Told the rows of each static decode step, the jobs of each paged step, 1 per score."""
+        return self._worker.on_batch
+
+    @on_batch.setter
+    def on_batch(self, observer: BatchObserver | None) -> None:
+        self._worker.on_batch = observer
 
     @property
     def info(self) -> EngineInfo:

@@ -1,0 +1,33 @@
+"""The README's promises about the wire contract match the names the code uses."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import consumer.records as records
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def readme_section(heading: str) -> str:
+    """The text under `heading` (a whole Markdown heading line) up to the next heading."""
+    text = README.read_text(encoding="utf-8")
+    start = text.index(f"\n{heading}\n") + len(heading) + 2
+    following = re.search(r"^#{1,6} ", text[start:], flags=re.MULTILINE)
+    return text[start : start + following.start()] if following else text[start:]
+
+
+def documented_dlq_headers() -> list[str]:
+    """Every backticked name in the contract's list of dead-letter headers, in order."""
+    contract = readme_section("### The contract")
+    listed = re.search(r"dead-letter topic `[^`]+` with\s+headers (.*?)\(", contract, re.DOTALL)
+    assert listed, "The contract no longer lists the dead-letter headers"
+    return re.findall(r"`([^`]+)`", listed.group(1))
+
+
+def test_readme_lists_exactly_the_dead_letter_headers_the_consumer_sends() -> None:
+    sent = [value for name, value in vars(records).items() if name.startswith("DLQ_")]
+    documented = documented_dlq_headers()
+    assert len(documented) == len(set(documented)), documented
+    assert sorted(documented) == sorted(sent)
