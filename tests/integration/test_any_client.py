@@ -153,7 +153,7 @@ async def test_every_operation_answers_a_librdkafka_producer_on_any_partition(
     )
     sent[b"v1-signed"] = "summarize"
     requester.flush()
-    await asyncio.to_thread(requester.collect, len(sent), 60.0)
+    await asyncio.to_thread(requester.collect, set(sent), 60.0)
     await asyncio.to_thread(requester.drain)
     requester.close()
     by_id = {}
@@ -175,7 +175,7 @@ async def test_a_keyless_record_gets_a_clear_error(running: Running) -> None:
     ]
     requester.send(value, key=None, headers=headers)
     requester.flush()
-    await asyncio.to_thread(requester.collect, 1, 60.0)
+    await asyncio.to_thread(requester.collect, {b"keyless-1"}, 60.0)
     requester.close()
     (reply,) = [r for r in requester.replies if r.headers.get("correlation_id") == b"keyless-1"]
     assert reply.body["status"] == "error"
@@ -204,7 +204,7 @@ async def test_spring_replying_template_headers_are_answered_in_kind(running: Ru
     ]
     requester.send(value, key=tenant.encode(), headers=headers)
     requester.flush()
-    await asyncio.to_thread(requester.collect, 1, 60.0, "kafka_correlationId")
+    await asyncio.to_thread(requester.collect, {correlation}, 60.0, "kafka_correlationId")
     requester.close()
     (reply,) = [r for r in requester.replies if r.headers.get("kafka_correlationId") == correlation]
     assert reply.partition == 2
@@ -226,7 +226,7 @@ async def test_six_requests_sharing_one_request_id_run_once(running: Running) ->
         ids.append(correlation_id.encode())
         requester.flush()
         await asyncio.sleep(0.3)
-    await asyncio.to_thread(requester.collect, 6, 60.0)
+    await asyncio.to_thread(requester.collect, set(ids), 60.0)
     requester.close()
     replies = {
         r.headers["correlation_id"]: r.body
@@ -249,7 +249,7 @@ async def test_verbatim_replays_of_a_signed_record_do_not_run_again(running: Run
     body = {"operation": "chat", "messages": [{"role": "user", "content": "once"}]}
     correlation_id, value, headers = signed_request(requester, tenant, body)
     requester.flush()
-    await asyncio.to_thread(requester.collect, 1, 60.0)
+    await asyncio.to_thread(requester.collect, {correlation_id.encode()}, 60.0)
     for _ in range(5):
         requester.send(value, key=tenant.encode(), headers=headers)
         requester.flush()
@@ -276,7 +276,7 @@ async def test_verbatim_replays_of_a_signed_record_do_not_run_again(running: Run
         again, tenant, {"operation": "chat", "messages": [{"role": "user", "content": "thrice"}]}
     )
     again.flush()
-    await asyncio.to_thread(again.collect, 2, 60.0)
+    await asyncio.to_thread(again.collect, {second.encode(), third.encode()}, 60.0)
     again.close()
     got = {r.headers.get("correlation_id"): r.body for r in again.replies}
     assert got[second.encode()]["status"] == "ok"
@@ -312,7 +312,7 @@ async def test_a_backlog_published_before_the_consumer_starts_is_answered_in_ful
     consumer = ConsumerProcess(settings, log_path=tmp_path / "consumer.log")
     await start_consumer(consumer)
     try:
-        await asyncio.to_thread(requester.collect, len(sent), 120.0)
+        await asyncio.to_thread(requester.collect, set(sent), 120.0)
         await asyncio.to_thread(requester.drain, 2.0)
         answered = [r for r in requester.replies if r.headers.get("correlation_id") in set(sent)]
         assert len({r.headers["correlation_id"] for r in answered}) == len(sent), (
@@ -361,12 +361,12 @@ async def test_a_redelivery_after_sigkill_is_answered_and_charged_once(
     second = ConsumerProcess(settings, delay_s=0.0, log_path=tmp_path / "second.log")
     await start_consumer(second)
     try:
-        await asyncio.to_thread(requester.collect, 1, 120.0)
+        await asyncio.to_thread(requester.collect, {correlation_id.encode()}, 120.0)
         other, _, _ = signed_request(
             requester, tenant, {**body, "messages": [{"role": "user", "content": "other"}]}
         )
         requester.flush()
-        await asyncio.to_thread(requester.collect, 2, 60.0)
+        await asyncio.to_thread(requester.collect, {other.encode()}, 60.0)
         got = {r.headers.get("correlation_id"): r.body for r in requester.replies}
         assert got[correlation_id.encode()]["status"] == "ok", got
         # The redelivery was not charged again (limit 1), and the id stays taken.

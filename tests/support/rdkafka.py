@@ -125,11 +125,14 @@ class RdkafkaRequester:
             [TopicPartition(self.reply_topic, p, OFFSET_BEGINNING) for p in range(partitions)]
         )
 
-    def collect(self, until: int, timeout_s: float, header: str = "correlation_id") -> list[Reply]:
-        """Poll replies until `until` distinct values of `header` arrived (or time is up)."""
+    def collect(
+        self, wanted: Iterable[bytes], timeout_s: float, header: str = "correlation_id"
+    ) -> list[Reply]:
+        """Poll replies until each value in `wanted` of `header` arrived (or time is up)."""
         assert self._consumer is not None, "call read_from_start first"
+        missing = set(wanted)
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and len(self.distinct(header)) < until:
+        while time.monotonic() < deadline and not missing <= self.distinct(header):
             message = self._consumer.poll(0.2)
             if message is None or message.error():
                 continue
@@ -144,6 +147,10 @@ class RdkafkaRequester:
 
     def distinct(self, header: str = "correlation_id") -> set[bytes]:
         return {r.headers[header] for r in self.replies if header in r.headers}
+
+    def answers(self, correlation: bytes, header: str = "correlation_id") -> list[dict[str, Any]]:
+        """Every reply body received for one correlation id, in arrival order."""
+        return [r.body for r in self.replies if r.headers.get(header) == correlation]
 
     def drain(self, quiet_s: float = 1.5) -> None:
         """Keep reading until nothing arrived for `quiet_s` (late or duplicate replies)."""
