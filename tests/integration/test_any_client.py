@@ -88,7 +88,10 @@ async def running(
     await ensure_test_topics(broker, topics)
     tmp = tmp_path_factory.mktemp("any-client")
     log = tmp / "consumer.log"
-    consumer = ConsumerProcess(settings_for(broker, topics, tmp, KEYS), log_path=log)
+    # The real model (the packaged SmolLM2): what a stranger's requests really get.
+    consumer = ConsumerProcess(
+        settings_for(broker, topics, tmp, KEYS), fake_engine=False, log_path=log
+    )
     await start_consumer(consumer)
     yield Running(consumer, topics, broker, log)
     consumer.stop()
@@ -129,7 +132,7 @@ OPERATIONS = [
     },
     {"operation": "translate", "text": "Good morning", "target_language": "fr"},
     {"operation": "classify", "text": "I love it", "categories": ["positive", "negative"]},
-    {"operation": "chat", "messages": [{"role": "user", "content": "Hello"}]},
+    {"operation": "chat", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8},
 ]
 
 
@@ -221,6 +224,7 @@ async def test_six_requests_sharing_one_request_id_run_once(running: Running) ->
             "operation": "chat",
             "request_id": "shared-id",
             "messages": [{"role": "user", "content": f"question {i}"}],
+            "max_tokens": 8,
         }
         correlation_id, _, _ = signed_request(requester, tenant, body)
         ids.append(correlation_id.encode())
@@ -246,7 +250,7 @@ async def test_verbatim_replays_of_a_signed_record_do_not_run_again(running: Run
     """Quota escape 2: the same bytes and headers produced again inside the skew window."""
     requester = running.requester()
     tenant = TENANTS[8]
-    body = {"operation": "chat", "messages": [{"role": "user", "content": "once"}]}
+    body = {"operation": "chat", "messages": [{"role": "user", "content": "once"}], "max_tokens": 8}
     correlation_id, value, headers = signed_request(requester, tenant, body)
     requester.flush()
     await asyncio.to_thread(requester.collect, {correlation_id.encode()}, 60.0)
@@ -270,10 +274,14 @@ async def test_verbatim_replays_of_a_signed_record_do_not_run_again(running: Run
     # The tenant's second chat of the day is still available: nothing was charged twice.
     again = running.requester()
     second, _, _ = signed_request(
-        again, tenant, {"operation": "chat", "messages": [{"role": "user", "content": "twice"}]}
+        again,
+        tenant,
+        {"operation": "chat", "messages": [{"role": "user", "content": "twice"}], "max_tokens": 8},
     )
     third, _, _ = signed_request(
-        again, tenant, {"operation": "chat", "messages": [{"role": "user", "content": "thrice"}]}
+        again,
+        tenant,
+        {"operation": "chat", "messages": [{"role": "user", "content": "thrice"}], "max_tokens": 8},
     )
     again.flush()
     await asyncio.to_thread(again.collect, {second.encode(), third.encode()}, 60.0)

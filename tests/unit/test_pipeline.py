@@ -544,3 +544,37 @@ async def test_the_same_record_redelivered_is_answered_again() -> None:
     assert [
         OperationReply.model_validate_json(s.value).status for s in publisher.to(TOPICS.replies)
     ] == ["ok", "ok"]
+
+
+async def test_a_request_counts_as_in_flight_while_the_engine_runs_it() -> None:
+    import asyncio
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from consumer.telemetry import Telemetry, TelemetrySettings
+
+    telemetry = Telemetry(TelemetrySettings(), instance_id="unit-m")
+
+    def in_flight() -> float:
+        text = telemetry.prometheus_text().decode()
+        return sum(
+            s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == "opstream_requests_in_flight" and s.labels.get("operation") == "chat"
+        )
+
+    processor = RequestProcessor(
+        engine=FakeEngine(delay_s=0.3),
+        publisher=MemoryPublisher(),
+        topics=TOPICS,
+        limits=OperationLimits(),
+        instance_id="unit-m",
+        telemetry=telemetry,
+    )
+    running = asyncio.create_task(processor.process(record(BODIES["chat"])))
+    await asyncio.sleep(0.15)
+    assert in_flight() == 1
+    await running
+    assert in_flight() == 0
+    telemetry.shutdown()
