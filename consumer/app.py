@@ -27,7 +27,7 @@ from consumer.offsets import Partition
 from consumer.pipeline import Outcome, RequestProcessor
 from consumer.quota.runtime import QuotaRuntime
 from consumer.quota.store import Clock as QuotaClock
-from consumer.records import InboundRecord, as_headers
+from consumer.records import InboundRecord, as_headers, is_utf8
 from consumer.settings import Settings
 from consumer.telemetry import Telemetry
 from consumer.usage.rows import usage_row
@@ -277,7 +277,7 @@ async def _lenient_headers(record: Any, original: Callable[[Any], Awaitable[Any]
     the original record (the pipeline reads the raw header bytes itself).
     """
     headers = record.headers or ()
-    if all(isinstance(value, bytes) and _is_utf8(value) for _, value in headers):
+    if all(isinstance(value, bytes) and is_utf8(value) for _, value in headers):
         return await original(record)
     lenient = tuple(
         (key, (value or b"").decode("utf-8", "replace").encode()) for key, value in headers
@@ -285,14 +285,6 @@ async def _lenient_headers(record: Any, original: Callable[[Any], Awaitable[Any]
     message = await original(dataclasses.replace(record, headers=lenient))
     message.raw_message = record
     return message
-
-
-def _is_utf8(value: bytes) -> bool:
-    try:
-        value.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
 
 
 async def _raw_record(message: KafkaMessage) -> Any:

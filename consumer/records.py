@@ -102,8 +102,8 @@ def reply_route(record: InboundRecord, default_topic: str) -> ReplyRoute | None:
     """
     for convention in REPLY_CONVENTIONS:
         correlation = _last(record.headers, convention.correlation)
-        if not correlation:
-            continue
+        if not correlation or (convention.name == "opstream" and not is_utf8(correlation)):
+            continue  # opstream's correlation_id is text; one that is not counts as absent
         topic = record.header(convention.reply_topic.lower()) or record.header(REPLY_TO)
         partition = None
         if convention.reply_partition is not None:
@@ -150,6 +150,15 @@ def printable_id(raw: bytes) -> str:
     except UnicodeDecodeError:
         return raw.hex()[:128]
     return text if _PRINTABLE_ID.fullmatch(text) else raw.hex()[:128]
+
+
+def is_utf8(raw: bytes) -> bool:
+    """Whether `raw` decodes as UTF-8."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _last(headers: Headers, name: str) -> bytes | None:

@@ -108,3 +108,7 @@ def test_fingerprint_tells_a_verbatim_copy_from_any_change() -> None:
     assert record_fingerprint(original) != record_fingerprint(moved)
     other_body = rec(*original.headers, value=b'{"a":2}')
     assert record_fingerprint(original) != record_fingerprint(other_body)
+
+
+def test_a_correlation_id_that_is_not_text_counts_as_absent() -> None:
+    assert reply_route(rec(("correlation_id", b"\xff\xfe-not-utf8")), DEFAULT) is None
