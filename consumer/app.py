@@ -17,19 +17,19 @@ from faststream.asgi import AsgiFastStream
 from faststream.kafka import KafkaBroker, KafkaMessage
 
 from consumer.auth.keys import KeyRing, auth_required
+from consumer.bus.publisher import KafkaRecordPublisher
+from consumer.bus.records import InboundRecord, as_headers, is_utf8
+from consumer.bus.security import aiokafka_security_kwargs, faststream_security
 from consumer.engine.base import Engine, EngineInfo
 from consumer.engine.factory import load_engine
-from consumer.health import HealthReporter, health_routes
-from consumer.intake import Intake
-from consumer.kafka_io import KafkaRecordPublisher
-from consumer.kafka_security import aiokafka_security_kwargs, faststream_security
-from consumer.offsets import Partition
-from consumer.pipeline import Outcome, RequestProcessor
+from consumer.intake.flow import Intake
+from consumer.intake.offsets import Partition
+from consumer.observability.health import HealthReporter, health_routes
+from consumer.observability.telemetry import Telemetry
+from consumer.pipeline.processor import Outcome, RequestProcessor
 from consumer.quota.runtime import QuotaRuntime
 from consumer.quota.store import Clock as QuotaClock
-from consumer.records import InboundRecord, as_headers, is_utf8
 from consumer.settings import Settings
-from consumer.telemetry import Telemetry
 from consumer.usage.rows import usage_row
 from consumer.usage.writer import UsageReceipt, UsageWriter
 from schemas.replies import OperationReply

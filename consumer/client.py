@@ -14,8 +14,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from opentelemetry import trace
 
 from consumer.auth.signature import Routing, sign
-from consumer.records import CONTENT_TYPE, CORRELATION_ID, JSON, REPLY_TO
-from consumer.telemetry import inject_context
+from consumer.bus.records import CONTENT_TYPE, CORRELATION_ID, JSON, REPLY_TO
+from consumer.observability.telemetry import inject_context
 from schemas.replies import OperationReply
 
 Signer = Callable[[bytes, str, Routing], list[tuple[str, bytes]]]

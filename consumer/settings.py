@@ -16,11 +16,11 @@ from pydantic_settings import (
 )
 
 from consumer.auth.keys import AuthSettings
+from consumer.bus.security import KafkaSecuritySettings
 from consumer.engine.exllamav2 import ExLlamaV2Settings
-from consumer.kafka_security import KafkaSecuritySettings
-from consumer.logging_setup import LoggingSettings
+from consumer.observability.logging import LoggingSettings
+from consumer.observability.telemetry import TelemetrySettings
 from consumer.quota.settings import QuotaSettings
-from consumer.telemetry import TelemetrySettings
 from consumer.usage.settings import UsageSettings
 from topics.catalog import TopicSettings
 

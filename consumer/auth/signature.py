@@ -26,7 +26,7 @@ answer goes, so a captured record cannot be replayed with its reply sent elsewhe
 (`correlation_id`, or Spring's `kafka_correlationId`, or SmallRye's `REPLY_CORRELATION_ID`)
 in lowercase hex, `reply_topic` the reply topic header as sent (`reply_to`,
 `kafka_replyTopic` or `REPLY_TOPIC`), `reply_partition` the requested reply partition in
-decimal; each is empty when absent (`consumer.records.signed_routing` resolves them).
+decimal; each is empty when absent (`consumer.bus.records.signed_routing` resolves them).
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def sign(
 ) -> list[tuple[str, bytes]]:
     """The signature headers a producer adds to a request whose value is `body`.
 
-    With `routing` (see `consumer.records.signed_routing`) it signs scheme v2 and adds the
+    With `routing` (see `consumer.bus.records.signed_routing`) it signs scheme v2 and adds the
     version header; without, v1. `now` is the producer's clock in unix seconds.
     """
     timestamp = str(math.floor(now))

@@ -1,5 +1,6 @@
 """Per-tenant daily quotas: limits, partition-local counters backed by Kafka, admin commands."""
 
+from consumer.bus.topic_reader import TopicUnavailable
 from consumer.quota.admin import LimitsAdminApi, admin_routes
 from consumer.quota.arithmetic import (
     KEEP,
@@ -31,7 +32,6 @@ from consumer.quota.store import (
     offset_clock,
     utc_now,
 )
-from consumer.quota.topic_reader import TopicUnavailable
 
 __all__ = [
     "KEEP",

@@ -12,6 +12,12 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from pydantic import ValidationError
 
+from consumer.bus.topic_reader import (
+    TopicUnavailable,
+    read_to_end,
+    standalone_consumer,
+    topic_partitions,
+)
 from consumer.errors import InternalError
 from consumer.quota.arithmetic import (
     ChargeKey,
@@ -25,12 +31,6 @@ from consumer.quota.arithmetic import (
     resets_at,
 )
 from consumer.quota.settings import QuotaSettings
-from consumer.quota.topic_reader import (
-    TopicUnavailable,
-    read_to_end,
-    standalone_consumer,
-    topic_partitions,
-)
 from schemas.limits import OPERATIONS, TOTAL, QuotaCharge
 
 log = logging.getLogger(__name__)

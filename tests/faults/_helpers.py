@@ -19,7 +19,7 @@ from typing import Any
 import duckdb
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from consumer.records import CORRELATION_ID, REPLY_TO
+from consumer.bus.records import CORRELATION_ID, REPLY_TO
 from tests.support.harness import Broker, ConsumerProcess, TopicSet, probe_partitions
 
 Header = tuple[str, bytes]

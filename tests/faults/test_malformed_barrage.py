@@ -24,7 +24,7 @@ from typing import Any
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
-from consumer.records import (
+from consumer.bus.records import (
     CORRELATION_ID,
     DLQ_ORIGIN_OFFSET,
     DLQ_ORIGIN_PARTITION,

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from consumer.devbroker import LocalBroker, start_local_broker
+from consumer.bus.devbroker import LocalBroker, start_local_broker
 
 # Tansu answers a fetch only after the whole fetch_max_wait_ms (DESIGN.md), so keep it small.
 FETCH_MAX_WAIT_MS = 5

@@ -17,8 +17,7 @@ import pytest
 import pytest_asyncio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from consumer.client import OperationsClient
-from consumer.records import (
+from consumer.bus.records import (
     CORRELATION_ID,
     DLQ_ORIGIN_OFFSET,
     DLQ_ORIGIN_PARTITION,
@@ -26,6 +25,7 @@ from consumer.records import (
     DLQ_REASON,
     REPLY_TO,
 )
+from consumer.client import OperationsClient
 from schemas.replies import OperationReply
 from tests.support.harness import (
     FETCH_MAX_WAIT_MS,

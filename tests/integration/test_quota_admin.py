@@ -15,6 +15,7 @@ import pytest_asyncio
 from _tansu import FETCH_MAX_WAIT_MS, TansuBroker, create_topic, start_tansu, unique_topic
 from pydantic import SecretStr
 
+from consumer.cli.limits import register
 from consumer.errors import QuotaExceeded
 from consumer.quota import (
     LimitBook,
@@ -28,7 +29,6 @@ from consumer.quota import (
     partition_for_tenant,
 )
 from consumer.quota.admin import ASGIApp
-from consumer.quota.cli import register
 from consumer.settings import KafkaSettings, OperationLimits, TopicSettings
 
 pytestmark = pytest.mark.integration

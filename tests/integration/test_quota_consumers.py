@@ -25,9 +25,9 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from consumer.bus.records import CORRELATION_ID
 from consumer.client import OperationsClient
 from consumer.quota import LimitCommandPublisher, make_state_producer, partition_for_tenant
-from consumer.records import CORRELATION_ID
 from schemas.replies import OperationReply
 from tests.support.harness import (
     FETCH_MAX_WAIT_MS,
@@ -424,7 +424,7 @@ async def test_a_limit_set_with_the_cli_applies_to_running_consumers(
     started = time.monotonic()
     done = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "consumer.cli", "limits", "set",
+        [sys.executable, "-m", "consumer.cli.main", "limits", "set",
          "--bootstrap-servers", cluster.bootstrap, "--tenant", tenant,
          "--operation", "summarize", "--daily-requests", "2"],
         env=env, cwd=REPO, capture_output=True, text=True, timeout=60,

@@ -31,11 +31,11 @@ from opentelemetry.trace import SpanKind
 
 from consumer.app import Service, build_app
 from consumer.auth import sign
+from consumer.bus.devbroker import free_port
+from consumer.bus.records import CONTENT_TYPE, CORRELATION_ID, DLQ_REASON, JSON, REPLY_TO
 from consumer.client import OperationsClient
-from consumer.devbroker import free_port
-from consumer.records import CONTENT_TYPE, CORRELATION_ID, DLQ_REASON, JSON, REPLY_TO
+from consumer.observability.telemetry import Telemetry
 from consumer.settings import Settings
-from consumer.telemetry import Telemetry
 from schemas.replies import OperationReply
 from tests.support.fake_engine import FakeEngine
 from tests.support.harness import (

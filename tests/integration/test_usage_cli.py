@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from usage_writer_loop import make_row
 
+from consumer.cli.usage import register
 from consumer.usage import UsageSettings, write_rows
-from consumer.usage.cli import register
 
 DAY = datetime(2025, 6, 1, 9, 0, tzinfo=UTC)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from consumer.auth.signature import sign
-from consumer.records import CORRELATION_ID, REPLY_TO
+from consumer.bus.records import CORRELATION_ID, REPLY_TO
 from schemas.usage import USAGE_COLUMNS
 from tests.faults._helpers import (
     RawProducer,

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from consumer.devbroker import LocalBroker, free_port, start_local_broker
+from consumer.bus.devbroker import LocalBroker, free_port, start_local_broker
 
 REPO = Path(__file__).resolve().parents[2]
 # Tansu answers a fetch only after the whole fetch_max_wait_ms (DESIGN.md): keep it small.
@@ -227,7 +227,7 @@ class ConsumerProcess:
 
 async def ensure_test_topics(broker: Broker, topics: TopicSet) -> None:
     """Create the test's topics explicitly (auto-created ones get the wrong partition count)."""
-    from consumer.core_cli import ensure_all_topics
+    from consumer.cli.core import ensure_all_topics
     from consumer.settings import Settings
 
     wanted = merge(topics.settings(), {"kafka": {"bootstrap_servers": broker.bootstrap}})

@@ -7,9 +7,9 @@ import time
 import pytest
 
 from consumer.app import in_flight_bound
+from consumer.bus.records import InboundRecord
 from consumer.engine.base import EngineInfo
-from consumer.pipeline import Outcome
-from consumer.records import InboundRecord
+from consumer.pipeline.processor import Outcome
 from consumer.settings import Settings
 from consumer.usage.rows import usage_row
 
@@ -100,7 +100,7 @@ def test_error_outcome_keeps_its_code() -> None:
     ],
 )
 def test_every_subcommand_is_on_the_command_line(argv: list[str]) -> None:
-    from consumer.cli import build_parser
+    from consumer.cli.main import build_parser
 
     with pytest.raises(SystemExit) as exited:
         build_parser().parse_args(argv)

@@ -13,7 +13,7 @@ import jsonschema
 import pytest
 
 from consumer.app import asyncapi_document
-from consumer.cli import main
+from consumer.cli.main import main
 from consumer.settings import Settings
 from schemas.export import ASYNCAPI_FILE, MESSAGES, render
 from schemas.replies import ClassifyResult, Meta, OperationReply

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from consumer.auth import AuthSettings, KeyRing, sign
-from consumer.auth.cli import register
+from consumer.cli.keys import register
 
 
 def run(argv: list[str], auth: AuthSettings | None = None) -> int:

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from consumer.cli import build_parser, main
-from consumer.core_cli import request_body
+from consumer.cli.core import request_body
+from consumer.cli.main import build_parser, main
 from schemas.requests import operation_request_adapter
 
 

@@ -11,7 +11,7 @@ import pytest
 from faststream.asgi import AsgiFastStream
 
 from consumer.engine.base import EngineInfo
-from consumer.health import HealthReporter, gpu_state, health_routes
+from consumer.observability.health import HealthReporter, gpu_state, health_routes
 
 LOADED = EngineInfo(backend="llamacpp", model="qwen2.5-7b-instruct-q4_k_m", loaded=True)
 

@@ -6,10 +6,10 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from consumer.intake import Intake
-from consumer.offsets import Partition
-from consumer.pipeline import Outcome
-from consumer.records import InboundRecord
+from consumer.bus.records import InboundRecord
+from consumer.intake.flow import Intake
+from consumer.intake.offsets import Partition
+from consumer.pipeline.processor import Outcome
 
 TOPIC = "ops.requests.v1"
 P0: Partition = (TOPIC, 0)

@@ -14,7 +14,7 @@ from faststream.kafka.security import parse_security
 from faststream.security import SASLPlaintext, SASLScram256, SASLScram512
 from pydantic import ValidationError
 
-from consumer.kafka_security import (
+from consumer.bus.security import (
     KafkaSecuritySettings,
     aiokafka_security_kwargs,
     build_ssl_context,

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from consumer.logging_setup import LoggingSettings, configure_logging
+from consumer.observability.logging import LoggingSettings, configure_logging
 
 PROMPT = "Summarize: the merger closes on Friday"
 
@@ -34,13 +34,13 @@ def json_lines(path: Path) -> list[dict[str, Any]]:
 def test_json_line_has_event_name_and_extra_fields(tmp_path: Path) -> None:
     log_file = tmp_path / "logs" / "opstream.log"
     configure_logging(LoggingSettings(file=log_file))
-    logging.getLogger("consumer.intake").info(
+    logging.getLogger("consumer.intake.flow").info(
         "request_answered", extra={"operation": "summarize", "queue_ms": 4.5, "partition": 3}
     )
     [line] = json_lines(log_file)
     assert line["event"] == "request_answered"
     assert line["level"] == "INFO"
-    assert line["logger"] == "consumer.intake"
+    assert line["logger"] == "consumer.intake.flow"
     assert (line["operation"], line["queue_ms"], line["partition"]) == ("summarize", 4.5, 3)
     assert line["ts"].endswith("+00:00")
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consumer.offsets import OffsetTracker, PartitionOffsets
+from consumer.intake.offsets import OffsetTracker, PartitionOffsets
 
 P = ("ops.requests.v1", 0)
 Q = ("ops.requests.v1", 1)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consumer.operations import (
+from consumer.operations.prompts import (
     DEFAULT_MAX_TOKENS,
     chat_prompt,
     classify_prompt,

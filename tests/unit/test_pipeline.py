@@ -12,8 +12,7 @@ from typing import Any
 
 import pytest
 
-from consumer.pipeline import RequestProcessor
-from consumer.records import (
+from consumer.bus.records import (
     CORRELATION_ID,
     DLQ_INSTANCE,
     DLQ_ORIGIN_OFFSET,
@@ -23,6 +22,7 @@ from consumer.records import (
     REPLY_TO,
     InboundRecord,
 )
+from consumer.pipeline.processor import RequestProcessor
 from consumer.settings import OperationLimits
 from schemas.replies import OperationReply
 from tests.support.fake_engine import FakeEngine
@@ -431,8 +431,8 @@ def foreign_partition(tenant: str) -> int:
 
 
 async def test_a_record_on_a_foreign_partition_is_forwarded_unchanged_to_its_tenant() -> None:
+    from consumer.bus.records import FORWARDED_FROM
     from consumer.quota.arithmetic import partition_for_tenant
-    from consumer.records import FORWARDED_FROM
 
     processor, publisher = quota_processor()
     original = keyed("acme", BODIES["summarize"], partition=foreign_partition("acme"))
@@ -449,7 +449,7 @@ async def test_a_record_on_a_foreign_partition_is_forwarded_unchanged_to_its_ten
 
 
 async def test_a_forwarded_copy_is_answered_on_the_tenants_partition() -> None:
-    from consumer.records import FORWARDED_FROM
+    from consumer.bus.records import FORWARDED_FROM
 
     processor, publisher = quota_processor()
     copy = keyed(
@@ -461,7 +461,7 @@ async def test_a_forwarded_copy_is_answered_on_the_tenants_partition() -> None:
 
 
 async def test_a_forwarded_record_still_misplaced_is_refused_not_forwarded_again() -> None:
-    from consumer.records import FORWARDED_FROM
+    from consumer.bus.records import FORWARDED_FROM
 
     processor, publisher = quota_processor()
     stray = keyed(
@@ -551,7 +551,7 @@ async def test_a_request_counts_as_in_flight_while_the_engine_runs_it() -> None:
 
     from prometheus_client.parser import text_string_to_metric_families
 
-    from consumer.telemetry import Telemetry, TelemetrySettings
+    from consumer.observability.telemetry import Telemetry, TelemetrySettings
 
     telemetry = Telemetry(TelemetrySettings(), instance_id="unit-m")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import consumer.records as records
+import consumer.bus.records as records
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from consumer.records import (
+from consumer.bus.records import (
     FORWARDED_FROM,
     InboundRecord,
     printable_id,

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from consumer.app import build_app
 from consumer.auth.keys import auth_required
-from consumer.cli import build_parser, main, settings_from_args
+from consumer.cli.main import build_parser, main, settings_from_args
 from consumer.settings import Settings, load_settings
 
 

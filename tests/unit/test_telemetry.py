@@ -12,7 +12,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 from prometheus_client.parser import text_string_to_metric_families
 
-from consumer.telemetry import (
+from consumer.observability.telemetry import (
     Telemetry,
     TelemetrySettings,
     extract_context,

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 from pydantic import ValidationError
 
-from consumer.usage.cli import register
+from consumer.cli.usage import register
 from consumer.usage.report import chart_sql, format_csv, format_table, report_sql
 from consumer.usage.settings import UsageSettings
 

@@ -15,34 +15,7 @@ from opentelemetry import trace
 from pydantic import ValidationError
 
 from consumer.auth.keys import KeyRing
-from consumer.engine.base import ChatMessage, Engine, EngineError, GenerationRequest
-from consumer.errors import (
-    DeadlineExceeded,
-    DuplicateRequest,
-    InternalError,
-    OpstreamError,
-    QuotaExceeded,
-    TopicMissing,
-    ValidationFailed,
-)
-from consumer.operations import (
-    chat_prompt,
-    classify_prompt,
-    normalise_label_scores,
-    output_budget,
-    parse_summary,
-    parse_translation,
-    summarize_prompt,
-    translate_prompt,
-)
-from consumer.quota.arithmetic import (
-    RepeatedRecord,
-    Reservation,
-    partition_for_key,
-    partition_for_tenant,
-)
-from consumer.quota.store import QuotaStore
-from consumer.records import (
+from consumer.bus.records import (
     CONTENT_TYPE,
     CORRELATION_ID,
     DLQ_INSTANCE,
@@ -59,8 +32,35 @@ from consumer.records import (
     reply_route,
     signed_routing,
 )
+from consumer.engine.base import ChatMessage, Engine, EngineError, GenerationRequest
+from consumer.errors import (
+    DeadlineExceeded,
+    DuplicateRequest,
+    InternalError,
+    OpstreamError,
+    QuotaExceeded,
+    TopicMissing,
+    ValidationFailed,
+)
+from consumer.observability.telemetry import Telemetry, inject_context
+from consumer.operations.prompts import (
+    chat_prompt,
+    classify_prompt,
+    normalise_label_scores,
+    output_budget,
+    parse_summary,
+    parse_translation,
+    summarize_prompt,
+    translate_prompt,
+)
+from consumer.quota.arithmetic import (
+    RepeatedRecord,
+    Reservation,
+    partition_for_key,
+    partition_for_tenant,
+)
+from consumer.quota.store import QuotaStore
 from consumer.settings import OperationLimits
-from consumer.telemetry import Telemetry, inject_context
 from schemas.replies import (
     HTTP_STATUS,
     AssistantMessage,

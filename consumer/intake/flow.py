@@ -7,9 +7,9 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from consumer.offsets import OffsetTracker, Partition
-from consumer.pipeline import Outcome
-from consumer.records import InboundRecord
+from consumer.bus.records import InboundRecord
+from consumer.intake.offsets import OffsetTracker, Partition
+from consumer.pipeline.processor import Outcome
 
 log = logging.getLogger(__name__)
 

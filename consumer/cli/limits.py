@@ -12,6 +12,7 @@ from typing import Any
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
+from consumer.bus.topic_reader import TopicUnavailable
 from consumer.quota.arithmetic import (
     KEEP,
     Keep,
@@ -23,7 +24,6 @@ from consumer.quota.arithmetic import (
 from consumer.quota.control import LimitCommandPublisher, load_limit_book
 from consumer.quota.settings import QuotaHostSettings
 from consumer.quota.store import make_state_producer, offset_clock
-from consumer.quota.topic_reader import TopicUnavailable
 from schemas.limits import ALL_TENANTS, OPERATIONS, TOTAL, UNLIMITED
 
 _SCOPES = (*OPERATIONS, TOTAL)

@@ -38,7 +38,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 def build_parser() -> argparse.ArgumentParser:
     """The full command tree; each area registers its own subcommands."""
-    from consumer import commands
+    from consumer.cli import commands
 
     parser = argparse.ArgumentParser(
         prog="opstream",

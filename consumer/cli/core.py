@@ -164,8 +164,8 @@ def _signing_key(args: argparse.Namespace, settings: Settings) -> tuple[str, str
 
 def cmd_request(args: argparse.Namespace, settings: Settings) -> int:
     """Send one request, print its reply; exit 0 for `ok`, 1 for an error reply."""
+    from consumer.bus.security import aiokafka_security_kwargs
     from consumer.client import OperationsClient
-    from consumer.kafka_security import aiokafka_security_kwargs
 
     if not settings.kafka.bootstrap_servers:
         print("opstream request: --bootstrap-servers is required", file=sys.stderr)
@@ -213,7 +213,7 @@ def all_topic_specs(settings: Settings) -> list[Any]:
 
 
 async def ensure_all_topics(settings: Settings) -> list[Any]:
-    from consumer.kafka_security import aiokafka_security_kwargs
+    from consumer.bus.security import aiokafka_security_kwargs
     from topics.ensure import ensure_topics
 
     assert settings.kafka.bootstrap_servers
@@ -259,7 +259,7 @@ def cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     """Run the consumer until SIGTERM/SIGINT; exit 0 after a graceful shutdown."""
-    from consumer.logging_setup import configure_logging
+    from consumer.observability.logging import configure_logging
 
     if not settings.kafka.bootstrap_servers:
         print(
@@ -342,8 +342,8 @@ async def _announce_when_ready(service: Any, announce: Any) -> None:
 
 def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
     """Embedded broker (when none is configured), topics, consumer; Ctrl-C stops all of it."""
-    from consumer.devbroker import start_local_broker
-    from consumer.logging_setup import LoggingSettings, configure_logging
+    from consumer.bus.devbroker import start_local_broker
+    from consumer.observability.logging import LoggingSettings, configure_logging
 
     logging_settings = settings.logging
     if "format" not in settings.logging.model_fields_set:

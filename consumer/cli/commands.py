@@ -13,7 +13,7 @@ Registrar = Callable[
 def _core(
     subparsers: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
 ) -> None:
-    from consumer.core_cli import register
+    from consumer.cli.core import register
 
     register(subparsers, common)
 
@@ -21,7 +21,7 @@ def _core(
 def _quota(
     subparsers: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
 ) -> None:
-    from consumer.quota.cli import register
+    from consumer.cli.limits import register
 
     register(subparsers, common)
 
@@ -29,7 +29,7 @@ def _quota(
 def _usage(
     subparsers: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
 ) -> None:
-    from consumer.usage.cli import register
+    from consumer.cli.usage import register
 
     register(subparsers, common)
 
@@ -37,7 +37,7 @@ def _usage(
 def _keys(
     subparsers: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
 ) -> None:
-    from consumer.auth.cli import register
+    from consumer.cli.keys import register
 
     register(subparsers, common)
 
