@@ -11,7 +11,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiokafka import ConsumerRebalanceListener, TopicPartition
 from faststream import AckPolicy
 from faststream.asgi import AsgiFastStream
 from faststream.kafka import KafkaBroker, KafkaMessage
@@ -22,11 +21,12 @@ from consumer.bus.records import InboundRecord, as_headers, is_utf8
 from consumer.bus.security import aiokafka_security_kwargs, faststream_security
 from consumer.engine.base import Engine, EngineInfo
 from consumer.engine.factory import load_engine
+from consumer.intake.assignment import GroupOffsets, PartitionOwner
 from consumer.intake.flow import Intake
 from consumer.intake.offsets import Partition
 from consumer.observability.health import HealthReporter, health_routes
 from consumer.observability.telemetry import Telemetry
-from consumer.pipeline.processor import Outcome, RequestProcessor
+from consumer.pipeline import Outcome, RequestProcessor
 from consumer.quota.runtime import QuotaRuntime
 from consumer.quota.store import Clock as QuotaClock
 from consumer.settings import Settings
@@ -54,7 +54,6 @@ class Service:
         self.settings = settings
         self.engine = engine
         self.started_at = time.time()
-        self.assigned: set[Partition] = set()
         self.security = aiokafka_security_kwargs(settings.security)
         self.publisher = KafkaRecordPublisher(
             settings.kafka.bootstrap_servers,
@@ -75,14 +74,24 @@ class Service:
         if settings.usage.enabled:
             # The writer also runs periodic compaction when usage.compact_interval_s > 0.
             self.usage = UsageWriter(settings.usage, settings.instance_id)
-        self.consumer: Any = None  # aiokafka consumer, known once the subscriber starts
         self.intake: Intake | None = None
+        self.offsets = GroupOffsets()
+        self.owner = PartitionOwner(
+            requests_topic=settings.topics.requests,
+            state=self.quota.store if self.quota is not None else None,
+            drain_timeout_s=settings.intake.shutdown_grace_s,
+        )
         self.health = HealthReporter(
             started_at=self.started_at,
             engine_info=self.engine_info,
             broker_status=lambda: self.publisher.connected,
             assigned_partitions=lambda: self.assigned,
         )
+
+    @property
+    def assigned(self) -> set[Partition]:
+        """The partitions this instance owns now."""
+        return self.owner.assigned
 
     def engine_info(self) -> EngineInfo | None:
         return self.engine.info if self.engine is not None else None
@@ -114,14 +123,15 @@ class Service:
         )
         self.intake = Intake(
             processor.process,
-            self._commit,
+            self.offsets.commit,
             max_in_flight=in_flight_bound(self.settings, self.engine.info),
             commit_interval_s=self.settings.intake.commit_interval_ms / 1000,
             make_durable=self._make_durable,
             flush=self.usage.flush if self.usage is not None else None,
         )
+        self.owner.intake = self.intake
         self.intake.start()
-        self.telemetry.metrics.set_lag_source(self._lag)
+        self.telemetry.metrics.set_lag_source(lambda: self.offsets.lag(self.owner))
         info = self.engine.info
         log.info(
             "service_started",
@@ -136,9 +146,8 @@ class Service:
         )
 
     async def stop(self) -> None:
-        if self.consumer is not None:
-            with contextlib.suppress(Exception):
-                self.consumer.pause(*self.consumer.assignment())  # stop fetching first
+        with contextlib.suppress(Exception):
+            self.offsets.pause_all()  # stop fetching first
         if self.intake is not None:
             await self.intake.close(self.settings.intake.shutdown_grace_s)
         if self.usage is not None:
@@ -150,6 +159,13 @@ class Service:
             await self.engine.close()
         self.telemetry.shutdown()
         log.info("service_stopped", extra={"instance_id": self.settings.instance_id})
+
+    def bind_subscriber(self, subscriber: Any) -> None:
+        """Commits go through the subscriber's own aiokafka consumer (built when it starts)."""
+        self._subscriber = subscriber
+
+    async def after_broker_started(self) -> None:
+        self.offsets.consumer = self._subscriber.consumer
 
     async def submit(self, raw: Any) -> None:
         """Take one aiokafka ConsumerRecord (the subscriber is not batched)."""
@@ -179,70 +195,6 @@ class Service:
                 outcome.usage_receipt = receipt
             await receipt.wait()
 
-    async def _commit(self, positions: dict[Partition, int]) -> None:
-        if self.consumer is None:
-            raise RuntimeError("consumer not started")
-        await self.consumer.commit({TopicPartition(t, p): o for (t, p), o in positions.items()})
-
-    def _lag(self) -> dict[tuple[str, int], int]:
-        consumer = self.consumer
-        if consumer is None or self.intake is None:
-            return {}
-        lag: dict[tuple[str, int], int] = {}
-        for topic, partition in sorted(self.assigned):
-            highwater = consumer.highwater(TopicPartition(topic, partition))
-            committed = self.intake.committed((topic, partition))
-            if highwater is not None and committed is not None:
-                lag[(topic, partition)] = max(0, highwater - committed)
-        return lag
-
-    async def on_assigned(self, partitions: set[Partition]) -> None:
-        """Restore the partitions' quota state, then let their records run.
-
-        Records of these partitions may already be fetched (aiokafka fetches while this
-        listener runs); the intake holds them, registered and uncommitted, until `open`.
-        """
-        if self.quota is not None:
-            requests = {p for t, p in partitions if t == self.settings.topics.requests}
-            await self._restore_until_done(requests)
-        self.assigned |= partitions
-        if self.intake is not None:
-            self.intake.open(partitions)
-        log.info("partitions_assigned", extra={"partitions": sorted(p for _, p in partitions)})
-
-    async def _restore_until_done(self, partitions: set[int]) -> None:
-        # A partition whose counters are not restored must not serve (quotas would be
-        # wrong), and dropping its records would lose them: retry until the broker answers.
-        assert self.quota is not None
-        delay = 0.5
-        while True:
-            try:
-                await self.quota.store.restore(partitions)
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.error(
-                    "quota_restore_failed_retrying",
-                    extra={"partitions": sorted(partitions), "error": repr(exc)[:300]},
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-
-    async def on_revoked(self, partitions: set[Partition]) -> None:
-        # First: records still waiting for an intake slot must not start on these.
-        self.assigned -= partitions
-        if self.intake is not None and partitions:
-            await self.intake.revoke(partitions, self.settings.intake.shutdown_grace_s)
-        if self.quota is not None:
-            numbers = {p for _, p in partitions}
-            for number in numbers:
-                try:
-                    await self.quota.store.persist(number)
-                except Exception as exc:
-                    log.warning("quota_persist_on_revoke_failed", extra={"error": repr(exc)[:300]})
-            self.quota.store.forget(numbers)
-
 
 def in_flight_bound(settings: Settings, info: EngineInfo) -> int:
     """`intake.max_in_flight`, or 4x the engine's batch capacity (at least 32).
@@ -255,17 +207,6 @@ def in_flight_bound(settings: Settings, info: EngineInfo) -> int:
     capacity = info.details.get("max_batch_size", 1)
     batch = capacity if isinstance(capacity, int) and capacity > 0 else 1
     return max(32, 4 * batch)
-
-
-class _Rebalance(ConsumerRebalanceListener):
-    def __init__(self, service: Service) -> None:
-        self._service = service
-
-    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        await self._service.on_revoked({(tp.topic, tp.partition) for tp in revoked})
-
-    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        await self._service.on_assigned({(tp.topic, tp.partition) for tp in assigned})
 
 
 async def _lenient_headers(record: Any, original: Callable[[Any], Awaitable[Any]]) -> Any:
@@ -320,7 +261,7 @@ def make_broker(settings: Settings, service: Service | None = None) -> KafkaBrok
         session_timeout_ms=kafka.session_timeout_ms,
         heartbeat_interval_ms=kafka.heartbeat_interval_ms,
         max_poll_interval_ms=kafka.max_poll_interval_ms,
-        listener=_Rebalance(service) if service is not None else None,
+        listener=service.owner if service is not None else None,
         # Our `reply_to` header is ours to honour; FastStream must not answer it too.
         no_reply=True,
         decoder=_raw_record,
@@ -338,9 +279,10 @@ def make_broker(settings: Settings, service: Service | None = None) -> KafkaBrok
         """Hand the record to the intake; offsets are committed by the intake, not here."""
         if service is None:
             raise RuntimeError("documentation-only broker")
-        if service.consumer is None:
-            service.consumer = subscriber.consumer
         await service.submit(record)
+
+    if service is not None:
+        service.bind_subscriber(subscriber)
 
     # Documentation of what the service publishes (it sends through its own producer,
     # so offsets can wait for the broker's acknowledgement).
@@ -385,6 +327,7 @@ def build_app(
         broker,
         asgi_routes=routes,
         on_startup=[service.start],
+        after_startup=[service.after_broker_started],
         on_shutdown=[service.stop],
     )
     app.context.set_global("service", service)

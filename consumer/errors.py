@@ -1,9 +1,15 @@
-"""Domain errors with a wire `code`; `error_info` is the one place they become reply errors."""
+"""The two error families: reply errors (a wire `code`, turned into an error reply in one
+place, `pipeline.respond.error_reply`) and infrastructure errors (the broker, the disk, the
+state store: retried or fatal, never a reply)."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any, ClassVar
+
+from schemas.replies import HTTP_STATUS
+
+# ── reply errors ──
 
 
 class OpstreamError(Exception):
@@ -14,7 +20,6 @@ class OpstreamError(Exception):
     """
 
     code: ClassVar[str] = "internal"
-    http_status: ClassVar[int] = 500
     retryable: bool = False
 
     def __init__(self, message: str, *, retryable: bool | None = None, **details: Any) -> None:
@@ -24,26 +29,35 @@ class OpstreamError(Exception):
             self.retryable = retryable
         self.details = details
 
+    @property
+    def http_status(self) -> int:
+        """The HTTP status users know for this code (the contract's one map)."""
+        return HTTP_STATUS[self.code]
+
 
 class ValidationFailed(OpstreamError):
     """The request is malformed or out of bounds (HTTP 422)."""
 
     code = "validation"
-    http_status = 422
 
 
 class Unauthorized(OpstreamError):
     """The request's signature is missing, wrong, stale or for another tenant (HTTP 403)."""
 
     code = "unauthorized"
-    http_status = 403
+
+
+class DuplicateRequest(OpstreamError):
+    """Another request already used this request_id (HTTP 409); `original_status` says how
+    that one ended."""
+
+    code = "duplicate_request"
 
 
 class QuotaExceeded(OpstreamError):
     """The tenant has used up a daily limit (HTTP 429)."""
 
     code = "quota_exceeded"
-    http_status = 429
 
     def __init__(
         self,
@@ -60,36 +74,30 @@ class QuotaExceeded(OpstreamError):
         )
 
 
-class DuplicateRequest(OpstreamError):
-    """Another request already used this request_id (HTTP 409); `original_status` says how
-    that one ended."""
-
-    code = "duplicate_request"
-    http_status = 409
-
-
 class DeadlineExceeded(OpstreamError):
     """The request's deadline passed before it could run (HTTP 504)."""
 
     code = "deadline_exceeded"
-    http_status = 504
-
-
-class Overloaded(OpstreamError):
-    """The service cannot take the request now; try again later (HTTP 503)."""
-
-    code = "overloaded"
-    http_status = 503
-    retryable = True
 
 
 class InternalError(OpstreamError):
-    """Something failed on our side (HTTP 500)."""
+    """Something failed on our side while serving the request (HTTP 500)."""
 
     code = "internal"
-    http_status = 500
 
 
-class TopicMissing(Exception):
-    """A record's destination topic does not exist or may not be written (not a reply error:
-    the record is dead-lettered instead, so its partition moves on)."""
+# ── infrastructure errors ──
+
+
+class InfrastructureError(Exception):
+    """A dependency failed (broker, disk, state store); `retryable` says whether waiting
+    and trying again can help. Never sent to a requester as such."""
+
+    retryable: bool = True
+
+
+class TopicMissing(InfrastructureError):
+    """A record's destination topic does not exist or may not be written (the record is
+    dead-lettered instead, so its partition moves on)."""
+
+    retryable = False

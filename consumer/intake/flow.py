@@ -9,7 +9,7 @@ from typing import TypeVar
 
 from consumer.bus.records import InboundRecord
 from consumer.intake.offsets import OffsetTracker, Partition
-from consumer.pipeline.processor import Outcome
+from consumer.pipeline.outcome import Outcome
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,21 @@
+"""The operations of the contract, one module each, found by name (`operation_of`)."""
+
+from __future__ import annotations
+
+from consumer.operations.base import AnyRequest, Operation, Prompt, Result, Served
+from consumer.operations.chat import Chat
+from consumer.operations.classify import Classify
+from consumer.operations.summarize import Summarize
+from consumer.operations.translate import Translate
+
+OPERATIONS: dict[str, Operation] = {
+    op.name: op for op in (Summarize(), Translate(), Classify(), Chat())
+}
+
+
+def operation_of(request: AnyRequest) -> Operation:
+    """The operation that serves `request`."""
+    return OPERATIONS[request.operation]
+
+
+__all__ = ["OPERATIONS", "AnyRequest", "Operation", "Prompt", "Result", "Served", "operation_of"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from consumer.pipeline.processor import Outcome
+from consumer.pipeline.outcome import Outcome
 from schemas.usage import UsageRow
 
 IDENTIFIER_MAX_CHARS = 256  # schemas.usage.Identifier

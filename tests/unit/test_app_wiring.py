@@ -9,7 +9,7 @@ import pytest
 from consumer.app import in_flight_bound
 from consumer.bus.records import InboundRecord
 from consumer.engine.base import EngineInfo
-from consumer.pipeline.processor import Outcome
+from consumer.pipeline.outcome import Outcome
 from consumer.settings import Settings
 from consumer.usage.rows import usage_row
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from consumer.bus.records import InboundRecord
 from consumer.intake.flow import Intake
 from consumer.intake.offsets import Partition
-from consumer.pipeline.processor import Outcome
+from consumer.pipeline.outcome import Outcome
 
 TOPIC = "ops.requests.v1"
 P0: Partition = (TOPIC, 0)

@@ -8,19 +8,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consumer.operations.prompts import (
-    DEFAULT_MAX_TOKENS,
-    chat_prompt,
-    classify_prompt,
-    language_name,
-    normalise_label_scores,
-    output_budget,
-    parse_summary,
-    parse_translation,
-    split_sentences,
-    summarize_prompt,
-    translate_prompt,
-)
+from consumer.operations import OPERATIONS
+from consumer.operations.base import output_budget
+from consumer.operations.chat import chat_prompt
+from consumer.operations.classify import classify_prompt, normalise_label_scores
+from consumer.operations.languages import language_name
+from consumer.operations.summarize import parse_summary, split_sentences, summarize_prompt
+from consumer.operations.translate import parse_translation, translate_prompt
 from schemas.requests import ChatRequest, ClassifyRequest, SummarizeRequest, TranslateRequest
 
 # ── prompts ──
@@ -80,11 +74,19 @@ def test_chat_prompt_passes_the_conversation_and_sampling_through() -> None:
 
 
 def test_output_budget_uses_defaults_and_caps() -> None:
-    assert output_budget("summarize", None) == DEFAULT_MAX_TOKENS["summarize"]
-    assert output_budget("summarize", 40) == 40
-    assert output_budget("classify", 1000) == 64
-    assert output_budget("chat", 5000, configured_cap=1024) == 1024
-    assert output_budget("chat", None, configured_cap=100) == 100
+    summarize = OPERATIONS["summarize"].default_max_tokens
+    assert output_budget("summarize", summarize, None) == summarize
+    assert output_budget("summarize", summarize, 40) == 40
+    assert output_budget("classify", 16, 1000) == 64
+    assert output_budget("chat", 512, 5000, configured_cap=1024) == 1024
+    assert output_budget("chat", 512, None, configured_cap=100) == 100
+
+
+def test_every_operation_of_the_contract_has_one_module() -> None:
+    from schemas.requests import OPERATION_LIMITS
+
+    assert set(OPERATIONS) == set(OPERATION_LIMITS)
+    assert all(op.name == name for name, op in OPERATIONS.items())
 
 
 @pytest.mark.parametrize(

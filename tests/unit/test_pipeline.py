@@ -22,7 +22,7 @@ from consumer.bus.records import (
     REPLY_TO,
     InboundRecord,
 )
-from consumer.pipeline.processor import RequestProcessor
+from consumer.pipeline import RequestProcessor
 from consumer.settings import OperationLimits
 from schemas.replies import OperationReply
 from tests.support.fake_engine import FakeEngine
