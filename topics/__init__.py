@@ -1,6 +1,6 @@
-"""Topic names, partition counts, configs and the idempotent bootstrap."""
+"""What exists on the bus: topic names, partition counts and configs (`topics.catalog`), and
+the idempotent bootstrap that creates them (`topics.ensure`, which needs a broker client)."""
 
 from topics.catalog import TopicSettings, TopicSpec, core_topics
-from topics.ensure import EnsureResult, ensure_topics
 
-__all__ = ["EnsureResult", "TopicSettings", "TopicSpec", "core_topics", "ensure_topics"]
+__all__ = ["TopicSettings", "TopicSpec", "core_topics"]

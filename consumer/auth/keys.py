@@ -7,11 +7,10 @@ import json
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
-from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, Protocol
+from typing import Any, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, ValidationError
+from pydantic import SecretStr, ValidationError
 
 from consumer.auth.signature import (
     ID_PATTERN,
@@ -26,53 +25,9 @@ from consumer.auth.signature import (
     compute_signature,
 )
 from consumer.errors import Unauthorized
+from consumer.settings.auth import TENANT_KEYS, AuthSettings, TenantKey, TenantKeys
 
 MIN_SECRET_CHARS = 16
-
-IdStr = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
-
-
-class TenantKey(BaseModel):
-    """One signing key of a tenant. A tenant has several while a key is rotated."""
-
-    # A failed validation must not echo a secret back into a log or a terminal.
-    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
-
-    key_id: IdStr
-    # Length is checked by `KeyRing`, not here: a failed field check would print the value.
-    secret: SecretStr
-    created_at: datetime | None = None
-
-
-TenantKeys = dict[IdStr, list[TenantKey]]
-_TENANT_KEYS = TypeAdapter(TenantKeys, config=ConfigDict(hide_input_in_errors=True))
-
-
-class AuthSettings(BaseModel):
-    """How requests prove their tenant (`Settings.auth`, env `OPSTREAM_AUTH__*`).
-
-    `keys` is tenant → [{key_id, secret}], e.g.
-    `OPSTREAM_AUTH__KEYS='{"acme": [{"key_id": "key_1", "secret": "..."}]}'`; it is merged
-    with `keys_file` (same shape, TOML or JSON). Key ids are unique across all tenants.
-    """
-
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
-
-    required: bool = Field(
-        default=True, description="False disables signature checks; only the dev profile may."
-    )
-    keys_file: Path | None = Field(
-        default=None, description="TOML or JSON file: tenant → list of {key_id, secret}."
-    )
-    keys: TenantKeys = Field(default_factory=dict)
-    max_skew_s: int = Field(
-        default=300, ge=1, le=86_400, description="Accepted clock difference, ± seconds."
-    )
-    accept_v1_signatures: bool = Field(
-        default=True,
-        description="Accept scheme opstream-hmac-v1 (does not sign the reply route) during "
-        "the migration to v2; set false once every producer signs v2.",
-    )
 
 
 class SettingsWithAuth(Protocol):
@@ -113,7 +68,7 @@ def read_keys_file(path: Path) -> TenantKeys:
         # Parser messages can quote the offending line, which may hold a secret.
         raise ValueError(f"keys file {path} is not valid {_format_name(path)}") from None
     try:
-        return _TENANT_KEYS.validate_python(data)
+        return TENANT_KEYS.validate_python(data)
     except ValidationError as exc:
         raise ValueError(f"keys file {path}: {_describe(exc)}") from None
 

@@ -8,10 +8,10 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
-from consumer.errors import InternalError
+from consumer.errors import InfrastructureError
 
 
-class TopicUnavailable(InternalError):
+class TopicUnavailable(InfrastructureError):
     """A quota topic is missing or has the wrong shape (run `opstream topics ensure`)."""
 
     retryable = True

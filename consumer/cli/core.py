@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from consumer.cli.table import print_table
 from consumer.settings import Settings
 
 _SubParsers = "argparse._SubParsersAction[argparse.ArgumentParser]"
@@ -225,16 +226,17 @@ async def ensure_all_topics(settings: Settings) -> list[Any]:
 
 
 def _report_topics(results: list[Any], settings: Settings) -> int:
-    width = max(len(r.name) for r in results)
     bad = 0
+    rows = []
     for r in results:
         note = ""
         if r.action == "exists-different-partitions":
-            note = f" (expected {r.expected_partitions})"
+            note = f"expected {r.expected_partitions}"
             if r.name in (settings.topics.requests, settings.quota.state_topic):
                 bad += 1
                 note += ": requests and quota state must have the same partition count"
-        print(f"{r.name:<{width}}  {r.action:<28} partitions={r.partitions}{note}")
+        rows.append([r.name, r.action, r.partitions, note])
+    print_table(["TOPIC", "ACTION", "PARTITIONS", "NOTE"], rows, right={2})
     return 1 if bad else 0
 
 
@@ -343,7 +345,8 @@ async def _announce_when_ready(service: Any, announce: Any) -> None:
 def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
     """Embedded broker (when none is configured), topics, consumer; Ctrl-C stops all of it."""
     from consumer.bus.devbroker import start_local_broker
-    from consumer.observability.logging import LoggingSettings, configure_logging
+    from consumer.observability.logging import configure_logging
+    from consumer.settings.observability import LoggingSettings
 
     logging_settings = settings.logging
     if "format" not in settings.logging.model_fields_set:

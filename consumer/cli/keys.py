@@ -19,6 +19,7 @@ from consumer.auth.keys import (
     read_keys_file,
 )
 from consumer.auth.signature import ID_PATTERN, SCHEME, SIGNATURE_HEADERS
+from consumer.cli.table import print_table
 
 
 def register(
@@ -99,7 +100,7 @@ def keys_new(args: argparse.Namespace, settings: SettingsWithAuth) -> int:
 
 
 def keys_list(args: argparse.Namespace, settings: SettingsWithAuth) -> int:
-    """Print `tenant key_id created_at` lines from the keys file."""
+    """Print a table of tenant, key id and creation time from the keys file (no secrets)."""
     path = _keys_file(args, settings)
     if path is None:
         return 2
@@ -108,10 +109,14 @@ def keys_list(args: argparse.Namespace, settings: SettingsWithAuth) -> int:
     except (ValueError, OSError) as exc:
         print(f"opstream keys list: {exc}", file=sys.stderr)
         return 1
-    for tenant_id in sorted(tenants):
-        for key in tenants[tenant_id]:
-            created = key.created_at.isoformat() if key.created_at else "-"
-            print(f"{tenant_id}\t{key.key_id}\t{created}")
+    print_table(
+        ["TENANT", "KEY ID", "CREATED"],
+        [
+            [tenant_id, key.key_id, key.created_at.isoformat() if key.created_at else "-"]
+            for tenant_id in sorted(tenants)
+            for key in tenants[tenant_id]
+        ],
+    )
     return 0
 
 

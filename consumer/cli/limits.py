@@ -13,17 +13,19 @@ from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from consumer.bus.topic_reader import TopicUnavailable
+from consumer.cli.table import print_table
 from consumer.quota.arithmetic import (
     KEEP,
     Keep,
     LimitBook,
     OverrideValue,
     day_of,
+    limit_defaults,
     merge_override,
 )
 from consumer.quota.control import LimitCommandPublisher, load_limit_book
-from consumer.quota.settings import QuotaHostSettings
 from consumer.quota.store import make_state_producer, offset_clock
+from consumer.settings import Settings
 from schemas.limits import ALL_TENANTS, OPERATIONS, TOTAL, UNLIMITED
 
 _SCOPES = (*OPERATIONS, TOTAL)
@@ -91,7 +93,7 @@ def register(
     reset.set_defaults(func=reset_usage)
 
 
-def _bootstrap(settings: QuotaHostSettings) -> str | None:
+def _bootstrap(settings: Settings) -> str | None:
     servers = settings.kafka.bootstrap_servers
     if not servers:
         print(
@@ -102,9 +104,9 @@ def _bootstrap(settings: QuotaHostSettings) -> str | None:
     return servers
 
 
-async def _load_book(settings: QuotaHostSettings, servers: str) -> LimitBook:
+async def _load_book(settings: Settings, servers: str) -> LimitBook:
     return await load_limit_book(
-        settings.quota.limit_defaults(),
+        limit_defaults(settings.quota),
         bootstrap_servers=servers,
         topic=settings.quota.control_topic,
         fetch_max_wait_ms=min(settings.kafka.fetch_max_wait_ms, 100),
@@ -153,14 +155,21 @@ def _print_rows(rows: list[dict[str, Any]], as_json: bool) -> None:
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"{'TENANT':<24} {'OPERATION':<10} {'DAILY REQUESTS':<28} {'DAILY TOKENS':<28}")
-    for row in rows:
-        requests = f"{_fmt(row['daily_requests'])} ({row['daily_requests_from']})"
-        tokens = f"{_fmt(row['daily_tokens'])} ({row['daily_tokens_from']})"
-        print(f"{row['tenant_id']:<24} {row['operation']:<10} {requests:<28} {tokens:<28}")
+    print_table(
+        ["TENANT", "OPERATION", "DAILY REQUESTS", "DAILY TOKENS"],
+        [
+            [
+                row["tenant_id"],
+                row["operation"],
+                f"{_fmt(row['daily_requests'])} ({row['daily_requests_from']})",
+                f"{_fmt(row['daily_tokens'])} ({row['daily_tokens_from']})",
+            ]
+            for row in rows
+        ],
+    )
 
 
-def show_limits(args: argparse.Namespace, settings: QuotaHostSettings) -> int:
+def show_limits(args: argparse.Namespace, settings: Settings) -> int:
     """`opstream limits show`: effective limits as the control topic says now."""
     servers = _bootstrap(settings)
     if not servers:
@@ -174,7 +183,7 @@ def show_limits(args: argparse.Namespace, settings: QuotaHostSettings) -> int:
     return _run(run())
 
 
-def set_limits(args: argparse.Namespace, settings: QuotaHostSettings) -> int:
+def set_limits(args: argparse.Namespace, settings: Settings) -> int:
     """`opstream limits set`: publish an override; every instance applies it."""
     servers = _bootstrap(settings)
     if not servers:
@@ -211,7 +220,7 @@ def set_limits(args: argparse.Namespace, settings: QuotaHostSettings) -> int:
     return _run(run())
 
 
-def reset_usage(args: argparse.Namespace, settings: QuotaHostSettings) -> int:
+def reset_usage(args: argparse.Namespace, settings: Settings) -> int:
     """`opstream limits reset`: the tenant's counters for the day start again from zero."""
     servers = _bootstrap(settings)
     if not servers:

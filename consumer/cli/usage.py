@@ -9,17 +9,26 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import pyarrow as pa
 
+from consumer.cli.table import format_table
 from consumer.settings import Settings
 from consumer.usage.catalog import ensure_catalog
 from consumer.usage.compaction import compact_closed_hours
 from consumer.usage.report import (
+    display_rows,
     draw_tokens_chart,
     format_csv,
-    format_table,
     run_query,
     usage_report,
 )
+
+
+def format_result(table: pa.Table) -> str:
+    """A query result as the CLI's table, numbers right-aligned, then its row count."""
+    rows, numeric = display_rows(table)
+    count = f"({table.num_rows} row{'s' if table.num_rows != 1 else ''})"
+    return format_table(table.column_names, rows, right=numeric) + "\n" + count
 
 
 def _usage_dir_override(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
@@ -42,7 +51,7 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     """Print a usage summary; optionally draw tokens per tenant per day."""
     try:
         table = usage_report(settings.usage, args.by, args.since, args.tenant)
-        print(format_table(table))
+        print(format_result(table))
         if args.chart is not None:
             tenants = draw_tokens_chart(settings.usage, args.chart, args.since, args.tenant)
             print(f"chart: {args.chart} ({tenants} tenant series)")
@@ -62,7 +71,7 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
     if args.format == "csv":
         print(format_csv(table), end="")
     else:
-        print(format_table(table))
+        print(format_result(table))
     return 0
 
 

@@ -13,12 +13,9 @@ import logging
 import logging.handlers
 import sys
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
-LevelName = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+from consumer.settings.observability import LoggingSettings
 
 # Names a caller might use for prompt/completion text or credentials. Dropped, not masked:
 # a masked prompt still leaks its length and shape.
@@ -51,23 +48,6 @@ _RECORD_ATTRIBUTES = frozenset(
     | {"message", "asctime", "taskName", "dropped_fields"}
 )
 _HANDLER_MARK = "_opstream_handler"
-_QUIET_LOGGERS: dict[str, LevelName] = {"aiokafka": "WARNING"}
-
-
-class LoggingSettings(BaseModel):
-    """Log level, format and optional rotating file (`Settings.logging`)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    level: LevelName = "INFO"
-    format: Literal["json", "console"] = "json"
-    file: Path | None = Field(default=None, description="Also write JSON lines here, rotated.")
-    max_bytes: int = Field(default=50 * 1024 * 1024, ge=1024)
-    backups: int = Field(default=5, ge=0, le=1_000)
-    levels: dict[str, LevelName] = Field(
-        default_factory=lambda: dict(_QUIET_LOGGERS),
-        description="Per-logger level overrides, e.g. {'aiokafka': 'WARNING'}.",
-    )
 
 
 def event_fields(record: logging.LogRecord) -> dict[str, Any]:
@@ -167,5 +147,7 @@ def _timestamp(record: logging.LogRecord) -> str:
 
 
 def _console_value(value: Any) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    text = (
+        value if isinstance(value, str) else json.dumps(value, default=str, separators=(",", ":"))
+    )
     return json.dumps(text) if (" " in text or not text) else text

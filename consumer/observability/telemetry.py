@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Literal
 
 from faststream.asgi import AsgiResponse, get
 from faststream.asgi.handlers import GetHandler
@@ -41,7 +40,8 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from pydantic import BaseModel, ConfigDict, Field
+
+from consumer.settings.observability import TelemetrySettings
 
 KafkaHeaders = Sequence[tuple[str, bytes]]
 # (topic, partition) → messages behind the log end offset.
@@ -53,28 +53,6 @@ LATENCY_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000,
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 _PROPAGATOR = TraceContextTextMapPropagator()
-
-
-class TelemetrySettings(BaseModel):
-    """Where traces go and whether metrics are served (`Settings.telemetry`).
-
-    Env: `OPSTREAM_TELEMETRY__OTLP_ENDPOINT=http://otel-collector:4318`, ….
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    service_name: str = "opstream"
-    otlp_endpoint: str | None = Field(
-        default=None,
-        description="OTLP/HTTP base URL, e.g. http://otel-collector:4318 (traces go to "
-        "/v1/traces). Unset: spans are not exported.",
-    )
-    otlp_protocol: Literal["http/protobuf"] = "http/protobuf"
-    otlp_timeout_s: float = Field(default=10.0, gt=0)
-    trace_sample_ratio: float = Field(
-        default=1.0, ge=0.0, le=1.0, description="Share of new traces kept; a sampled parent wins."
-    )
-    prometheus_enabled: bool = Field(default=True, description="Serve GET /metrics.")
 
 
 class _HeaderGetter(Getter[KafkaHeaders]):

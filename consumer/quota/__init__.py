@@ -23,7 +23,6 @@ from consumer.quota.control import (
     load_limit_book,
 )
 from consumer.quota.runtime import QuotaRuntime
-from consumer.quota.settings import DailyLimitSettings, QuotaHostSettings, QuotaSettings
 from consumer.quota.store import (
     PartitionNotRestored,
     QuotaStore,
@@ -32,6 +31,7 @@ from consumer.quota.store import (
     offset_clock,
     utc_now,
 )
+from consumer.settings.quota import DailyLimitSettings, QuotaSettings
 
 __all__ = [
     "KEEP",
@@ -44,7 +44,6 @@ __all__ = [
     "LimitsAdminApi",
     "Override",
     "PartitionNotRestored",
-    "QuotaHostSettings",
     "QuotaLedger",
     "QuotaRuntime",
     "QuotaSettings",

@@ -1,22 +1,23 @@
-"""The admin HTTP API for limits (GET/PUT /limits, GET /limits/usage) as plain ASGI apps."""
+"""The admin HTTP API for limits (GET/PUT /limits, GET /limits/usage) as FastStream handlers."""
 
 from __future__ import annotations
 
 import hmac
 import json
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import parse_qs
 
 from aiokafka.errors import KafkaError
-from faststream.asgi import AsgiResponse
+from faststream.asgi import AsgiResponse, HttpHandler, Request
+from faststream.asgi.request import AsgiRequest, ClientDisconnectError
+from faststream.asgi.types import Receive, Scope, Send
 from pydantic import BaseModel, ValidationError
 
 from consumer.quota.arithmetic import KEEP, Keep, OverrideValue, merge_override, remaining
 from consumer.quota.control import LimitCommandPublisher, LimitFollower
-from consumer.quota.settings import QuotaHostSettings
 from consumer.quota.store import QuotaStore
+from consumer.settings import Settings
 from schemas.limits import (
     ALL_TENANTS,
     OPERATIONS,
@@ -30,12 +31,6 @@ from schemas.limits import (
 )
 
 log = logging.getLogger(__name__)
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 MAX_BODY_BYTES = 64 * 1024
 
@@ -66,32 +61,39 @@ def _json(
     )
 
 
-def _query(scope: Scope) -> dict[str, str]:
-    raw = scope.get("query_string", b"").decode("latin-1")
-    return {k: v[-1] for k, v in parse_qs(raw).items()}
+class AdminHandler(HttpHandler):
+    """FastStream's HTTP handler, answering a method it does not serve with a JSON error."""
+
+    def __init__(
+        self, func: Callable[[AsgiRequest], Awaitable[AsgiResponse]], *methods: str
+    ) -> None:
+        super().__init__(func, methods=methods, include_in_schema=False)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] in self.methods:
+            await super().__call__(scope, receive, send)
+            return
+        allow = {"Allow": ", ".join(self.methods)}
+        await _json(ErrorResponse(error="method not allowed"), 405, allow)(scope, receive, send)
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", ()):
-        if key.lower() == name:
-            return str(value.decode("latin-1"))
-    return None
+def _query(request: AsgiRequest, name: str) -> str | None:
+    values = request.query_params.get(name)
+    return values[-1] if values else None
 
 
-async def _read_body(receive: Receive) -> bytes:
+async def _read_body(request: AsgiRequest) -> bytes:
     chunks: list[bytes] = []
     size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _HttpError(400, "client disconnected")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise _HttpError(413, "request body too large", {"max_bytes": MAX_BODY_BYTES})
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise _HttpError(413, "request body too large", {"max_bytes": MAX_BODY_BYTES})
+            chunks.append(chunk)
+    except ClientDisconnectError as exc:
+        raise _HttpError(400, "client disconnected") from exc
+    return b"".join(chunks)
 
 
 class LimitsAdminApi:
@@ -101,7 +103,7 @@ class LimitsAdminApi:
         self,
         store: QuotaStore,
         publisher: LimitCommandPublisher,
-        settings: QuotaHostSettings,
+        settings: Settings,
         follower: LimitFollower | None = None,
     ) -> None:
         self.store = store
@@ -113,45 +115,33 @@ class LimitsAdminApi:
             "chat": (settings.limits.chat_max_input_chars, settings.limits.chat_max_output_tokens),
         }
 
-    async def limits(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def limits(self, request: Request) -> AsgiResponse:
         """GET /limits (effective limits) and PUT /limits (change one override)."""
-        await self._serve(scope, receive, send, {"GET": self._get_limits, "PUT": self._put_limits})
+        put = request.method == "PUT"
+        return await self._answer(request, self._put_limits if put else self._get_limits)
 
-    async def usage(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def usage(self, request: Request) -> AsgiResponse:
         """GET /limits/usage: today's counts and what is left, per tenant and operation."""
-        await self._serve(scope, receive, send, {"GET": self._get_usage})
+        return await self._answer(request, self._get_usage)
 
     # ── plumbing ──
 
-    async def _serve(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        handlers: dict[str, Callable[[Scope, Receive], Awaitable[AsgiResponse]]],
-    ) -> None:
+    async def _answer(
+        self, request: AsgiRequest, handler: Callable[[AsgiRequest], Awaitable[AsgiResponse]]
+    ) -> AsgiResponse:
         try:
-            handler = handlers.get(scope.get("method", ""))
-            if handler is None:
-                response = _json(
-                    ErrorResponse(error="method not allowed"),
-                    405,
-                    {"Allow": ", ".join(handlers)},
-                )
-            else:
-                self._authorize(scope)
-                response = await handler(scope, receive)
+            self._authorize(request)
+            return await handler(request)
         except _HttpError as exc:
             headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-            response = _json(ErrorResponse(error=exc.error, detail=exc.detail), exc.status, headers)
-        await response(scope, receive, send)
+            return _json(ErrorResponse(error=exc.error, detail=exc.detail), exc.status, headers)
 
-    def _authorize(self, scope: Scope) -> None:
+    def _authorize(self, request: AsgiRequest) -> None:
         if self.admin_key is None:
             raise _HttpError(403, "admin API disabled", "set OPSTREAM_QUOTA__ADMIN_KEY to enable")
-        given = _header(scope, b"x-admin-key")
+        given = request.headers.get("x-admin-key")
         if given is None:
-            auth = _header(scope, b"authorization") or ""
+            auth = request.headers.get("authorization", "")
             scheme, _, token = auth.partition(" ")
             given = token.strip() if scheme.lower() == "bearer" else None
         expected = self.admin_key.get_secret_value().encode()
@@ -160,12 +150,11 @@ class LimitsAdminApi:
 
     # ── handlers ──
 
-    async def _get_limits(self, scope: Scope, receive: Receive) -> AsgiResponse:
-        tenant = _query(scope).get("tenant_id")
-        return _json(self._limits_response(tenant))
+    async def _get_limits(self, request: AsgiRequest) -> AsgiResponse:
+        return _json(self._limits_response(_query(request, "tenant_id")))
 
-    async def _put_limits(self, scope: Scope, receive: Receive) -> AsgiResponse:
-        body = await _read_body(receive)
+    async def _put_limits(self, request: AsgiRequest) -> AsgiResponse:
+        body = await _read_body(request)
         try:
             update = UpdateLimitRequest.model_validate_json(body)
         except ValidationError as exc:
@@ -190,14 +179,16 @@ class LimitsAdminApi:
                 issued_by="admin-api",
             )
         except KafkaError as exc:
-            log.error("quota.admin_publish_failed error=%r", exc)
+            log.error("quota_admin_publish_failed", extra={"error": repr(exc)[:300]})
             raise _HttpError(503, "control topic unavailable", repr(exc)) from exc
         log.info(
-            "quota.admin_limits_set tenant_id=%s operation=%s requests=%s tokens=%s",
-            update.tenant_id,
-            update.operation,
-            merged.requests,
-            merged.tokens,
+            "quota_admin_limits_set",
+            extra={
+                "tenant_id": update.tenant_id,
+                "operation": update.operation,
+                "requests": merged.requests,
+                "tokens": merged.tokens,
+            },
         )
         if self.follower is not None:
             try:
@@ -206,12 +197,11 @@ class LimitsAdminApi:
                 raise _HttpError(504, "limit published but not applied here yet") from exc
         return _json(self._limits_response(update.tenant_id))
 
-    async def _get_usage(self, scope: Scope, receive: Receive) -> AsgiResponse:
-        tenant = _query(scope).get("tenant_id")
+    async def _get_usage(self, request: AsgiRequest) -> AsgiResponse:
         try:
-            rows = await self.store.usage(tenant_id=tenant)
+            rows = await self.store.usage(tenant_id=_query(request, "tenant_id"))
         except (KafkaError, TimeoutError) as exc:
-            log.error("quota.admin_usage_failed error=%r", exc)
+            log.error("quota_admin_usage_failed", extra={"error": repr(exc)[:300]})
             raise _HttpError(503, "state topic unavailable", repr(exc)) from exc
         return _json(
             UsageResponse(
@@ -261,12 +251,16 @@ class LimitsAdminApi:
 def admin_routes(
     store: QuotaStore,
     control_publisher: LimitCommandPublisher,
-    settings: QuotaHostSettings,
+    settings: Settings,
     follower: LimitFollower | None = None,
-) -> list[tuple[str, ASGIApp]]:
+) -> list[tuple[str, AdminHandler]]:
     """Routes to add to `AsgiFastStream(asgi_routes=...)`: /limits and /limits/usage.
 
-    Pass the instance's `follower` so PUT /limits answers after the change is applied.
+    Serve them through that app: it is what hands each handler its `Request`. Pass the
+    instance's `follower` so PUT /limits answers after the change is applied.
     """
     api = LimitsAdminApi(store, control_publisher, settings, follower)
-    return [("/limits", api.limits), ("/limits/usage", api.usage)]
+    return [
+        ("/limits", AdminHandler(api.limits, "GET", "PUT")),
+        ("/limits/usage", AdminHandler(api.usage, "GET")),
+    ]

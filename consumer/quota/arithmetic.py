@@ -10,6 +10,7 @@ from typing import Literal
 from aiokafka.partitioner import murmur2
 
 from consumer.errors import DuplicateRequest, QuotaExceeded
+from consumer.settings.quota import QuotaSettings
 from schemas.limits import ALL_TENANTS, TOTAL, UNLIMITED, QuotaCharge, charge_key
 
 Metric = Literal["requests", "tokens"]
@@ -19,6 +20,24 @@ Source = Literal["settings", "all-tenants", "tenant"]
 
 
 # ── limits ──
+
+
+def limit_defaults(settings: QuotaSettings) -> LimitDefaults:
+    """The settings layer of the limit book."""
+    per_operation = {
+        name: DailyCap(
+            requests=op.requests
+            if "requests" in op.model_fields_set
+            else settings.default_daily_requests,
+            tokens=op.tokens if "tokens" in op.model_fields_set else settings.default_daily_tokens,
+        )
+        for name, op in settings.operation_defaults.items()
+    }
+    return LimitDefaults(
+        operation=DailyCap(settings.default_daily_requests, settings.default_daily_tokens),
+        per_operation=per_operation,
+        total=DailyCap(settings.total_daily_requests, settings.total_daily_tokens),
+    )
 
 
 @dataclass(frozen=True, slots=True)

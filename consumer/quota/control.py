@@ -50,7 +50,10 @@ def apply_control_record(book: LimitBook, key: bytes | None, value: bytes | None
         command = _commands.validate_json(value)
     except ValidationError as exc:
         if any(f'"{kind}"' in value.decode(errors="replace") for kind in LIMIT_COMMAND_KINDS):
-            log.warning("quota.control_record_invalid key=%r errors=%d", key, exc.error_count())
+            log.warning(
+                "quota_control_record_invalid",
+                extra={"key": (key or b"").decode(errors="replace"), "errors": exc.error_count()},
+            )
         return False
     if isinstance(command, SetLimits):
         book.set_override(
@@ -163,7 +166,7 @@ class LimitFollower:
         self._consumer = consumer
         self._task = asyncio.create_task(self._follow(), name="quota-limit-follower")
         self._task.add_done_callback(self._report_stop)
-        log.info("quota.control_caught_up topic=%s commands=%d", self.topic, count)
+        log.info("quota_control_caught_up", extra={"topic": self.topic, "commands": count})
 
     async def stop(self) -> None:
         """Stop following and close the consumer."""
@@ -184,7 +187,7 @@ class LimitFollower:
     def _report_stop(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
             # Limits would silently stop changing on this instance: make it loud.
-            log.error("quota.control_follower_died error=%r", task.exception())
+            log.error("quota_control_follower_died", extra={"error": repr(task.exception())[:300]})
 
     async def _follow(self) -> None:
         consumer = self._consumer
@@ -194,13 +197,16 @@ class LimitFollower:
                 batches = await consumer.getmany(timeout_ms=1000)
             except KafkaError as exc:
                 # Transient broker trouble must not stop limits from applying; retry.
-                log.warning("quota.control_fetch_failed error=%r", exc)
+                log.warning("quota_control_fetch_failed", extra={"error": repr(exc)[:300]})
                 await asyncio.sleep(1.0)
                 continue
             for tp, records in batches.items():
                 for record in records:
                     if apply_control_record(self.book, record.key, record.value):
-                        log.info("quota.limit_command_applied key=%r", record.key)
+                        log.info(
+                            "quota_limit_command_applied",
+                            extra={"key": (record.key or b"").decode(errors="replace")},
+                        )
                     self._positions[tp.partition] = record.offset + 1
             if batches:
                 async with self._progress:

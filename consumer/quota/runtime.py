@@ -7,11 +7,11 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
-from consumer.quota.admin import ASGIApp, admin_routes
-from consumer.quota.arithmetic import LimitBook
+from consumer.quota.admin import AdminHandler, admin_routes
+from consumer.quota.arithmetic import LimitBook, limit_defaults
 from consumer.quota.control import LimitCommandPublisher, LimitFollower
-from consumer.quota.settings import QuotaHostSettings
 from consumer.quota.store import Clock, QuotaStore, make_state_producer, offset_clock
+from consumer.settings import Settings
 
 
 class QuotaRuntime:
@@ -24,7 +24,7 @@ class QuotaRuntime:
 
     def __init__(
         self,
-        settings: QuotaHostSettings,
+        settings: Settings,
         *,
         producer: AIOKafkaProducer | None = None,
         clock: Clock | None = None,
@@ -35,7 +35,7 @@ class QuotaRuntime:
             raise ValueError("quotas need kafka.bootstrap_servers")
         quota = settings.quota
         self.settings = settings
-        self.book = LimitBook(quota.limit_defaults())
+        self.book = LimitBook(limit_defaults(quota))
         self._owns_producer = producer is None
         self.producer = producer or make_state_producer(servers, client_options=client_options)
         self.follower = LimitFollower(
@@ -69,6 +69,6 @@ class QuotaRuntime:
         if self._owns_producer:
             await self.producer.stop()
 
-    def admin_routes(self) -> list[tuple[str, ASGIApp]]:
+    def admin_routes(self) -> list[tuple[str, AdminHandler]]:
         """The admin HTTP API's routes for `AsgiFastStream(asgi_routes=...)`."""
         return admin_routes(self.store, self.publisher, self.settings, self.follower)

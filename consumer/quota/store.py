@@ -18,7 +18,7 @@ from consumer.bus.topic_reader import (
     standalone_consumer,
     topic_partitions,
 )
-from consumer.errors import InternalError
+from consumer.errors import InfrastructureError
 from consumer.quota.arithmetic import (
     ChargeKey,
     DailyCap,
@@ -30,7 +30,7 @@ from consumer.quota.arithmetic import (
     partition_for_tenant,
     resets_at,
 )
-from consumer.quota.settings import QuotaSettings
+from consumer.settings.quota import QuotaSettings
 from schemas.limits import OPERATIONS, TOTAL, QuotaCharge
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def offset_clock(offset_s: float) -> Clock:
     return lambda: datetime.now(UTC) + shift
 
 
-class PartitionNotRestored(InternalError):
+class PartitionNotRestored(InfrastructureError):
     """A reservation named a partition this store has not restored (or has forgotten)."""
 
     retryable = True
@@ -158,9 +158,8 @@ class QuotaStore:
                     charge = QuotaCharge.model_validate_json(record.value)
                 except ValidationError:
                     log.warning(
-                        "quota.state_record_skipped partition=%s offset=%s",
-                        record.partition,
-                        record.offset,
+                        "quota_state_record_skipped",
+                        extra={"partition": record.partition, "offset": record.offset},
                     )
                     continue
                 fresh[record.partition].load(charge, now)
@@ -169,10 +168,12 @@ class QuotaStore:
             await consumer.stop()
         self._ledgers.update(fresh)
         log.info(
-            "quota.restored partitions=%s records=%d elapsed_ms=%.1f",
-            sorted(partitions),
-            count,
-            (asyncio.get_running_loop().time() - started) * 1000,
+            "quota_restored",
+            extra={
+                "partitions": sorted(partitions),
+                "records": count,
+                "elapsed_ms": round((asyncio.get_running_loop().time() - started) * 1000, 1),
+            },
         )
 
     def forget(self, partitions: set[int]) -> None:
@@ -181,9 +182,8 @@ class QuotaStore:
             ledger = self._ledgers.pop(partition, None)
             if ledger is not None and ledger.dirty_count:
                 log.warning(
-                    "quota.forgot_unpersisted partition=%s charges=%d",
-                    partition,
-                    ledger.dirty_count,
+                    "quota_forgot_unpersisted",
+                    extra={"partition": partition, "charges": ledger.dirty_count},
                 )
 
     # ── the request path ──
@@ -270,7 +270,9 @@ class QuotaStore:
         if failed:
             ledger.mark_dirty(charge for charge, f in mine if id(f) in failed)
             first = next(r for r in results if isinstance(r, Exception))
-            log.error("quota.persist_failed partition=%s error=%r", partition, first)
+            log.error(
+                "quota_persist_failed", extra={"partition": partition, "error": repr(first)[:300]}
+            )
             raise first
 
     # ── views ──

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import duckdb
 
+from consumer.settings.usage import UsageSettings
 from consumer.usage import layout
 from consumer.usage.segments import copy_to_parquet_atomically, ensure_dir, fsync_dir, fsync_file
-from consumer.usage.settings import UsageSettings
 from schemas.usage import USAGE_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def _current_fingerprint(path: Path) -> str | None:
     try:
         conn = duckdb.connect(str(path), read_only=True)
     except duckdb.Error as exc:
-        log.warning("usage.catalog_unreadable path=%s error=%s", path, exc)
+        log.warning("usage_catalog_unreadable", extra={"path": str(path), "error": repr(exc)[:300]})
         return None
     try:
         row = conn.execute(
@@ -149,7 +149,10 @@ def ensure_catalog(settings: UsageSettings) -> Path:
     fsync_file(temp_path)
     os.replace(temp_path, path)
     fsync_dir(root)
-    log.info("usage.catalog_written path=%s storage_version=%s", path, CATALOG_STORAGE_VERSION)
+    log.info(
+        "usage_catalog_written",
+        extra={"path": str(path), "storage_version": CATALOG_STORAGE_VERSION},
+    )
     return path
 
 

@@ -29,10 +29,10 @@ from pathlib import Path
 
 import duckdb
 
+from consumer.settings.usage import UsageSettings
 from consumer.usage import layout
 from consumer.usage.catalog import DEDUP_KEY, DEDUP_ORDER
 from consumer.usage.segments import copy_to_parquet_atomically, fsync_dir
-from consumer.usage.settings import UsageSettings
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def compact_folder(folder: Path, compression: str = "zstd") -> tuple[int, int, i
         try:
             fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log.info("usage.compaction_busy folder=%s", folder)
+            log.info("usage_compaction_busy", extra={"folder": str(folder)})
             raise
         parts = sorted(p for p in folder.iterdir() if layout.is_visible_part(p.name))
         if len(parts) <= 1:
@@ -161,12 +161,14 @@ def compact_closed_hours(
         report.duplicates_dropped += rows_in - rows_out
         report.outputs.append(merged)
         log.info(
-            "usage.compacted folder=%s segments=%d rows=%d duplicates=%d ms=%.0f",
-            folder,
-            segments,
-            rows_out,
-            rows_in - rows_out,
-            (time.perf_counter() - started) * 1000,
+            "usage_compacted",
+            extra={
+                "folder": str(folder),
+                "segments": segments,
+                "rows": rows_out,
+                "duplicates": rows_in - rows_out,
+                "elapsed_ms": round((time.perf_counter() - started) * 1000),
+            },
         )
     return report
 
@@ -202,4 +204,4 @@ class PeriodicCompaction:
                 await asyncio.to_thread(compact_closed_hours, self.settings)
             except (OSError, duckdb.Error) as exc:
                 # A failed pass leaves the segments as they were; the next pass retries.
-                log.error("usage.compaction_failed error=%s: %s", type(exc).__name__, exc)
+                log.error("usage_compaction_failed", extra={"error": repr(exc)[:300]})

@@ -11,8 +11,8 @@ from typing import Any, Literal
 import duckdb
 import pyarrow as pa
 
+from consumer.settings.usage import UsageSettings
 from consumer.usage.catalog import connect_catalog
-from consumer.usage.settings import UsageSettings
 
 ReportBy = Literal["day", "tenant", "operation"]
 REPORT_KEYS: dict[str, str] = {"day": "date", "tenant": "tenant_id", "operation": "operation"}
@@ -93,28 +93,17 @@ def _cells(column: pa.ChunkedArray) -> list[str]:
     return _as_text(column)
 
 
-def format_table(table: pa.Table) -> str:
-    """A fixed-width text table; numbers right-aligned."""
-    headers = list(table.column_names)
+def display_rows(table: pa.Table) -> tuple[list[list[str]], set[int]]:
+    """The rows as display text (numbers with thousands separators) and the numeric columns."""
     columns = [_cells(table.column(i)) for i in range(table.num_columns)]
-    numeric = [
-        pa.types.is_integer(f.type) or pa.types.is_floating(f.type) or pa.types.is_decimal(f.type)
-        for f in table.schema
-    ]
-    widths = [
-        max([len(h), *(len(c) for c in cells)]) for h, cells in zip(headers, columns, strict=True)
-    ]
-
-    def line(values: list[str]) -> str:
-        return "  ".join(
-            v.rjust(w) if num else v.ljust(w)
-            for v, w, num in zip(values, widths, numeric, strict=True)
-        ).rstrip()
-
-    out = [line(headers), line(["-" * w for w in widths])]
-    out.extend(line([col[r] for col in columns]) for r in range(table.num_rows))
-    out.append(f"({table.num_rows} row{'s' if table.num_rows != 1 else ''})")
-    return "\n".join(out)
+    numeric = {
+        i
+        for i, f in enumerate(table.schema)
+        if pa.types.is_integer(f.type)
+        or pa.types.is_floating(f.type)
+        or pa.types.is_decimal(f.type)
+    }
+    return [[col[r] for col in columns] for r in range(table.num_rows)], numeric
 
 
 def format_csv(table: pa.Table) -> str:

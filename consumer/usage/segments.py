@@ -154,10 +154,12 @@ class SegmentWriter:
         finally:
             self._conn.unregister("usage_batch")
         log.debug(
-            "usage.segment_written path=%s rows=%d ms=%.1f",
-            final_path,
-            len(rows),
-            (time.perf_counter() - started) * 1000,
+            "usage_segment_written",
+            extra={
+                "path": str(final_path),
+                "rows": len(rows),
+                "elapsed_ms": round((time.perf_counter() - started) * 1000, 1),
+            },
         )
         return final_path
 

@@ -10,12 +10,12 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
-from consumer.errors import InternalError
+from consumer.errors import InfrastructureError
+from consumer.settings.usage import UsageSettings
 from consumer.usage.catalog import ensure_catalog
 from consumer.usage.compaction import PeriodicCompaction
 from consumer.usage.layout import hour_of_epoch
 from consumer.usage.segments import RowValues, SegmentWriter, epoch_hour, row_values
-from consumer.usage.settings import UsageSettings
 from schemas.usage import UsageRow
 
 log = logging.getLogger(__name__)
@@ -23,11 +23,11 @@ log = logging.getLogger(__name__)
 _ONE_HOUR = timedelta(hours=1)
 
 
-class UsageWriteFailed(InternalError):
+class UsageWriteFailed(InfrastructureError):
     """A batch of usage rows could not be made durable; their offsets must not be committed."""
 
 
-class UsageWriterClosed(InternalError):
+class UsageWriterClosed(InfrastructureError):
     """A row was appended after `close()` began."""
 
 
@@ -78,7 +78,7 @@ class UsageReceipt:
             try:
                 callback(error)
             except Exception:
-                log.exception("usage.receipt_callback_failed")
+                log.exception("usage_receipt_callback_failed")
         self._callbacks.clear()
 
 
@@ -121,11 +121,13 @@ class UsageWriter:
             self._compaction = PeriodicCompaction(self.settings)
             await self._compaction.start()
         log.info(
-            "usage.writer_started directory=%s instance=%s flush_rows=%d flush_age_s=%s",
-            self.root,
-            self.instance_id,
-            self.settings.flush_rows,
-            self.settings.flush_age_s,
+            "usage_writer_started",
+            extra={
+                "directory": str(self.root),
+                "instance_id": self.instance_id,
+                "flush_rows": self.settings.flush_rows,
+                "flush_age_s": self.settings.flush_age_s,
+            },
         )
 
     async def append(self, row: UsageRow) -> None:
@@ -178,7 +180,8 @@ class UsageWriter:
         self._executor.shutdown(wait=True)
         self._segments.close()
         log.info(
-            "usage.writer_closed rows=%d segments=%d", self.rows_written, self.segments_written
+            "usage_writer_closed",
+            extra={"rows": self.rows_written, "segments": self.segments_written},
         )
 
     def _due(self, batch: UsageReceipt) -> float:
@@ -217,10 +220,7 @@ class UsageWriter:
                 )
             except Exception as exc:
                 log.error(
-                    "usage.flush_failed rows=%d error=%s: %s",
-                    batch.size,
-                    type(exc).__name__,
-                    exc,
+                    "usage_flush_failed", extra={"rows": batch.size, "error": repr(exc)[:300]}
                 )
                 error = exc
             else:
@@ -228,10 +228,12 @@ class UsageWriter:
                 self.rows_written += batch.size
                 self.segments_written += len(paths)
                 log.debug(
-                    "usage.flushed rows=%d segments=%d ms=%.1f",
-                    batch.size,
-                    len(paths),
-                    (time.perf_counter() - started) * 1000,
+                    "usage_flushed",
+                    extra={
+                        "rows": batch.size,
+                        "segments": len(paths),
+                        "elapsed_ms": round((time.perf_counter() - started) * 1000, 1),
+                    },
                 )
             finally:
                 self._in_flight = None

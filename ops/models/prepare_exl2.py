@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
+
+from consumer.engine.exllamav2.convert import converter_command, run_converter
 
 DEFAULT_REPO = "turboderp/Qwen2.5-7B-Instruct-exl2"
 DEFAULT_REVISION = "4.5bpw"  # turboderp publishes one branch per bitrate
@@ -78,23 +79,11 @@ def quantize(
             )
         )
     work.mkdir(parents=True, exist_ok=True)
-    command = [
-        sys.executable,
-        "-m",
-        "exllamav2.conversion.convert_exl2",
-        "-i",
-        str(source),
-        "-o",
-        str(work),
-        "-cf",
-        str(out),
-        "-b",
-        str(bits),
-        "-hb",
-        str(head_bits),
-    ]
-    print("running:", " ".join(command))
-    subprocess.run(command, check=True)
+    command = converter_command(source, work, out, bits=bits, head_bits=head_bits)
+    # The converter runs with EXLLAMA_NO_SDPA=1: exllamav2 0.3.2's SDPA path would calibrate
+    # with bidirectional attention on GPUs without flash-attn (a T4).
+    print("running: EXLLAMA_NO_SDPA=1", " ".join(command))
+    run_converter(command, os.environ)
     # The converter copies config and tokenizer files; keep the chat template file if the
     # source ships it separately (newer HF repos do).
     jinja = source / "chat_template.jinja"

@@ -4,15 +4,18 @@
                                                              # Qwen2.5-7B-shaped model (slow)
     python tests/bench/bench_exl2_gpu.py --layers 4          # same shape, fewer layers
     python tests/bench/bench_exl2_gpu.py --model-dir DIR     # an existing EXL2 folder
+    python tests/bench/bench_exl2_gpu.py --model-dir DIR --json OUT.json
 
 Prints decode tokens/s at batch 1 and 8 in each usable mode (paged needs flash-attn on
-sm_80+; static always runs), prompt tokens/s, and batch-1 decode as a fraction of the
-card's memory-bandwidth limit (every decode step reads all GPU weights once).
+sm_80+; static always runs), prompt tokens/s, decode as a fraction of the memory-bandwidth
+bound that `vram.decode_step_bytes` predicts (weights plus attention traffic per step), and
+the peak VRAM torch reserved against the engine's estimate.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -24,12 +27,15 @@ sys.path.insert(0, str(ROOT))
 
 from consumer.engine.exllamav2.backend import (  # noqa: E402
     _load_runtime,
-    flash_attn_version,
+    build_vram_plan,
     prepare_startup,
+    probe_flash_attn,
     probe_gpus,
+    read_model_dir,
 )
 from consumer.engine.exllamav2.modes import flash_attn_blocker  # noqa: E402
 from consumer.engine.exllamav2.settings import ExLlamaV2Settings  # noqa: E402
+from consumer.engine.exllamav2.vram import GIB, decode_step_bytes  # noqa: E402
 
 # Peak DRAM bandwidth, GB/s, from the vendors' spec sheets.
 BANDWIDTH_GBS = {
@@ -90,6 +96,7 @@ def bench_static(runtime: Any, batch: int, prompt_len: int, new_tokens: int) -> 
         pad_id=runtime.pad_id,
         stop_ids=frozenset(),  # a random model emits EOS at random; measure full length
         decode=lambda ids: "",
+        vocab_size=runtime.vocab_size,
     )
     run.prefill()
     run.step()  # first step outside the timing (kernel autotune, graph capture)
@@ -148,6 +155,19 @@ def bench_prompt(runtime: Any, prompt_len: int) -> float:
     return prompt_len / (time.perf_counter() - started)
 
 
+def peak_reserved_bytes() -> int:
+    import torch
+
+    return sum(torch.cuda.max_memory_reserved(i) for i in range(torch.cuda.device_count()))
+
+
+def reset_peaks() -> None:
+    import torch
+
+    for i in range(torch.cuda.device_count()):
+        torch.cuda.reset_peak_memory_stats(i)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, help="existing EXL2 model (skip building)")
@@ -156,13 +176,16 @@ def main() -> None:
     parser.add_argument("--bits", type=float, default=4.5, help="EXL2 bits per weight")
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--max-seq-len", type=int, default=4096)
     parser.add_argument("--bandwidth-gbs", type=float, help="override the card's peak GB/s")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
 
     model_dir = args.model_dir or build_model(args)
     gpus = probe_gpus()
     modes = ["static"]
-    blocker = flash_attn_blocker(gpus, flash_attn_version())
+    flash_attn = probe_flash_attn()
+    blocker = flash_attn_blocker(gpus, flash_attn.version, flash_attn.problem)
     if blocker is None:
         modes.insert(0, "paged")  # paged first: static sets EXLLAMA_NO_FLASH_ATTN on import
     else:
@@ -171,27 +194,55 @@ def main() -> None:
     gpu = gpus[0]
     bandwidth = bandwidth_for(gpu.name, args.bandwidth_gbs)
     print(f"GPU: {gpu.name} sm_{gpu.capability[0]}{gpu.capability[1]}, model: {model_dir}")
+    report: dict[str, Any] = {
+        "gpu": gpu.name,
+        "capability": f"{gpu.capability[0]}.{gpu.capability[1]}",
+        "bandwidth_gbs": bandwidth,
+        "modes": {},
+    }
+    context = args.prompt_tokens + args.new_tokens // 2  # mean cached tokens while decoding
     for mode in modes:
         settings = ExLlamaV2Settings(
             model_dir=model_dir,
             batching_mode=mode,  # type: ignore[arg-type]
-            max_seq_len=4096,
+            max_seq_len=args.max_seq_len,
             max_batch_size=8,
             progress_bar=True,
         )
+        reset_peaks()
         start = prepare_startup(settings)
         runtime = _load_runtime(start)
+        shape, weights = read_model_dir(model_dir)
+        plan = build_vram_plan(settings, shape, weights, start.decision)
         bench = bench_paged if mode == "paged" else bench_static
+        figures: dict[str, Any] = {"decode_tokens_per_s": {}, "bandwidth_bound_tokens_per_s": {}}
         for batch in (1, 8):
             rate = bench(runtime, batch, args.prompt_tokens, args.new_tokens)
+            figures["decode_tokens_per_s"][str(batch)] = rate
             line = f"[{mode}] decode batch {batch}: {rate:8.1f} tokens/s"
-            if batch == 1 and bandwidth:
-                limit = bandwidth * 1e9 / start.estimate.weights
-                line += f"  ({rate / limit:.0%} of the {limit:.0f} tokens/s bandwidth limit)"
+            if bandwidth:
+                traffic = decode_step_bytes(plan, batch, context)
+                bound = traffic.tokens_per_second(batch, bandwidth * 1e9)
+                figures["bandwidth_bound_tokens_per_s"][str(batch)] = bound
+                line += f"  ({rate / bound:.0%} of the {bound:.0f} tokens/s bandwidth bound)"
             print(line)
-        print(f"[{mode}] prompt: {bench_prompt(runtime, 2048):8.1f} tokens/s (batch 1, 2048)")
+        prompt_rate = bench_prompt(runtime, 2048)
+        figures["prompt_tokens_per_s"] = prompt_rate
+        print(f"[{mode}] prompt: {prompt_rate:8.1f} tokens/s (batch 1, 2048)")
+        peak = peak_reserved_bytes()
+        figures["peak_reserved_bytes"] = peak
+        figures["estimate_bytes"] = start.estimate.total
+        print(
+            f"[{mode}] peak VRAM reserved by torch: {peak / GIB:.2f} GiB; "
+            f"engine estimate {start.estimate.total / GIB:.2f} GiB"
+        )
+        report["modes"][mode] = figures
+        if runtime.generator is not None:
+            runtime.generator.clear_queue()
         runtime.model.unload()
         del runtime
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -20,7 +19,15 @@ import duckdb
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from consumer.bus.records import CORRELATION_ID, REPLY_TO
-from tests.support.harness import Broker, ConsumerProcess, TopicSet, probe_partitions
+from tests.support.harness import (
+    END_MARKER,
+    Broker,
+    ConsumerProcess,
+    TopicSet,
+    append_markers,
+    probe_partitions,
+)
+from tests.support.waiting import wait_until, wait_until_blocking
 
 Header = tuple[str, bytes]
 
@@ -69,9 +76,10 @@ class RawProducer:
 
     async def send_requests(
         self, topic: str, reply_to: str, bodies: Iterable[dict[str, Any]]
-    ) -> None:
-        """Send request bodies keyed by tenant, correlation id = request id."""
-        await self.send_many(
+    ) -> list[tuple[int, int]]:
+        """Send request bodies keyed by tenant, correlation id = request id; their
+        (partition, offset)."""
+        return await self.send_many(
             topic,
             (
                 (
@@ -89,10 +97,12 @@ class TopicReader:
 
     def __init__(self, bootstrap: str, topic: str) -> None:
         self.topic = topic
+        self._bootstrap = bootstrap
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=20
         )
         self.records: list[Any] = []
+        self._markers: set[tuple[int, str]] = set()  # (partition, token) of end markers read
 
     async def __aenter__(self) -> TopicReader:
         await self._consumer.start()
@@ -110,28 +120,37 @@ class TopicReader:
         await self._consumer.stop()
 
     async def poll(self, timeout_ms: int = 200) -> int:
-        """Fetch what is there now; returns how many records arrived."""
+        """Fetch what is there now; returns how many records arrived (end markers aside)."""
         batches = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=5000)
         count = 0
         for records in batches.values():
-            self.records.extend(records)
-            count += len(records)
+            for record in records:
+                token = header(record, END_MARKER)
+                if token is None:
+                    self.records.append(record)
+                    count += 1
+                else:
+                    self._markers.add((record.partition, token))
         return count
 
     async def until(self, done: Callable[[], bool], timeout_s: float) -> bool:
         """Poll until `done()` holds or `timeout_s` passed; returns `done()`."""
-        deadline = time.monotonic() + timeout_s
-        while not done() and time.monotonic() < deadline:
-            await self.poll()
-        return done()
 
-    async def settle(self, quiet_s: float = 1.0, timeout_s: float = 10.0) -> None:
-        """Keep reading until nothing new arrived for `quiet_s` (late duplicates)."""
-        deadline = time.monotonic() + timeout_s
-        quiet_since = time.monotonic()
-        while time.monotonic() < deadline and time.monotonic() - quiet_since < quiet_s:
-            if await self.poll():
-                quiet_since = time.monotonic()
+        async def polled() -> bool:
+            await self.poll()
+            return done()
+
+        return done() or await wait_until(polled, timeout_s, interval_s=0, raise_on_timeout=False)
+
+    async def read_to_end(self, timeout_s: float = 30.0) -> None:
+        """Read every record the topic holds now: append an end marker to each partition
+        (`append_markers`) and poll until all of them were read back."""
+        token = uuid.uuid4().hex
+        partitions = await append_markers(self._bootstrap, self.topic, token)
+        read_back = await self.until(
+            lambda: all((p, token) in self._markers for p in partitions), timeout_s
+        )
+        assert read_back, f"end markers of {self.topic} not read back within {timeout_s} s"
 
     def by_correlation(self) -> dict[str, list[dict[str, Any]]]:
         """Decoded replies grouped by their correlation_id header."""
@@ -164,22 +183,16 @@ def query_usage(
 def wait_usage(
     usage_dir: Path, sql: str, done: Callable[[list[tuple[Any, ...]]], bool], timeout_s: float
 ) -> list[tuple[Any, ...]]:
-    """Re-run `sql` until `done(rows)` (rows are flushed in batches, a little later)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        rows = query_usage(usage_dir, sql)
-        if done(rows) or time.monotonic() >= deadline:
-            return rows
-        time.sleep(0.2)
+    """Re-run `sql` until `done(rows)` (rows are flushed in batches, a little later); the
+    last rows, done or not."""
+    last: list[list[tuple[Any, ...]]] = [[]]
 
+    def finished() -> bool:
+        last[0] = query_usage(usage_dir, sql)
+        return done(last[0])
 
-def wait_for(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval_s)
-    return predicate()
+    wait_until_blocking(finished, timeout_s, interval_s=0.2, raise_on_timeout=False)
+    return last[0]
 
 
 async def start_consumer(process: ConsumerProcess, timeout_s: float = 90.0) -> ConsumerProcess:
@@ -223,50 +236,6 @@ def admin_get(process: ConsumerProcess, path: str, admin_key: str) -> tuple[int,
 # Tansu joins and rebalances a group in 5-40 s; a dead member is noticed after the session
 # timeout. A shorter one (with heartbeats to match) keeps the fault tests quick.
 FAST_GROUP = {"kafka": {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}}
-
-
-async def group_committed(bootstrap: str, group: str, topic: str) -> dict[int, int | None]:
-    """The group's committed offset of each partition of `topic` (None: nothing committed).
-
-    (Tansu's ListOffsets does not report the end of a partition written in multi-record
-    batches correctly, so tests compare against the offsets their producer was given.)
-    """
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False
-    )
-    await consumer.start()  # not subscribed: it never joins the group, only reads offsets
-    try:
-        partitions = consumer.partitions_for_topic(topic)
-        if not partitions:
-            await consumer._client.force_metadata_update()
-            partitions = consumer.partitions_for_topic(topic) or set()
-        return {p: await consumer.committed(TopicPartition(topic, p)) for p in sorted(partitions)}
-    finally:
-        await consumer.stop()
-
-
-async def wait_committed(
-    bootstrap: str, group: str, topic: str, ends: dict[int, int], timeout_s: float
-) -> dict[int, tuple[int | None, int]]:
-    """Wait until the group committed up to `ends` (partition -> next offset); returns the
-    partitions still behind as (committed, wanted), empty when none is."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        committed = await group_committed(bootstrap, group, topic)
-        behind = {
-            p: (committed.get(p), end) for p, end in ends.items() if (committed.get(p) or 0) < end
-        }
-        if not behind or time.monotonic() >= deadline:
-            return behind
-        await asyncio.sleep(0.5)
-
-
-def ends_of(positions: Iterable[tuple[int, int]]) -> dict[int, int]:
-    """partition -> one past the highest offset among (partition, offset) positions."""
-    ends: dict[int, int] = {}
-    for partition, offset in positions:
-        ends[partition] = max(ends.get(partition, 0), offset + 1)
-    return ends
 
 
 async def broker_diagnosis(broker: Broker, topics: TopicSet, consumer: ConsumerProcess) -> str:

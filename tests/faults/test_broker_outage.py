@@ -2,7 +2,7 @@
 
 The consumer must survive the outage, report it on /health while it is visible (a send
 that the frozen broker never acknowledged), rejoin its group, and answer every request.
-The broker is this module's own, so freezing it cannot stall other tests.
+The broker is this test's own (`fresh_broker`), so freezing it cannot stall other tests.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import asyncio
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,14 +27,7 @@ from tests.faults._helpers import (
     unique_ids,
     wait_usage,
 )
-from tests.support.harness import (
-    Broker,
-    ConsumerProcess,
-    TopicSet,
-    base_settings,
-    ensure_test_topics,
-    merge,
-)
+from tests.support.harness import Broker, ConsumerProcess, base_settings, merge, new_topics
 
 BEFORE, AFTER = 100, 30
 SESSION_TIMEOUT_MS = 6000
@@ -44,14 +36,8 @@ FREEZE_S = 12.0  # twice the session timeout
 REQUEST_TIMEOUT_MS = 5000
 
 
-@pytest.fixture
-def own_broker() -> Iterator[Broker]:
-    started = Broker.start()
-    if started.local is None:
-        started.stop()
-        pytest.skip("KAFKA_BOOTSTRAP_SERVERS names an external broker: it cannot be frozen")
-    yield started
-    started.stop()
+# A broker of its own, and one rerun on a fresh one when Tansu wedges (tests/conftest.py).
+pytestmark = pytest.mark.flaky(reruns=1)
 
 
 class HealthSampler(threading.Thread):
@@ -74,14 +60,14 @@ class HealthSampler(threading.Thread):
 
 
 async def test_consumer_survives_broker_freeze_longer_than_session_timeout(
-    own_broker: Broker, tmp_path: Path
+    fresh_broker: Broker, tmp_path: Path
 ) -> None:
-    assert own_broker.local is not None
-    broker_process = own_broker.local.process
-    topics = TopicSet.unique(partitions=6)
-    await ensure_test_topics(own_broker, topics)
+    if fresh_broker.local is None:
+        pytest.skip("KAFKA_BOOTSTRAP_SERVERS names an external broker: it cannot be frozen")
+    broker_process = fresh_broker.local.process
+    topics = await new_topics(fresh_broker, partitions=6)
     settings = merge(
-        base_settings(own_broker, topics, tmp_path),
+        base_settings(fresh_broker, topics, tmp_path),
         {
             "kafka": {
                 "session_timeout_ms": SESSION_TIMEOUT_MS,
@@ -103,8 +89,8 @@ async def test_consumer_survives_broker_freeze_longer_than_session_timeout(
         status, body = consumer.get("/health")
         assert status == 200 and body["broker"]["connected"], body
         sampler.start()
-        async with TopicReader(own_broker.bootstrap, topics.replies) as replies:
-            async with RawProducer(own_broker.bootstrap) as producer:
+        async with TopicReader(fresh_broker.bootstrap, topics.replies) as replies:
+            async with RawProducer(fresh_broker.bootstrap) as producer:
                 await producer.send_requests(topics.requests, topics.replies, bodies[:BEFORE])
             await replies.until(lambda: len(replies.by_correlation()) >= 20, timeout_s=60)
 
@@ -119,7 +105,7 @@ async def test_consumer_survives_broker_freeze_longer_than_session_timeout(
             assert consumer.process is not None and consumer.process.poll() is None, (
                 "consumer died during the outage" + log_tail(log_path)
             )
-            async with RawProducer(own_broker.bootstrap) as producer:
+            async with RawProducer(fresh_broker.bootstrap) as producer:
                 await producer.send_requests(topics.requests, topics.replies, bodies[BEFORE:])
             all_answered = await replies.until(
                 lambda: set(ids) <= replies.by_correlation().keys(), timeout_s=120

@@ -1,8 +1,13 @@
-"""GPU suite: skipped unless torch sees CUDA and exllamav2, transformers, tokenizers import."""
+"""GPU suite: skipped unless torch sees CUDA and exllamav2, transformers, tokenizers import.
+
+Set OPSTREAM_GPU_TEST_MODEL to an EXL2 folder built by `python -m tests.gpu.model_builder`
+to reuse it instead of building the tiny model again (ops/gpu/check.sh does).
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,15 +42,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def _import_exllamav2_with_flash_attn_detection() -> None:
     # The engine sets EXLLAMA_NO_FLASH_ATTN before the first import when it starts in static
     # mode; importing here first lets one test process load both a paged and a static engine.
+    # A flash-attn that fails to import would take exllamav2's import down: leave it out.
     if _gpu_unavailable() is None:
+        from consumer.engine.exllamav2.backend import probe_flash_attn
+
+        probe = probe_flash_attn()
+        if probe.version is not None and probe.problem is not None:
+            os.environ["EXLLAMA_NO_FLASH_ATTN"] = "1"
         import exllamav2  # noqa: F401
 
 
 @pytest.fixture(scope="session")
 def tiny_exl2_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A 2-layer random Qwen2 (dims multiples of 128), quantized to ~4.5 bpw EXL2."""
-    from tests.gpu.model_builder import TINY, quantize_exl2, write_random_qwen2
+    from tests.gpu.model_builder import build_tiny_exl2
 
-    root = tmp_path_factory.mktemp("tiny-qwen2")
-    hf = write_random_qwen2(root / "hf", TINY)
-    yield quantize_exl2(hf, root / "exl2", root / "work", bits=4.5, length=256)
+    prebuilt = os.environ.get("OPSTREAM_GPU_TEST_MODEL")
+    if prebuilt:
+        yield Path(prebuilt)
+        return
+    yield build_tiny_exl2(tmp_path_factory.mktemp("tiny-qwen2"))

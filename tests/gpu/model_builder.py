@@ -1,17 +1,23 @@
 """Build random Qwen2 checkpoints with a ChatML tokenizer and quantize them to EXL2.
 
-Used by the GPU tests (a tiny model) and the benchmark (a Qwen2.5-7B-shaped one). Needs
-torch (CUDA for the converter), transformers, tokenizers and exllamav2; nothing is downloaded:
-the tokenizer is trained on the calibration text that ships inside exllamav2.
+Used by the GPU tests (a tiny model), the benchmark (a Qwen2.5-7B-shaped one) and
+`ops/gpu/check.sh`. Needs torch (CUDA for the converter), transformers, tokenizers and
+exllamav2; nothing is downloaded: the tokenizer is trained on the calibration text that ships
+inside exllamav2.
+
+    python -m tests.gpu.model_builder OUT_DIR     # the tiny model the GPU tests use
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
-import subprocess
-import sys
+import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from consumer.engine.exllamav2.convert import converter_command, run_converter
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
@@ -33,7 +39,11 @@ CHATML_TEMPLATE = (
 
 @dataclass(frozen=True)
 class Qwen2Dims:
-    """Model dimensions; exllamav2's kernels want multiples of 128."""
+    """Model dimensions; exllamav2's kernels want multiples of 128.
+
+    `tokenizer_size` is the tokenizer's vocabulary, smaller than the head's `vocab_size` rows
+    as in Qwen2.5 (151,665 tokens, 152,064 rows), so the untrained rows exist to be masked.
+    """
 
     hidden_size: int
     intermediate_size: int
@@ -41,16 +51,33 @@ class Qwen2Dims:
     num_heads: int
     num_kv_heads: int
     vocab_size: int
+    tokenizer_size: int = 8192
 
 
-TINY = Qwen2Dims(512, 1536, 2, 4, 4, 2048)
+# Grouped KV heads (4 query heads per KV head, head_dim 128), as in Qwen2.5-7B (28/4).
+TINY = Qwen2Dims(1024, 2048, 2, 8, 2, 2048, tokenizer_size=1920)
 QWEN25_7B = Qwen2Dims(3584, 18944, 28, 28, 4, 152064)
 
 
-def _calibration_text() -> list[str]:
-    import exllamav2.conversion
+def calibration_dir(package: str = "exllamav2") -> Path:
+    """exllamav2's bundled calibration text, found without importing exllamav2.
 
-    data = Path(exllamav2.conversion.__file__).parent / "standard_cal_data"
+    In 0.3.2 `exllamav2/conversion/` has no `__init__.py`: it is a namespace package whose
+    `__file__` is None. The top-level package's spec locates it without running its
+    `__init__` (which would build the CUDA extension).
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"{package} is not installed")
+    for location in spec.submodule_search_locations:
+        data = Path(location) / "conversion" / "standard_cal_data"
+        if data.is_dir():
+            return data
+    raise RuntimeError(f"{package} ships no conversion/standard_cal_data")
+
+
+def _calibration_text() -> list[str]:
+    data = calibration_dir()
     lines: list[str] = []
     for name in sorted(data.glob("*.utf8")):
         lines.extend(name.read_text(encoding="utf-8").splitlines())
@@ -65,7 +92,7 @@ def write_tokenizer(out: Path, vocab_size: int) -> None:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=min(vocab_size, 8192),
+        vocab_size=vocab_size,
         special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
@@ -93,7 +120,7 @@ def write_random_qwen2(out: Path, dims: Qwen2Dims, *, seed: int = 0) -> Path:
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     out.mkdir(parents=True, exist_ok=True)
-    write_tokenizer(out, dims.vocab_size)
+    write_tokenizer(out, min(dims.tokenizer_size, dims.vocab_size))
     eos = json.loads((out / "generation_config.json").read_text())["eos_token_id"]
     config = Qwen2Config(
         vocab_size=dims.vocab_size,
@@ -120,29 +147,33 @@ def write_random_qwen2(out: Path, dims: Qwen2Dims, *, seed: int = 0) -> Path:
 def quantize_exl2(
     hf_dir: Path, out_dir: Path, work_dir: Path, *, bits: float, length: int = 2048
 ) -> Path:
-    """Run exllamav2's converter (needs a CUDA GPU) and return the compiled model folder."""
-    command = [
-        sys.executable,
-        "-m",
-        "exllamav2.conversion.convert_exl2",
-        "-i",
-        str(hf_dir),
-        "-o",
-        str(work_dir),
-        "-cf",
-        str(out_dir),
-        "-b",
-        str(bits),
-        "-hb",
-        "6",
-        "-l",
-        str(length),
-        "-ml",
-        str(length),
-        "-nr",
-    ]
+    """Run exllamav2's converter (needs a CUDA GPU) and return the compiled model folder.
+
+    The converter runs with SDPA off (`consumer.engine.exllamav2.convert`), so calibration
+    attention is causal on GPUs without flash-attn too.
+    """
+    command = converter_command(
+        hf_dir, work_dir, out_dir, bits=bits, head_bits=6, length=length, fresh=True
+    )
     work_dir.mkdir(parents=True, exist_ok=True)
-    subprocess.run(command, check=True)
+    run_converter(command, os.environ)
     if not (out_dir / "config.json").is_file():
         raise RuntimeError(f"converter produced no model in {out_dir}")
     return out_dir
+
+
+def build_tiny_exl2(root: Path) -> Path:
+    """The GPU tests' model: TINY quantized to ~4.5 bpw, built under `root`."""
+    hf = write_random_qwen2(root / "hf", TINY)
+    return quantize_exl2(hf, root / "exl2", root / "work", bits=4.5, length=256)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Build the tiny EXL2 model the GPU tests use")
+    parser.add_argument("root", type=Path, help="folder to build in; the model lands in ROOT/exl2")
+    args = parser.parse_args()
+    print(build_tiny_exl2(args.root))
+
+
+if __name__ == "__main__":
+    main()

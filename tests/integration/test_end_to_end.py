@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -33,9 +32,11 @@ from tests.support.harness import (
     ConsumerProcess,
     TopicSet,
     base_settings,
-    ensure_test_topics,
     merge,
+    new_topics,
+    wait_requests_finished,
 )
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -101,13 +102,15 @@ async def wait_for_records(
     timeout_s: float = 30.0,
 ) -> list[Record]:
     """Poll `topic` until at least `count` records satisfy `match`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        found = [r for r in await read_topic(bootstrap, topic) if match(r)]
-        if len(found) >= count or time.monotonic() > deadline:
-            assert len(found) >= count, f"{len(found)} of {count} records in {topic}: {found}"
-            return found
-        await asyncio.sleep(0.2)
+    found: list[Record] = []
+
+    async def enough() -> bool:
+        found[:] = [r for r in await read_topic(bootstrap, topic) if match(r)]
+        return len(found) >= count
+
+    await wait_until(enough, timeout_s, interval_s=0.2, raise_on_timeout=False)
+    assert len(found) >= count, f"{len(found)} of {count} records in {topic}: {found}"
+    return found
 
 
 def with_header(name: str, value: str) -> Callable[[Record], bool]:
@@ -122,12 +125,6 @@ async def start_consumer(process: ConsumerProcess, timeout_s: float = 90.0) -> C
         process.kill()
         raise
     return process
-
-
-async def make_topics(broker: Broker) -> TopicSet:
-    topics = TopicSet.unique()
-    await ensure_test_topics(broker, topics)
-    return topics
 
 
 def client_for(broker: Broker, topics: TopicSet) -> OperationsClient:
@@ -153,7 +150,7 @@ class Live:
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def live(broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Live]:
     tmp = tmp_path_factory.mktemp("e2e")
-    topics = await make_topics(broker)
+    topics = await new_topics(broker)
     settings = merge(
         base_settings(broker, topics, tmp),
         {"engine": {"backend": "llamacpp", "llamacpp": {"n_ctx": 2048}}},
@@ -407,7 +404,7 @@ async def send_all(client: OperationsClient, ids: list[str]) -> None:
 async def test_graceful_restart_does_not_answer_committed_requests_again(
     broker: Broker, tmp_path: Path
 ) -> None:
-    topics = await make_topics(broker)
+    topics = await new_topics(broker)
     settings = base_settings(broker, topics, tmp_path)
     first = await start_consumer(
         ConsumerProcess(settings, fake_engine=True, log_path=tmp_path / "a.log")
@@ -427,7 +424,8 @@ async def test_graceful_restart_does_not_answer_committed_requests_again(
         after = f"after-{uuid.uuid4()}"
         async with client_for(broker, topics) as client:
             await send_all(client, [after])
-        await asyncio.sleep(3.0)  # a redelivery would be answered well within this
+        # A redelivered request would be answered before the group finishes everything sent.
+        await wait_requests_finished(broker.bootstrap, topics, timeout_s=30)
         counts = reply_counts(await read_topic(broker.bootstrap, topics.replies))
     finally:
         await asyncio.to_thread(second.stop)
@@ -438,7 +436,7 @@ async def test_graceful_restart_does_not_answer_committed_requests_again(
 async def test_crash_before_commit_redelivers_and_answers_again(
     broker: Broker, tmp_path: Path
 ) -> None:
-    topics = await make_topics(broker)
+    topics = await new_topics(broker)
     settings = base_settings(broker, topics, tmp_path)
     never_commits = merge(settings, {"intake": {"commit_interval_ms": 60_000}})
     crashing = await start_consumer(

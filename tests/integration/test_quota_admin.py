@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import SimpleNamespace
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from _tansu import FETCH_MAX_WAIT_MS, TansuBroker, create_topic, start_tansu, unique_topic
+from faststream.asgi import AsgiFastStream
 from pydantic import SecretStr
 
 from consumer.cli.limits import register
@@ -28,20 +28,19 @@ from consumer.quota import (
     make_state_producer,
     partition_for_tenant,
 )
-from consumer.quota.admin import ASGIApp
+from consumer.quota.arithmetic import limit_defaults
 from consumer.settings import KafkaSettings, OperationLimits, TopicSettings
+from tests.support.harness import (
+    FETCH_MAX_WAIT_MS,
+    Broker,
+    create_topic,
+    unique_topic,
+)
 
 pytestmark = pytest.mark.integration
 
 NOON = datetime(2025, 3, 10, 12, 0, tzinfo=UTC)
 KEY = "s3cret-admin-key"
-
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[TansuBroker]:
-    started = start_tansu()
-    yield started
-    started.stop()
 
 
 def host_settings(bootstrap: str, quota: QuotaSettings) -> Any:
@@ -68,16 +67,15 @@ async def make_topics(bootstrap: str, admin_key: str | None = KEY) -> QuotaSetti
 
 @dataclass
 class Api:
-    limits: ASGIApp
-    usage: ASGIApp
+    app: AsgiFastStream  # serves /limits and /limits/usage, as the service does
     store: QuotaStore
     book: LimitBook
 
 
 @pytest_asyncio.fixture
-async def api(broker: TansuBroker) -> AsyncIterator[Api]:
+async def api(broker: Broker) -> AsyncIterator[Api]:
     quota = await make_topics(broker.bootstrap)
-    book = LimitBook(quota.limit_defaults())
+    book = LimitBook(limit_defaults(quota))
     producer = make_state_producer(broker.bootstrap)
     await producer.start()
     follower = LimitFollower(
@@ -95,23 +93,21 @@ async def api(broker: TansuBroker) -> AsyncIterator[Api]:
         fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
         clock=lambda: NOON,
     )
-    routes = dict(
-        admin_routes(
-            store,
-            LimitCommandPublisher(producer, quota.control_topic),
-            host_settings(broker.bootstrap, quota),
-            follower,
-        )
+    routes = admin_routes(
+        store,
+        LimitCommandPublisher(producer, quota.control_topic),
+        host_settings(broker.bootstrap, quota),
+        follower,
     )
     try:
-        yield Api(routes["/limits"], routes["/limits/usage"], store, book)
+        yield Api(AsgiFastStream(asgi_routes=routes), store, book)
     finally:
         await follower.stop()
         await producer.stop()
 
 
 async def call(
-    app: ASGIApp,
+    app: AsgiFastStream,
     method: str,
     path: str,
     *,
@@ -145,31 +141,31 @@ AUTH = {"X-Admin-Key": KEY}
 
 
 async def test_admin_api_requires_the_admin_key(api: Api) -> None:
-    status, body = await call(api.limits, "GET", "/limits")
+    status, body = await call(api.app, "GET", "/limits")
     assert (status, body["error"]) == (401, "unauthorized")
-    status, _ = await call(api.limits, "GET", "/limits", headers={"X-Admin-Key": "wrong"})
+    status, _ = await call(api.app, "GET", "/limits", headers={"X-Admin-Key": "wrong"})
     assert status == 401
     status, _ = await call(
-        api.usage, "GET", "/limits/usage", headers={"Authorization": f"Bearer {KEY}"}
+        api.app, "GET", "/limits/usage", headers={"Authorization": f"Bearer {KEY}"}
     )
     assert status == 200
 
 
-async def test_admin_api_is_off_without_a_configured_key(broker: TansuBroker) -> None:
+async def test_admin_api_is_off_without_a_configured_key(broker: Broker) -> None:
     quota = await make_topics(broker.bootstrap, admin_key=None)
     store = QuotaStore(
-        book=LimitBook(quota.limit_defaults()),
+        book=LimitBook(limit_defaults(quota)),
         settings=quota,
         producer=make_state_producer(broker.bootstrap),
         bootstrap_servers=broker.bootstrap,
     )
-    routes = dict(admin_routes(store, None, host_settings(broker.bootstrap, quota)))  # type: ignore[arg-type]
-    status, body = await call(routes["/limits"], "GET", "/limits", headers=AUTH)
+    routes = admin_routes(store, None, host_settings(broker.bootstrap, quota))  # type: ignore[arg-type]
+    status, body = await call(AsgiFastStream(asgi_routes=routes), "GET", "/limits", headers=AUTH)
     assert (status, body["error"]) == (403, "admin API disabled")
 
 
 async def test_get_limits_has_the_original_shape_plus_tenant(api: Api) -> None:
-    status, body = await call(api.limits, "GET", "/limits", headers=AUTH)
+    status, body = await call(api.app, "GET", "/limits", headers=AUTH)
     assert status == 200
     rows = {(r["tenant_id"], r["operation"]): r for r in body["limits"]}
     assert rows[("*", "summarize")] == {
@@ -185,7 +181,7 @@ async def test_get_limits_has_the_original_shape_plus_tenant(api: Api) -> None:
 
 async def test_put_limits_applies_on_this_instance_before_answering(api: Api) -> None:
     status, body = await call(
-        api.limits,
+        api.app,
         "PUT",
         "/limits",
         body={"tenant_id": "acme", "operation": "chat", "daily_limit": 9},
@@ -198,7 +194,7 @@ async def test_put_limits_applies_on_this_instance_before_answering(api: Api) ->
 
     # an omitted field keeps its value; null falls back to the default
     await call(
-        api.limits,
+        api.app,
         "PUT",
         "/limits",
         body={"tenant_id": "acme", "operation": "chat", "daily_tokens": 500},
@@ -209,7 +205,7 @@ async def test_put_limits_applies_on_this_instance_before_answering(api: Api) ->
         500,
     )
     await call(
-        api.limits,
+        api.app,
         "PUT",
         "/limits",
         body={"tenant_id": "acme", "operation": "chat", "daily_limit": None},
@@ -217,21 +213,25 @@ async def test_put_limits_applies_on_this_instance_before_answering(api: Api) ->
     )
     assert api.book.resolve("acme", "chat").requests == 2
 
-    status, body = await call(api.limits, "GET", "/limits", query="tenant_id=acme", headers=AUTH)
+    status, body = await call(api.app, "GET", "/limits", query="tenant_id=acme", headers=AUTH)
     assert {r["tenant_id"] for r in body["limits"]} == {"acme"}
 
 
 async def test_put_limits_rejects_a_bad_body(api: Api) -> None:
     status, body = await call(
-        api.limits,
+        api.app,
         "PUT",
         "/limits",
         body={"operation": "dance", "daily_limit": -1},
         headers=AUTH,
     )
     assert status == 422 and body["error"] == "validation"
-    status, _ = await call(api.limits, "DELETE", "/limits", headers=AUTH)
-    assert status == 405
+    status, body = await call(
+        api.app, "PUT", "/limits", body={"tenant_id": "x" * 70_000}, headers=AUTH
+    )
+    assert (status, body["error"]) == (413, "request body too large")
+    status, body = await call(api.app, "DELETE", "/limits", headers=AUTH)
+    assert (status, body["error"]) == (405, "method not allowed")
 
 
 async def test_usage_shows_todays_counts_and_remaining(api: Api) -> None:
@@ -240,7 +240,7 @@ async def test_usage_shows_todays_counts_and_remaining(api: Api) -> None:
     reservation = api.store.reserve(1, tenant, "translate", "r1", 10, 100)
     api.store.settle(reservation, 10, 20)
     status, body = await call(
-        api.usage, "GET", "/limits/usage", query=f"tenant_id={tenant}", headers=AUTH
+        api.app, "GET", "/limits/usage", query=f"tenant_id={tenant}", headers=AUTH
     )
     assert status == 200
     row = next(r for r in body["usage"] if r["operation"] == "translate")
@@ -272,7 +272,7 @@ def run_cli(settings: Any, *argv: str) -> int:
 
 
 @pytest.fixture
-def cli_settings(broker: TansuBroker) -> Any:
+def cli_settings(broker: Broker) -> Any:
     import asyncio
 
     quota = asyncio.run(make_topics(broker.bootstrap))
@@ -309,7 +309,7 @@ def test_limits_reset_publishes_a_reset_for_today(cli_settings: Any) -> None:
     assert run_cli(cli_settings, "limits", "reset", "--tenant", "acme", "--day", "2025-03-10") == 0
     book = asyncio.run(
         load_limit_book(
-            cli_settings.quota.limit_defaults(),
+            limit_defaults(cli_settings.quota),
             bootstrap_servers=cli_settings.kafka.bootstrap_servers,
             topic=cli_settings.quota.control_topic,
             fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
@@ -318,7 +318,7 @@ def test_limits_reset_publishes_a_reset_for_today(cli_settings: Any) -> None:
     assert book.reset_epoch("acme", NOON.date()) is not None
 
 
-async def test_runtime_wires_follower_store_and_admin_routes(broker: TansuBroker) -> None:
+async def test_runtime_wires_follower_store_and_admin_routes(broker: Broker) -> None:
     from consumer.quota import QuotaRuntime
 
     quota = await make_topics(broker.bootstrap)
@@ -326,9 +326,8 @@ async def test_runtime_wires_follower_store_and_admin_routes(broker: TansuBroker
     await runtime.start()
     try:
         await runtime.store.restore({0, 1})
-        routes = dict(runtime.admin_routes())
         status, _ = await call(
-            routes["/limits"],
+            AsgiFastStream(asgi_routes=runtime.admin_routes()),
             "PUT",
             "/limits",
             body={"tenant_id": "acme", "operation": "*", "daily_limit": 1},

@@ -8,6 +8,7 @@ ask `Cluster.ensure` for it, which restarts processes only when the running set 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import subprocess
@@ -30,18 +31,22 @@ from consumer.client import OperationsClient
 from consumer.quota import LimitCommandPublisher, make_state_producer, partition_for_tenant
 from schemas.replies import OperationReply
 from tests.support.harness import (
+    END_MARKER,
     FETCH_MAX_WAIT_MS,
     REPO,
     Broker,
     ConsumerProcess,
     TopicSet,
+    append_markers,
     base_settings,
     ensure_test_topics,
     env_of,
     merge,
+    wait_requests_finished,
 )
+from tests.support.waiting import wait_until, wait_until_blocking
 
-# One rerun, on a fresh broker, when Tansu wedges (tests/faults/conftest.py).
+# A broker of its own, and one rerun on a fresh one when Tansu wedges (tests/conftest.py).
 pytestmark = [pytest.mark.integration, pytest.mark.flaky(reruns=1)]
 
 LIMIT = 10  # quota.default_daily_requests: requests per tenant, per operation, per day
@@ -109,32 +114,42 @@ class Cluster:
         self.wait_balanced()
         return self.alive()
 
+    def owned_partitions(self) -> dict[str, set[int]] | None:
+        """Each live consumer's request partitions (None while one of them is not ready)."""
+        owned: dict[str, set[int]] = {}
+        for consumer in self.alive():
+            try:
+                status, body = consumer.get("/ready", timeout_s=1.0)
+            except OSError:
+                return None
+            if status != 200:
+                return None
+            owned[consumer.instance_id] = {
+                int(name.rsplit("-", 1)[1])
+                for name in body.get("assigned_partitions", [])
+                if name.rsplit("-", 1)[0] == self.topics.requests
+            }
+        return owned
+
     def wait_balanced(self, timeout_s: float = 120.0) -> dict[str, set[int]]:
         """Wait until every live consumer is ready and together they own each partition once."""
-        deadline = time.monotonic() + timeout_s
-        owned: dict[str, set[int]] = {}
-        while time.monotonic() < deadline:
-            owned = {}
-            for consumer in self.alive():
-                try:
-                    status, body = consumer.get("/ready", timeout_s=1.0)
-                except OSError:
-                    break
-                if status != 200:
-                    break
-                owned[consumer.instance_id] = {
-                    int(name.rsplit("-", 1)[1])
-                    for name in body.get("assigned_partitions", [])
-                    if name.rsplit("-", 1)[0] == self.topics.requests
-                }
-            else:
-                counts = Counter(p for parts in owned.values() for p in parts)
-                if owned and set(counts) == set(range(self.topics.partitions)):
-                    if all(n == 1 for n in counts.values()) and all(owned.values()):
-                        return owned
-            time.sleep(0.2)
-        tails = "".join(c._tail() for c in self.consumers[-3:])
-        raise TimeoutError(f"group not balanced within {timeout_s} s: {owned}{tails}")
+        last: list[dict[str, set[int]] | None] = [None]
+
+        def balanced() -> dict[str, set[int]] | None:
+            owned = last[0] = self.owned_partitions()
+            if not owned or not all(owned.values()):
+                return None
+            counts = Counter(p for parts in owned.values() for p in parts)
+            once_each = set(counts) == set(range(self.topics.partitions)) and all(
+                n == 1 for n in counts.values()
+            )
+            return owned if once_each else None
+
+        owned = wait_until_blocking(balanced, timeout_s, interval_s=0.2, raise_on_timeout=False)
+        if owned is None:
+            tails = "".join(c._tail() for c in self.consumers[-3:])
+            raise TimeoutError(f"group not balanced within {timeout_s} s: {last[0]}{tails}")
+        return owned
 
     def stop_all(self) -> None:
         """A rolling stop: each consumer leaves a settled group.
@@ -168,7 +183,7 @@ async def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Clu
 
 @pytest.fixture(autouse=True)
 async def fresh_on_rerun(request: pytest.FixtureRequest, cluster: Cluster) -> Cluster:
-    """A rerun (tests/faults/conftest.py explains why there is one) starts from a fresh
+    """A rerun (tests/conftest.py explains why there is one) starts from a fresh
     broker: a wedged Tansu stays wedged. Each test uses its own tenants, so none depends
     on what an earlier test left behind."""
     if getattr(request.node, "execution_count", 1) > 1:
@@ -223,8 +238,10 @@ class ReplyTap:
             enable_auto_commit=False,
             fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
         )
+        self.bootstrap = bootstrap
         self.topic = topic
         self.replies: dict[str, list[OperationReply]] = defaultdict(list)
+        self.markers: set[tuple[int, bytes]] = set()  # (partition, token) of end markers read
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> ReplyTap:
@@ -251,20 +268,22 @@ class ReplyTap:
             for records in batches.values():
                 for record in records:
                     headers = dict(record.headers or ())
+                    if END_MARKER in headers:
+                        self.markers.add((record.partition, headers[END_MARKER]))
+                        continue
                     correlation_id = headers.get(CORRELATION_ID, b"").decode()
                     reply = OperationReply.model_validate_json(record.value)
                     self.replies[correlation_id].append(reply)
 
-    async def settle(self, expected: Iterable[str], quiet_s: float = 1.5) -> None:
-        """Wait until each expected correlation id has a reply and no reply came for a while."""
-        wanted = set(expected)
-        deadline = time.monotonic() + 30
-        while True:
-            seen = sum(len(v) for v in self.replies.values())
-            await asyncio.sleep(quiet_s)
-            if set(self.replies) >= wanted and seen == sum(len(v) for v in self.replies.values()):
-                return
-            assert time.monotonic() < deadline, "replies still missing or still coming"
+    async def read_to_end(self, timeout_s: float = 30.0) -> None:
+        """Wait until the tap has read every reply the topic holds now (`append_markers`)."""
+        token = uuid.uuid4().hex
+        partitions = await append_markers(self.bootstrap, self.topic, token)
+        await wait_until(
+            lambda: all((p, token.encode()) in self.markers for p in partitions),
+            timeout_s,
+            what=f"end markers of {self.topic} read back",
+        )
 
 
 def summarize(tenant: str, **extra: Any) -> dict[str, Any]:
@@ -327,18 +346,22 @@ def usage_row(
 def wait_limit(
     consumers: list[ConsumerProcess], tenant: str, field: str, value: int, timeout_s: float = 15.0
 ) -> float:
-    """Poll GET /limits on every consumer until `field` of (tenant, summarize) is `value`."""
-    started = time.monotonic()
-    pending = list(consumers)
-    while pending:
-        assert time.monotonic() - started < timeout_s, f"{field}={value} not applied in time"
-        status, body = admin_get(pending[0], f"/limits?tenant_id={tenant}")
+    """Poll GET /limits on every consumer until `field` of (tenant, summarize) is `value`;
+    returns how long that took."""
+
+    def applied(consumer: ConsumerProcess) -> bool:
+        status, body = admin_get(consumer, f"/limits?tenant_id={tenant}")
         assert status == 200, body
-        row = next(r for r in body["limits"] if r["operation"] == "summarize")
-        if row[field] == value:
-            pending.pop(0)
-        else:
-            time.sleep(0.1)
+        return next(r for r in body["limits"] if r["operation"] == "summarize")[field] == value
+
+    started = time.monotonic()
+    for consumer in consumers:
+        wait_until_blocking(
+            functools.partial(applied, consumer),
+            timeout_s - (time.monotonic() - started),
+            interval_s=0.1,
+            what=f"{field}={value} applied on {consumer.instance_id}",
+        )
     return time.monotonic() - started
 
 
@@ -470,15 +493,20 @@ async def test_sigkilled_consumer_grants_no_more_than_the_limit(
             return list(await asyncio.gather(*tasks))
 
         producing = asyncio.gather(*(produce(k) for k in range(PRODUCERS)))
-        deadline = time.monotonic() + 30
-        while sum(1 for cid in tap.replies if tenant_of.get(cid) in victim_tenants) < 6:
-            assert time.monotonic() < deadline, "no replies from the victim's partitions"
-            await asyncio.sleep(0.005)
+        await wait_until(
+            lambda: sum(1 for cid in tap.replies if tenant_of.get(cid) in victim_tenants) >= 6,
+            30,
+            interval_s=0.005,
+            what="replies from the victim's partitions",
+        )
         victim.kill()
         answered_before_kill = len(tap.replies)
         victims_before_kill = sum(1 for cid in tap.replies if tenant_of.get(cid) in victim_tenants)
         await producing
-        await tap.settle(ids)
+        # Redelivered requests may be answered again. Once the group has finished every
+        # request none is left to answer, and the tap reads the reply topic to its end.
+        await wait_requests_finished(cluster.bootstrap, cluster.topics, timeout_s=60)
+        await tap.read_to_end()
 
     assert answered_before_kill < len(ids), "the kill came after every reply"
     repeated = sum(len(rs) - 1 for rs in tap.replies.values())

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import pytest
 import pytest_asyncio
-from _tansu import FETCH_MAX_WAIT_MS, TansuBroker, create_topic, start_tansu, unique_topic
 from aiokafka import AIOKafkaProducer
 
 from consumer.errors import QuotaExceeded
@@ -24,18 +23,14 @@ from consumer.quota import (
     make_state_producer,
     partition_for_tenant,
 )
+from consumer.quota.arithmetic import limit_defaults
+from tests.support.harness import FETCH_MAX_WAIT_MS, Broker, create_topic, unique_topic
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
 PARTITIONS = 3
 NOON = datetime(2025, 3, 10, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[TansuBroker]:
-    started = start_tansu()
-    yield started
-    started.stop()
 
 
 @dataclass
@@ -45,7 +40,7 @@ class Env:
     producer: AIOKafkaProducer
 
     def book(self) -> LimitBook:
-        return LimitBook(self.settings.limit_defaults())
+        return LimitBook(limit_defaults(self.settings))
 
     def store(
         self,
@@ -76,7 +71,7 @@ class Env:
 
 
 @pytest_asyncio.fixture
-async def env(broker: TansuBroker) -> AsyncIterator[Env]:
+async def env(broker: Broker) -> AsyncIterator[Env]:
     settings = QuotaSettings(
         default_daily_requests=3,
         state_topic=unique_topic("test.quota.state"),
@@ -95,16 +90,6 @@ async def env(broker: TansuBroker) -> AsyncIterator[Env]:
         yield Env(broker.bootstrap, settings, producer)
     finally:
         await producer.stop()
-
-
-async def eventually(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    """Poll until `condition()` holds; fail after `timeout_s`."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not condition():
-        if loop.time() > deadline:
-            pytest.fail(f"condition not met within {timeout_s}s")
-        await asyncio.sleep(0.02)
 
 
 def tenant_on(partition: int) -> str:
@@ -238,7 +223,7 @@ async def test_limit_command_is_applied_by_a_running_follower_within_seconds(env
             store.reserve(0, tenant, "classify", "c3", 0, 0)
 
         await env.publisher().set_limits(tenant, "classify", daily_requests=5, daily_tokens=None)
-        await eventually(lambda: book.resolve(tenant, "classify").requests == 5)
+        await wait_until(lambda: book.resolve(tenant, "classify").requests == 5)
         store.reserve(0, tenant, "classify", "c3", 0, 0)
 
         partition, offset = await env.publisher().reset_usage(tenant, NOON.date())
@@ -246,7 +231,7 @@ async def test_limit_command_is_applied_by_a_running_follower_within_seconds(env
         assert store.ledger(0).usage(tenant, "classify", NOON) == Usage(0, 0)
 
         await env.publisher().set_limits(tenant, "classify", daily_requests=None, daily_tokens=None)
-        await eventually(lambda: book.override(tenant, "classify") is None)
+        await wait_until(lambda: book.override(tenant, "classify") is None)
         assert book.resolve(tenant, "classify").requests == 3
     finally:
         await follower.stop()

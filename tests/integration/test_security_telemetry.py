@@ -28,6 +28,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
+from prometheus_client.parser import text_string_to_metric_families
 
 from consumer.app import Service, build_app
 from consumer.auth import sign
@@ -46,6 +47,7 @@ from tests.support.harness import (
     ensure_test_topics,
     merge,
 )
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -82,6 +84,12 @@ class Running:
         status, body = await asyncio.to_thread(self.get, path, headers)
         return status, json.loads(body)
 
+    async def metrics(self) -> str:
+        """GET /metrics (Prometheus text)."""
+        status, body = await asyncio.to_thread(self.get, "/metrics")
+        assert status == 200, body
+        return body.decode()
+
     async def charged_requests(self, tenant_id: str) -> int:
         """Chat requests counted against `tenant_id`'s quota today (GET /limits/usage)."""
         status, body = await self.get_json(
@@ -90,19 +98,6 @@ class Running:
         assert status == 200, body
         rows = [r for r in body["usage"] if (r["tenant_id"], r["operation"]) == (tenant_id, "chat")]
         return sum(row["request_count"] for row in rows)
-
-
-async def wait_for(predicate: Any, timeout_s: float, what: str) -> None:
-    """Poll an async or plain predicate until it is true."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        result = predicate()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        await asyncio.sleep(0.1)
-    raise TimeoutError(f"not within {timeout_s} s: {what}")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -143,13 +138,13 @@ async def running(
     )
     serving = asyncio.create_task(server.serve())
     try:
-        await wait_for(lambda: server.started or serving.done(), 30, "HTTP server started")
+        await wait_until(lambda: server.started or serving.done(), 30, what="HTTP server started")
         assert not serving.done(), "the app failed to start"
         running = Running(
             settings, topics, broker.bootstrap, port, engine, service, spans, (0, None)
         )
         running.first_ready = await running.get_json("/ready")
-        await wait_for(lambda: service.assigned, 90, "partitions assigned")
+        await wait_until(lambda: service.assigned, 90, what="partitions assigned")
         yield running
     finally:
         server.should_exit = True
@@ -210,14 +205,21 @@ async def find_record(
         assignment = [TopicPartition(topic, p) for p in sorted(partitions)]
         consumer.assign(assignment)
         await consumer.seek_to_beginning(*assignment)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        found: list[ConsumerRecord[bytes, bytes]] = []
+
+        async def arrived() -> bool:
             batches = await consumer.getmany(timeout_ms=500)
-            for records in batches.values():
-                for record in records:
-                    if (CORRELATION_ID, correlation_id.encode()) in list(record.headers):
-                        return record
-        raise TimeoutError(f"no record with correlation id {correlation_id} on {topic}")
+            found.extend(
+                record
+                for records in batches.values()
+                for record in records
+                if (CORRELATION_ID, correlation_id.encode()) in list(record.headers)
+            )
+            return bool(found)
+
+        what = f"a record with correlation id {correlation_id} on {topic}"
+        await wait_until(arrived, timeout_s, interval_s=0, what=what)
+        return found[0]
     finally:
         await consumer.stop()
 
@@ -391,10 +393,10 @@ async def test_one_trace_runs_from_the_client_publish_through_the_consumer_to_th
     assert publish_span.name == f"send {running.topics.requests}"
     trace_id = publish_span.context.trace_id
     process_name = f"process {running.topics.requests}"
-    await wait_for(
+    await wait_until(
         lambda: by_name(running.spans.get_finished_spans(), process_name, trace_id),
         10,
-        "the consumer span was exported",
+        what="the consumer span was exported",
     )
     finished = running.spans.get_finished_spans()
     (process_span,) = by_name(finished, process_name, trace_id)
@@ -429,8 +431,24 @@ async def test_health_reports_the_documented_fields(running: Running) -> None:
     assert body["broker"]["connected"] is True
 
 
+def requests_total(metrics: str, **labels: str) -> float:
+    """The sum of the `opstream_requests_total` series whose labels include `labels`."""
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+        if sample.name == "opstream_requests_total" and labels.items() <= sample.labels.items()
+    )
+
+
 async def test_metrics_expose_request_token_and_latency_series(running: Running) -> None:
-    # One served request now; the refused ones of the auth test were answered before.
+    before = await running.metrics()
+    # This test's own traffic: one request served, one refused (unsigned).
+    body = chat_body(TENANT_A)
+    refused_id = await publish(running, body, key=TENANT_A)
+    refused = await find_record(running.bootstrap, running.topics.replies, refused_id)
+    refusal = OperationReply.model_validate_json(refused.value).error
+    assert refusal is not None and refusal.code == "unauthorized", refusal
     async with OperationsClient(
         running.bootstrap,
         request_topic=running.topics.requests,
@@ -444,21 +462,17 @@ async def test_metrics_expose_request_token_and_latency_series(running: Running)
             tenant_id=TENANT_A, messages=[{"role": "user", "content": "count me"}], max_tokens=8
         )
     assert reply.status == "ok"
-    status, raw = await asyncio.to_thread(running.get, "/metrics")
-    assert status == 200
-    text = raw.decode()
-    served = [
-        line
-        for line in text.splitlines()
-        if line.startswith("opstream_requests_total{") and 'status="ok"' in line
-    ]
-    assert served and float(served[0].rsplit(" ", 1)[1]) >= 1
-    refused = [
-        line
-        for line in text.splitlines()
-        if line.startswith("opstream_requests_total{") and 'code="unauthorized"' in line
-    ]
-    assert refused, "refused requests are counted by their code"
+
+    async def counted() -> str | None:
+        text = await running.metrics()
+        served = requests_total(text, status="ok") - requests_total(before, status="ok")
+        unauthorized = requests_total(text, code="unauthorized") - requests_total(
+            before, code="unauthorized"
+        )
+        return text if served >= 1 and unauthorized >= 1 else None
+
+    # Refused requests are counted by their code, served ones by their status.
+    text = await wait_until(counted, 10, what="the served and the refused request counted")
     assert "opstream_tokens_total{" in text
     assert "opstream_request_duration_milliseconds_bucket{" in text
     assert "opstream_queue_duration_milliseconds_bucket{" in text

@@ -14,16 +14,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from consumer.bus.devbroker import LocalBroker, free_port, start_local_broker
+from tests.support.waiting import wait_until, wait_until_blocking
 
 REPO = Path(__file__).resolve().parents[2]
 # Tansu answers a fetch only after the whole fetch_max_wait_ms (DESIGN.md): keep it small.
@@ -46,9 +46,16 @@ class Broker:
         return cls(local.bootstrap_servers, local)
 
     def stop(self) -> None:
+        """Kill the broker process we started (a no-op for an external broker)."""
         if self.local is not None:
             self.local.stop(timeout_s=5.0)
             self.local = None
+
+    def __enter__(self) -> Broker:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
 
 
 @dataclass
@@ -183,19 +190,18 @@ class ConsumerProcess:
 
     def wait_ready(self, timeout_s: float = 90.0) -> None:
         """Wait until /ready answers 200 (model loaded, partitions assigned)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+
+        def ready() -> bool:
             assert self.process is not None
             if self.process.poll() is not None:
                 raise RuntimeError(f"consumer exited with {self.process.returncode}{self._tail()}")
             try:
-                status, _ = self.get("/ready", timeout_s=1.0)
-                if status == 200:
-                    return
+                return self.get("/ready", timeout_s=1.0)[0] == 200
             except OSError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"consumer not ready within {timeout_s} s{self._tail()}")
+                return False
+
+        if not wait_until_blocking(ready, timeout_s, interval_s=0.2, raise_on_timeout=False):
+            raise TimeoutError(f"consumer not ready within {timeout_s} s{self._tail()}")
 
     def signal(self, sig: int) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -233,6 +239,141 @@ async def ensure_test_topics(broker: Broker, topics: TopicSet) -> None:
     wanted = merge(topics.settings(), {"kafka": {"bootstrap_servers": broker.bootstrap}})
     settings = Settings(**wanted)
     await ensure_all_topics(settings)
+
+
+async def new_topics(broker: Broker, partitions: int = 12) -> TopicSet:
+    """A `TopicSet` of fresh names, created on `broker`."""
+    topics = TopicSet.unique(partitions)
+    await ensure_test_topics(broker, topics)
+    return topics
+
+
+def unique_topic(prefix: str) -> str:
+    """A topic name no other test uses (the broker is shared, and Tansu forgets nothing)."""
+    return f"{prefix}.{uuid.uuid4().hex[:10]}"
+
+
+async def create_topic(
+    bootstrap: str, name: str, partitions: int, configs: Mapping[str, str] | None = None
+) -> None:
+    """Create one topic explicitly (auto-created topics get the broker's partition count)."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        response = await admin.create_topics(
+            [NewTopic(name, partitions, 1, topic_configs=dict(configs or {}))]
+        )
+        for topic, code, *rest in response.topic_errors:
+            if code != 0:
+                raise RuntimeError(f"creating topic {topic} failed: error {code} {rest}")
+    finally:
+        await admin.close()
+
+
+# ── positive markers: proof that something is finished, instead of a quiet period ──
+
+# The header of the records `append_markers` writes (its value tells one call from another).
+END_MARKER = "x-test-end-marker"
+
+
+async def append_markers(
+    bootstrap: str, topic: str, token: str, key: bytes | None = b"end-marker"
+) -> dict[int, int]:
+    """Append one marker record to every partition of `topic`; partition -> marker offset.
+
+    A reader that has read a partition's marker has read every record written to that
+    partition before it, so markers mark "the end of the topic as of now" (Tansu's
+    ListOffsets is not reliable for that, see `group_committed`). Keyed by default:
+    compacted topics refuse keyless records on Apache Kafka.
+    """
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        partitions = await producer.partitions_for(topic)
+        sent = [
+            await producer.send_and_wait(
+                topic,
+                b"{}",
+                key=key,
+                partition=p,
+                headers=[(END_MARKER, token.encode())],
+            )
+            for p in sorted(partitions)
+        ]
+    finally:
+        await producer.stop()
+    return {m.partition: m.offset for m in sent}
+
+
+async def group_committed(bootstrap: str, group: str, topic: str) -> dict[int, int | None]:
+    """The group's committed offset of each partition of `topic` (None: nothing committed).
+
+    (Tansu's ListOffsets does not report the end of a partition written in multi-record
+    batches correctly, so tests compare against the offsets their producer was given.)
+    """
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False
+    )
+    await consumer.start()  # not subscribed: it never joins the group, only reads offsets
+    try:
+        partitions = consumer.partitions_for_topic(topic)
+        if not partitions:
+            await consumer._client.force_metadata_update()
+            partitions = consumer.partitions_for_topic(topic) or set()
+        return {p: await consumer.committed(TopicPartition(topic, p)) for p in sorted(partitions)}
+    finally:
+        await consumer.stop()
+
+
+async def wait_committed(
+    bootstrap: str, group: str, topic: str, ends: dict[int, int], timeout_s: float
+) -> dict[int, tuple[int | None, int]]:
+    """Wait until the group committed up to `ends` (partition -> next offset); returns the
+    partitions still behind as (committed, wanted), empty when none is."""
+    behind: dict[int, tuple[int | None, int]] = {}
+
+    async def caught_up() -> bool:
+        committed = await group_committed(bootstrap, group, topic)
+        behind.clear()
+        behind.update(
+            {p: (committed.get(p), end) for p, end in ends.items() if (committed.get(p) or 0) < end}
+        )
+        return not behind
+
+    await wait_until(caught_up, timeout_s, interval_s=0.5, raise_on_timeout=False)
+    return behind
+
+
+def ends_of(positions: Iterable[tuple[int, int]]) -> dict[int, int]:
+    """partition -> one past the highest offset among (partition, offset) positions."""
+    ends: dict[int, int] = {}
+    for partition, offset in positions:
+        ends[partition] = max(ends.get(partition, 0), offset + 1)
+    return ends
+
+
+async def wait_requests_finished(bootstrap: str, topics: TopicSet, timeout_s: float) -> None:
+    """Wait until the consumer group has finished every request published so far.
+
+    Appends a marker record to every request partition and waits until the group committed
+    past each one. A record is committed only once it, and every record before it in its
+    partition, was finished (reply acknowledged, usage row durable), so nothing published
+    before the markers can be answered or dead-lettered afterwards (unless a consumer
+    crashes again). The markers themselves carry no correlation id: they are dead-lettered.
+    """
+    # Keyless, so the consumer does not forward them to a tenant's partition first.
+    markers = await append_markers(bootstrap, topics.requests, uuid.uuid4().hex, key=None)
+    positions = list(markers.items())
+    behind = await wait_committed(
+        bootstrap, topics.group, topics.requests, ends_of(positions), timeout_s
+    )
+    assert not behind, f"(committed, wanted) offsets of {topics.requests} still behind: {behind}"
 
 
 async def probe_partitions(bootstrap: str, topic: str, timeout_s: float = 6.0) -> str:

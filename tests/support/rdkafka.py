@@ -18,6 +18,8 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
+from tests.support.waiting import wait_until_blocking
+
 
 def sign_v2(
     body: bytes,
@@ -130,19 +132,22 @@ class RdkafkaRequester:
     ) -> list[Reply]:
         """Poll replies until each value in `wanted` of `header` arrived (or time is up)."""
         assert self._consumer is not None, "call read_from_start first"
-        missing = set(wanted)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and not missing <= self.distinct(header):
-            message = self._consumer.poll(0.2)
-            if message is None or message.error():
-                continue
-            self.replies.append(
-                Reply(
-                    partition=message.partition(),
-                    headers=dict(message.headers() or []),
-                    body=json.loads(message.value()),
+        consumer, missing = self._consumer, set(wanted)
+
+        def all_arrived() -> bool:
+            message = consumer.poll(0.2)
+            if message is not None and not message.error():
+                self.replies.append(
+                    Reply(
+                        partition=message.partition(),
+                        headers=dict(message.headers() or []),
+                        body=json.loads(message.value()),
+                    )
                 )
-            )
+            return missing <= self.distinct(header)
+
+        if not missing <= self.distinct(header):
+            wait_until_blocking(all_arrived, timeout_s, interval_s=0, raise_on_timeout=False)
         return self.replies
 
     def distinct(self, header: str = "correlation_id") -> set[bytes]:

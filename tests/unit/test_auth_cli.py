@@ -68,7 +68,9 @@ def test_list_shows_key_ids_but_never_secrets(
     created = json.loads(capsys.readouterr().out)
     assert run(["keys", "list", "--keys-file", str(keys_file)]) == 0
     listed = capsys.readouterr().out
-    assert listed.startswith(f"acme\t{created['key_id']}\t")
+    header, _rule, row = listed.splitlines()
+    assert header.split() == ["TENANT", "KEY", "ID", "CREATED"]
+    assert row.split()[:2] == ["acme", created["key_id"]]
     assert created["secret"] not in listed
 
 

@@ -112,3 +112,82 @@ def test_importing_the_engine_package_imports_neither_torch_nor_exllamav2() -> N
         [sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd=root
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_unset_lengths_follow_a_short_max_seq_len() -> None:
+    settings = ExLlamaV2Settings(max_seq_len=1000)
+    assert settings.score_max_seq_len == 1000
+    assert settings.prefill_chunk_tokens == 768  # whole 256-token pages
+    from_env_text = ExLlamaV2Settings.model_validate({"max_seq_len": "1024"})
+    assert from_env_text.score_max_seq_len == 1024
+
+
+@pytest.mark.parametrize(
+    ("bad", "named"),
+    [
+        ({"max_seq_len": 2048, "score_max_seq_len": 4096}, "score_max_seq_len"),
+        ({"max_seq_len": 1024, "prefill_chunk_tokens": 2048}, "prefill_chunk_tokens"),
+    ],
+)
+def test_lengths_set_beyond_max_seq_len_are_refused(bad: dict[str, int], named: str) -> None:
+    with pytest.raises(ValidationError, match=named):
+        ExLlamaV2Settings(**bad)  # type: ignore[arg-type]
+
+
+def test_a_flash_attn_that_fails_to_import_falls_back_to_static_and_says_why() -> None:
+    problem = "fails to import (ImportError: undefined symbol: _ZN3c104cuda9SetDevice)"
+    decision = select_batching_mode("auto", [A100], "2.7.4", problem)
+    assert decision.mode == "static"
+    assert "2.7.4" in decision.reason and "undefined symbol" in decision.reason
+    with pytest.raises(EngineConfigError, match="fails to import"):
+        select_batching_mode("paged", [A100], "2.7.4", problem)
+
+
+def fake_flash_attn(root: Path, init: str) -> None:
+    """A flash_attn package (and its CUDA module) on `root`, importing `init` as its body."""
+    package = root / "flash_attn"
+    package.mkdir()
+    (package / "__init__.py").write_text(init)
+    (root / "flash_attn_2_cuda.py").write_text("")
+
+
+@pytest.fixture
+def flash_attn_2_7_4(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    from consumer.engine.exllamav2 import backend
+
+    monkeypatch.setattr(backend, "flash_attn_version", lambda: "2.7.4")
+    monkeypatch.delenv("EXLLAMA_NO_FLASH_ATTN", raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("flash_attn", "flash_attn_2_cuda"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    return tmp_path
+
+
+def test_probe_reports_a_flash_attn_built_for_another_torch(flash_attn_2_7_4: Path) -> None:
+    from consumer.engine.exllamav2.backend import probe_flash_attn
+
+    # What a wheel built against another torch raises: ImportError, not ModuleNotFoundError,
+    # which exllamav2 0.3.2's attn.py does not catch.
+    fake_flash_attn(flash_attn_2_7_4, "raise ImportError('undefined symbol: _ZN3c10')\n")
+    probe = probe_flash_attn()
+    assert probe.version == "2.7.4"
+    assert probe.problem is not None and "ImportError: undefined symbol" in probe.problem
+
+
+def test_probe_accepts_a_flash_attn_that_imports(flash_attn_2_7_4: Path) -> None:
+    from consumer.engine.exllamav2.backend import probe_flash_attn
+
+    fake_flash_attn(flash_attn_2_7_4, "__version__ = '2.7.4'\n")
+    assert probe_flash_attn().problem is None
+
+
+def test_probe_honours_exllamav2s_own_switch(
+    flash_attn_2_7_4: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from consumer.engine.exllamav2.backend import probe_flash_attn
+
+    fake_flash_attn(flash_attn_2_7_4, "__version__ = '2.7.4'\n")
+    monkeypatch.setenv("EXLLAMA_NO_FLASH_ATTN", "1")
+    probe = probe_flash_attn()
+    assert probe.problem == "EXLLAMA_NO_FLASH_ATTN is set"
+    assert select_batching_mode("auto", [A100], probe.version, probe.problem).mode == "static"

@@ -3,8 +3,10 @@
 The stand-in keeps exllamav2's contract (cache.current_seq_len advances by the input width,
 the additive input_mask hides padded columns, position_offsets shift RoPE positions, rows of
 the cache are addressed [:batch]) and makes each logit depend on every visible token and its
-position, so wrong padding, masks, offsets or prefix copies change the output. Skipped where
-torch is not installed (CI); the GPU suite runs the real thing.
+position, so wrong padding, masks, offsets or prefix copies change the output. A second
+stand-in, `TinyExl2Model`, is a real transformer (grouped KV heads, RoPE, the engine's grouped
+SDPA attention) in float32, so padded batches must match each prompt alone to fp32 noise.
+The GPU suite runs the same logic through exllamav2's kernels.
 """
 
 from __future__ import annotations
@@ -17,7 +19,12 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from consumer.engine.base import ChatMessage, GenerationRequest  # noqa: E402
-from consumer.engine.exllamav2.batching import PAD_BIAS  # noqa: E402
+from consumer.engine.exllamav2.attention import (  # noqa: E402
+    CONFIG_FLAG,
+    grouped_attention,
+    grouped_attn_torch,
+)
+from consumer.engine.exllamav2.batching import PAD_BIAS, left_pad  # noqa: E402
 from consumer.engine.exllamav2.runner import (  # noqa: E402
     GenTicket,
     ScoreTicket,
@@ -226,3 +233,375 @@ def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
     kept = top_p_filter(probs, 0.7)
     assert kept.tolist() == pytest.approx([0.5 / 0.8, 0.3 / 0.8, 0.0, 0.0])
     assert math.isclose(float(top_p_filter(probs, 1.0).sum()), 1.0)
+
+
+# -- a real (tiny) transformer with exllamav2's forward contract -----------------------------
+
+
+def exllamav2_attn_mask(batch: int, seq_len: int, past_len: int, input_mask: Any) -> Any:
+    """exllamav2 0.3.2 attn_params.py `Params.build_single_attn_mask`, in float32."""
+    attn_mask = torch.zeros((batch, 1, seq_len, past_len + seq_len))
+    triu = torch.triu(torch.full((seq_len - 1, seq_len - 1), -65504.0))
+    attn_mask[:, :, : seq_len - 1, past_len + 1 : past_len + seq_len] = triu
+    if input_mask is not None:
+        width = min(input_mask.shape[-1], seq_len + past_len)
+        part = input_mask[:, :width].float().unsqueeze(1).unsqueeze(2)
+        attn_mask[:, :, :, :width] = torch.minimum(attn_mask[:, :, :, :width], part)
+    return attn_mask
+
+
+def exllamav2_matmul_attention(q: Any, k: Any, v: Any, mask: Any, scale: float) -> Any:
+    """exllamav2 0.3.2 attn.py `_attn_torch`, matmul branch: repeat_kv, then two matmuls."""
+    batch, q_len, heads, dim = q.shape
+    group = heads // k.shape[2]
+
+    def repeat_kv(states: Any) -> Any:
+        b, kv_heads, length, d = states.shape
+        expanded = states[:, :, None, :, :].expand(b, kv_heads, group, length, d)
+        return expanded.reshape(b, kv_heads * group, length, d)
+
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    weights = torch.matmul(q, repeat_kv(k).transpose(-1, -2)) * scale
+    if mask is not None:
+        weights = weights + mask
+    weights = torch.softmax(weights, dim=-1)
+    out = torch.matmul(weights, repeat_kv(v))
+    return out.transpose(1, 2).reshape(batch, q_len, heads * dim)
+
+
+class TinyCache:
+    """exllamav2's FP16 cache layout: per layer, K and V of (batch, max_seq_len, kv_heads, dim)."""
+
+    def __init__(self, model: TinyExl2Model, batch_size: int, max_seq_len: int) -> None:
+        self.batch_size = batch_size
+        self.max_seq_len = max_seq_len
+        self.current_seq_len = 0
+        self.q_block = 0
+        shape = (batch_size, max_seq_len, model.kv_heads, model.head_dim)
+        self.key_states = [torch.zeros(shape) for _ in range(model.num_layers)]
+        self.value_states = [torch.zeros(shape) for _ in range(model.num_layers)]
+
+    def all_tensors(self) -> list[Any]:
+        return self.key_states + self.value_states
+
+
+class TinyExl2Model:
+    """A 2-layer transformer with grouped KV heads and RoPE, in float32, that keeps exllamav2
+    0.3.2's `model.forward` contract: K/V appended to the cache at `current_seq_len`; the
+    attention mask built as exllamav2 builds it (causal, then the additive input_mask over
+    the first columns); RoPE positions shifted by `position_offsets` and clamped at 0 (rope.cu
+    `max(sincos_row, 0)`), never past the table; long inputs split into chunks that all see
+    the same input_mask; `preprocess_only` / `last_id_only`. The head is wider than the
+    tokenizer, and its untrained rows are biased up to tempt the sampler.
+    """
+
+    def __init__(
+        self,
+        *,
+        attention: str = "grouped",
+        vocab: int = 40,
+        head_rows: int = 48,
+        hidden: int = 32,
+        heads: int = 4,
+        kv_heads: int = 2,
+        num_layers: int = 2,
+        max_seq_len: int = 96,
+        chunk: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.attention = attention
+        self.vocab, self.head_rows = vocab, head_rows
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, hidden // heads
+        self.num_layers, self.max_seq_len, self.chunk = num_layers, max_seq_len, chunk
+        gen = torch.Generator().manual_seed(seed)
+
+        def weight(rows: int, cols: int) -> Any:
+            return torch.randn(rows, cols, generator=gen) / math.sqrt(rows)
+
+        d = self.head_dim
+        self.embed = torch.randn(head_rows, hidden, generator=gen)
+        self.blocks = [
+            {
+                "q": weight(hidden, heads * d),
+                "k": weight(hidden, kv_heads * d),
+                "v": weight(hidden, kv_heads * d),
+                "o": weight(heads * d, hidden),
+                "up": weight(hidden, 2 * hidden),
+                "down": weight(2 * hidden, hidden),
+            }
+            for _ in range(num_layers)
+        ]
+        self.head = weight(hidden, head_rows) * 4
+        self.head_bias = torch.zeros(head_rows)
+        self.head_bias[vocab:] = 6.0
+        inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+        freqs = torch.outer(torch.arange(max_seq_len).float(), inv)
+        self.cos, self.sin = (
+            torch.cat([freqs, freqs], -1).cos(),
+            torch.cat([freqs, freqs], -1).sin(),
+        )
+
+    def _rope(self, x: Any, positions: Any) -> Any:
+        cos = self.cos[positions].unsqueeze(2)  # (batch, q_len, 1, dim)
+        sin = self.sin[positions].unsqueeze(2)
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+    def forward(
+        self,
+        input_ids: Any,
+        cache: TinyCache | None = None,
+        input_mask: Any = None,
+        preprocess_only: bool = False,
+        last_id_only: bool = False,
+        position_offsets: Any = None,
+    ) -> Any:
+        width = input_ids.shape[1]
+        step = self.chunk if cache is not None and self.chunk else width
+        outputs = []
+        for begin in range(0, width, step):
+            out = self._forward_chunk(
+                input_ids[:, begin : begin + step], cache, input_mask, position_offsets
+            )
+            outputs.append(out)
+        if preprocess_only:
+            return None
+        logits = torch.cat(outputs, dim=1)
+        return logits[:, -1:, :] if last_id_only else logits
+
+    def _forward_chunk(self, ids: Any, cache: Any, input_mask: Any, offsets: Any) -> Any:
+        batch, q_len = ids.shape
+        past = 0 if cache is None else cache.current_seq_len
+        if cache is not None:
+            assert past + q_len <= cache.max_seq_len, "exceeds cache size"
+        positions = (past + torch.arange(q_len)).unsqueeze(0).expand(batch, q_len)
+        if offsets is not None:
+            positions = positions + offsets.view(-1, 1).long()
+        positions = positions.clamp(min=0)
+        assert int(positions.max()) < self.max_seq_len, "RoPE table overrun"
+        mask = None
+        if input_mask is not None or q_len > 1:
+            mask = exllamav2_attn_mask(batch, q_len, past, input_mask)
+        x = self.embed[ids]
+        d = self.head_dim
+        for layer, w in enumerate(self.blocks):
+            h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+            q = self._rope((h @ w["q"]).view(batch, q_len, self.heads, d), positions)
+            k = self._rope((h @ w["k"]).view(batch, q_len, self.kv_heads, d), positions)
+            v = (h @ w["v"]).view(batch, q_len, self.kv_heads, d)
+            if cache is not None:
+                cache.key_states[layer][:batch, past : past + q_len] = k
+                cache.value_states[layer][:batch, past : past + q_len] = v
+                k = cache.key_states[layer][:batch, : past + q_len]
+                v = cache.value_states[layer][:batch, : past + q_len]
+            attend = (
+                grouped_attention if self.attention == "grouped" else exllamav2_matmul_attention
+            )
+            x = x + attend(q, k, v, mask, 1.0 / math.sqrt(d)) @ w["o"]
+            h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+            x = x + torch.nn.functional.silu(h @ w["up"]) @ w["down"]
+        if cache is not None:
+            cache.current_seq_len += q_len
+        return x @ self.head + self.head_bias
+
+
+PROMPTS = [[5, 9, 11, 3, 7, 2, 30, 8], [12, 4], [1, 2, 3, 4, 5]]
+
+
+def padded_logits(model: TinyExl2Model, prompts: list[list[int]], *, mask: bool = True) -> Any:
+    padded = left_pad(prompts, pad_id=0)
+    cache = TinyCache(model, len(prompts), model.max_seq_len)
+    return model.forward(
+        torch.tensor(padded.ids),
+        cache,
+        input_mask=torch.tensor(padded.attention_bias()) if mask else None,
+        position_offsets=torch.tensor(padded.position_offsets, dtype=torch.int),
+    )
+
+
+def alone_logits(model: TinyExl2Model, prompt: list[int]) -> Any:
+    return model.forward(torch.tensor([prompt]), TinyCache(model, 1, model.max_seq_len))
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_a_padded_batch_gives_each_row_the_logits_it_gets_alone(chunk: int | None) -> None:
+    model = TinyExl2Model(chunk=chunk)
+    batched = padded_logits(model, PROMPTS)
+    width = max(len(p) for p in PROMPTS)
+    for row, prompt in enumerate(PROMPTS):
+        alone = alone_logits(model, prompt)[0]
+        torch.testing.assert_close(batched[row, width - len(prompt) :], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_without_the_mask_padding_changes_the_logits() -> None:
+    # Guards the stand-in: padding must matter to it. (The position offsets do not change the
+    # maths, since RoPE attention depends on relative positions only; they keep each row's
+    # positions where the row alone would have them, inside the RoPE table.)
+    model = TinyExl2Model()
+    alone = alone_logits(model, PROMPTS[1])[0, -1]
+    unmasked = padded_logits(model, PROMPTS, mask=False)
+    assert float((unmasked[1, -1] - alone).abs().max()) > 1e-2
+
+
+def test_grouped_sdpa_gives_what_exllamav2s_matmul_attention_gives() -> None:
+    grouped = padded_logits(TinyExl2Model(attention="grouped", chunk=3), PROMPTS)
+    matmul = padded_logits(TinyExl2Model(attention="matmul", chunk=3), PROMPTS)
+    torch.testing.assert_close(grouped, matmul, rtol=1e-5, atol=1e-5)
+
+
+def generate(model: TinyExl2Model, tickets: list[GenTicket], vocab_size: int | None) -> list[Any]:
+    batch = StaticBatch(
+        model,
+        TinyCache(model, len(tickets), model.max_seq_len),
+        tickets,
+        pad_id=0,
+        stop_ids=frozenset(),
+        decode=decode,
+        vocab_size=vocab_size,
+    )
+    batch.prefill()
+    while not batch.finished:
+        batch.step()
+    return batch.rows
+
+
+def test_a_static_batch_decodes_each_row_as_it_would_decode_alone() -> None:
+    model = TinyExl2Model(chunk=4)
+    lengths = [7, 3, 12]
+    together = generate(model, [ticket(p, n) for p, n in zip(PROMPTS, lengths, strict=True)], 40)
+    for row, prompt, n in zip(together, PROMPTS, lengths, strict=True):
+        alone = generate(model, [ticket(prompt, n)], 40)[0]
+        assert row.tokens == alone.tokens and len(row.tokens) == n
+
+
+def test_sampling_never_picks_an_id_past_the_tokenizer_vocabulary() -> None:
+    model = TinyExl2Model()
+    greedy = [ticket(p, 10) for p in PROMPTS]
+    sampled = [ticket(p, 10, temperature=1.0, seed=i) for i, p in enumerate(PROMPTS)]
+    for tickets in (greedy, sampled):
+        rows = generate(model, tickets, vocab_size=model.vocab)
+        assert max(t for row in rows for t in row.tokens) < model.vocab
+    # Guards the stand-in: unmasked, its untrained head rows would win.
+    unmasked = generate(model, [ticket(p, 10) for p in PROMPTS], vocab_size=None)
+    assert max(t for row in unmasked for t in row.tokens) >= model.vocab
+
+
+def tiny_reference_logprob(
+    model: TinyExl2Model, prompt: list[int], candidate: list[int], eot: int
+) -> float:
+    logits = alone_logits(model, prompt + candidate)[0, :, : model.vocab]
+    lp = torch.log_softmax(logits, dim=-1)
+    targets = [*candidate, eot]
+    return sum(float(lp[len(prompt) - 1 + k, t]) for k, t in enumerate(targets))
+
+
+def test_scores_are_normalised_over_the_tokenizer_vocabulary() -> None:
+    model = TinyExl2Model()
+    prompt, candidates, eot = [5, 1, 4, 2, 9], [[7], [7, 8], [], [3, 9, 11]], 39
+    got = score_candidates(
+        model,
+        TinyCache(model, 2, model.max_seq_len),
+        ScoreTicket(prompt, candidates, deliver=lambda _: None),
+        end_of_turn_id=eot,
+        pad_id=0,
+        vocab_size=model.vocab,
+    )
+    want = [tiny_reference_logprob(model, prompt, c, eot) for c in candidates]
+    assert got == pytest.approx(want, abs=1e-4)
+    unmasked = score_candidates(
+        model,
+        TinyCache(model, 2, model.max_seq_len),
+        ScoreTicket(prompt, candidates, deliver=lambda _: None),
+        end_of_turn_id=eot,
+        pad_id=0,
+    )
+    assert all(u < g - 0.1 for u, g in zip(unmasked, got, strict=True))
+
+
+# -- grouped SDPA as exllamav2's _attn_torch ----------------------------------------------
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (8, 2), (28, 4)])
+@pytest.mark.parametrize(("q_len", "past"), [(1, 0), (1, 9), (6, 0), (6, 9)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_grouped_attention_equals_repeat_kv_attention(
+    heads: int, kv_heads: int, q_len: int, past: int, padded: bool
+) -> None:
+    gen = torch.Generator().manual_seed(heads * 100 + q_len * 10 + past)
+    batch, dim, kv_len = 3, 16, past + q_len
+    q = torch.randn(batch, q_len, heads, dim, generator=gen)
+    k = torch.randn(batch, kv_len, kv_heads, dim, generator=gen)
+    v = torch.randn(batch, kv_len, kv_heads, dim, generator=gen)
+    input_mask = None
+    if padded:
+        pads = [0, min(2, kv_len - 1), min(4, kv_len - 1)]
+        input_mask = torch.tensor([[PAD_BIAS] * p + [0.0] * (kv_len - p) for p in pads])
+    mask = None
+    if input_mask is not None or q_len > 1:
+        mask = exllamav2_attn_mask(batch, q_len, past, input_mask)
+    got = grouped_attention(q, k, v, mask, 0.25)
+    want = exllamav2_matmul_attention(q, k, v, mask, 0.25)
+    assert got.is_contiguous() and got.shape == (batch, q_len, heads * dim)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+class FakeAttentionModule:
+    def __init__(self, *, sliding_window: int = 0, layer_idx: int = 0) -> None:
+        self.sliding_window = sliding_window
+        self.layer_idx = layer_idx
+        self.scaling = 0.25
+
+
+class FakeParams:
+    def __init__(self, mask: Any, *, block_diag_layers: set[int] | None = None) -> None:
+        self.mask = mask
+        self.block_diag_layers = block_diag_layers or set()
+        self.multi_cache = False
+
+    def get_attn_mask(self, device: Any) -> Any:
+        return self.mask
+
+
+class FakeConfig:
+    def __init__(self, *, grouped: bool = True, softcap: float = 0.0) -> None:
+        self.attn_logit_softcapping = softcap
+        if grouped:
+            setattr(self, CONFIG_FLAG, True)
+
+
+def attention_inputs(q_len: int = 4) -> tuple[Any, Any, Any, Any]:
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(2, q_len, 8, 16, generator=gen)
+    k = torch.randn(2, q_len, 2, 16, generator=gen)
+    v = torch.randn(2, q_len, 2, 16, generator=gen)
+    return q, k, v, exllamav2_attn_mask(2, q_len, 0, None)
+
+
+def test_opted_in_plain_attention_runs_grouped_sdpa() -> None:
+    original_calls: list[Any] = []
+    attn = grouped_attn_torch(lambda *a: original_calls.append(a))
+    q, k, v, mask = attention_inputs()
+    out = attn(FakeAttentionModule(), 2, 4, q, k, v, FakeParams(mask), FakeConfig())
+    assert not original_calls
+    torch.testing.assert_close(out, exllamav2_matmul_attention(q, k, v, mask, 0.25))
+
+
+@pytest.mark.parametrize(
+    ("module", "params_kw", "config", "causal", "mask_none"),
+    [
+        (FakeAttentionModule(), {}, FakeConfig(grouped=False), True, False),  # not opted in
+        (FakeAttentionModule(sliding_window=4), {}, FakeConfig(), True, False),
+        (FakeAttentionModule(), {}, FakeConfig(softcap=30.0), True, False),
+        (FakeAttentionModule(), {"block_diag_layers": {0}}, FakeConfig(), True, False),
+        (FakeAttentionModule(), {}, FakeConfig(), False, False),  # non-causal (vision)
+        (FakeAttentionModule(), {}, FakeConfig(), True, True),  # no mask for 4 queries
+    ],
+)
+def test_everything_else_is_left_to_exllamav2(
+    module: Any, params_kw: dict[str, Any], config: Any, causal: bool, mask_none: bool
+) -> None:
+    attn = grouped_attn_torch(lambda *a: "exllamav2")
+    q, k, v, mask = attention_inputs()
+    params = FakeParams(None if mask_none else mask, **params_kw)
+    assert attn(module, 2, 4, q, k, v, params, config, causal) == "exllamav2"

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 
 from consumer.bus.records import InboundRecord
 from consumer.intake.flow import Intake
 from consumer.intake.offsets import Partition
 from consumer.pipeline.outcome import Outcome
+from tests.support.waiting import wait_until
 
 TOPIC = "ops.requests.v1"
 P0: Partition = (TOPIC, 0)
@@ -69,13 +69,6 @@ class Commits:
     def last(self, partition: Partition) -> int | None:
         found = [c[partition] for c in self.calls if partition in c]
         return found[-1] if found else None
-
-
-async def wait_until(condition: Callable[[], bool], timeout_s: float = 2.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
 
 
 def make(
@@ -146,8 +139,10 @@ async def test_max_in_flight_bounds_concurrency_and_submit_waits() -> None:
 
 async def test_waiting_for_durability_does_not_hold_an_in_flight_slot() -> None:
     durable = asyncio.Event()
+    awaiting_durability: list[int] = []
 
     async def make_durable(outcome: Outcome) -> None:
+        awaiting_durability.append(outcome.record.offset)
         await durable.wait()
 
     intake, process, commits = make(max_in_flight=1, make_durable=make_durable)
@@ -156,7 +151,8 @@ async def test_waiting_for_durability_does_not_hold_an_in_flight_slot() -> None:
     process.open(1)
     await intake.submit(rec(0))
     await asyncio.wait_for(intake.submit(rec(1)), 1.0)  # slot freed though 0 is not durable
-    await asyncio.sleep(0.05)
+    await wait_until(lambda: sorted(awaiting_durability) == [0, 1])  # both processed
+    await intake.commit_now()
     assert commits.calls == []  # nothing is committable before it is durable
     durable.set()
     await wait_until(lambda: commits.last(P0) == 2)
@@ -265,9 +261,8 @@ async def test_close_finishes_in_flight_work_and_takes_no_more_records() -> None
     assert commits.last(P0) == 1
 
     await intake.submit(rec(1))
-    await asyncio.sleep(0.02)
+    assert intake.in_flight == 0  # refused at once: a taken record would be in flight
     assert process.started == [(0, 0)]
-    assert intake.in_flight == 0
 
 
 async def test_submit_waiting_for_a_slot_gives_up_when_closed() -> None:

@@ -64,11 +64,18 @@ def test_console_format_is_event_then_key_value_pairs(
 ) -> None:
     configure_logging(LoggingSettings(format="console"))
     logging.getLogger("consumer").info(
-        "model_loaded", extra={"backend": "llamacpp", "path": "/models/q 4.gguf", "text": PROMPT}
+        "model_loaded",
+        extra={
+            "backend": "llamacpp",
+            "path": "/models/q 4.gguf",
+            "partitions": [0, 1],
+            "text": PROMPT,
+        },
     )
     err = capsys.readouterr().err
     assert " INFO    consumer model_loaded backend=llamacpp " in err
     assert 'path="/models/q 4.gguf"' in err
+    assert " partitions=[0,1] " in err
     assert "dropped_fields=text" in err
     assert PROMPT not in err
 

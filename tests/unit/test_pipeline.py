@@ -26,6 +26,7 @@ from consumer.pipeline import RequestProcessor
 from consumer.settings import OperationLimits
 from schemas.replies import OperationReply
 from tests.support.fake_engine import FakeEngine
+from tests.support.waiting import wait_until
 from topics.catalog import TopicSettings
 
 TOPICS = TopicSettings(requests="ops.requests.v1", replies="ops.replies.v1", dlq="ops.dlq.v1")
@@ -372,12 +373,12 @@ class InstantStateProducer:
 def quota_processor(requests_per_day: int = 10) -> tuple[RequestProcessor, MemoryPublisher]:
     from zoneinfo import ZoneInfo
 
-    from consumer.quota.arithmetic import LimitBook, QuotaLedger
-    from consumer.quota.settings import QuotaSettings
+    from consumer.quota.arithmetic import LimitBook, QuotaLedger, limit_defaults
     from consumer.quota.store import QuotaStore
+    from consumer.settings.quota import QuotaSettings
 
     settings = QuotaSettings(default_daily_requests=requests_per_day)
-    book = LimitBook(settings.limit_defaults())
+    book = LimitBook(limit_defaults(settings))
     store = QuotaStore(
         book=book,
         settings=settings,
@@ -573,8 +574,7 @@ async def test_a_request_counts_as_in_flight_while_the_engine_runs_it() -> None:
         telemetry=telemetry,
     )
     running = asyncio.create_task(processor.process(record(BODIES["chat"])))
-    await asyncio.sleep(0.15)
-    assert in_flight() == 1
+    await wait_until(lambda: in_flight() == 1, 5, what="the chat request counted in flight")
     await running
     assert in_flight() == 0
     telemetry.shutdown()

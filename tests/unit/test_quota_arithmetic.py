@@ -25,11 +25,12 @@ from consumer.quota.arithmetic import (
     day_of,
     day_start,
     first_trip,
+    limit_defaults,
     merge_override,
     partition_for_tenant,
     resets_at,
 )
-from consumer.quota.settings import QuotaSettings
+from consumer.settings.quota import QuotaSettings
 from schemas.limits import QuotaCharge
 
 UTC_ZONE = ZoneInfo("UTC")
@@ -55,7 +56,7 @@ def test_defaults_come_from_settings_per_operation_and_total() -> None:
         operation_defaults={"chat": {"requests": 50}},
         total_daily_tokens=9000,
     )
-    b = LimitBook(s.limit_defaults())
+    b = LimitBook(limit_defaults(s))
     assert b.resolve("acme", "summarize") == DailyCap(1000, None)
     assert b.resolve("acme", "chat") == DailyCap(50, None)
     assert b.resolve("acme", "*") == DailyCap(None, 9000)

@@ -8,6 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from consumer.quota import LimitBook, QuotaSettings, apply_control_record
+from consumer.quota.arithmetic import limit_defaults
 from schemas.limits import (
     QuotaCharge,
     ResetUsage,
@@ -52,7 +53,7 @@ def test_keys_round_trip_and_foreign_keys_are_not_ours() -> None:
 
 
 def test_control_records_apply_and_tombstones_delete() -> None:
-    book = LimitBook(QuotaSettings().limit_defaults())
+    book = LimitBook(limit_defaults(QuotaSettings()))
     command = SetLimits(tenant_id="acme", operation="chat", daily_requests=5)
     value = command.model_dump_json().encode()
     assert apply_control_record(book, limits_key("acme", "chat"), value)

@@ -11,9 +11,9 @@ import pyarrow as pa
 import pytest
 from pydantic import ValidationError
 
-from consumer.cli.usage import register
-from consumer.usage.report import chart_sql, format_csv, format_table, report_sql
-from consumer.usage.settings import UsageSettings
+from consumer.cli.usage import format_result, register
+from consumer.settings.usage import UsageSettings
+from consumer.usage.report import chart_sql, format_csv, report_sql
 
 
 def test_report_sql_groups_by_the_requested_key_and_binds_filters() -> None:
@@ -44,7 +44,7 @@ def test_table_right_aligns_numbers_and_counts_rows() -> None:
             "p50_ms": [1.25, None],
         }
     )
-    lines = format_table(table).splitlines()
+    lines = format_result(table).splitlines()
     assert lines[0].split() == ["tenant", "requests", "tokens", "p50_ms"]
     assert lines[2].startswith("acme")
     assert lines[2].split()[1:] == ["1,234", "10", "1.2"]

@@ -1,11 +1,18 @@
 """The production engine: EXL2-quantized models on NVIDIA GPUs via exllamav2.
 
-Importing this package needs neither torch nor a GPU; `load_exllamav2_engine` does.
+Importing this package needs neither torch nor a GPU; `load_exllamav2_engine` does. The
+backend is imported on first use, so reading the settings does not load the engine code.
 """
 
-from consumer.engine.exllamav2.backend import ExLlamaV2Engine, load_exllamav2_engine
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from consumer.engine.exllamav2.errors import EngineConfigError
 from consumer.engine.exllamav2.settings import ExLlamaV2Settings
+
+if TYPE_CHECKING:
+    from consumer.engine.exllamav2.backend import ExLlamaV2Engine, load_exllamav2_engine
 
 __all__ = [
     "EngineConfigError",
@@ -13,3 +20,11 @@ __all__ = [
     "ExLlamaV2Settings",
     "load_exllamav2_engine",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("ExLlamaV2Engine", "load_exllamav2_engine"):
+        from consumer.engine.exllamav2 import backend
+
+        return getattr(backend, name)
+    raise AttributeError(name)

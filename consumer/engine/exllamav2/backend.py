@@ -5,7 +5,8 @@ package imports on machines without a GPU. One thread owns the GPU: it loads the
 loops over a queue of generate and score requests. With flash-attn (sm_80+) it drives
 exllamav2's paged dynamic generator (continuous batching, prefix reuse); without it (e.g. a T4)
 it runs static padded batches with a mask. Label scoring uses its own small cache in both modes
-and is interleaved between decode steps.
+and is interleaved between decode steps. A failed request is answered and the thread serves on;
+a CUDA error that poisons the context ends the process (`on_fatal`) so a fresh one takes over.
 """
 
 from __future__ import annotations
@@ -31,14 +32,14 @@ from consumer.engine.base import (
     ChatMessage,
     EngineError,
     EngineInfo,
-    FinishReason,
     Generation,
     GenerationRequest,
     Scores,
 )
 from consumer.engine.chat_template import ChatTemplate, load_chat_template
-from consumer.engine.exllamav2.batching import QueuedShape, plan_static_batch
-from consumer.engine.exllamav2.errors import EngineConfigError
+from consumer.engine.exllamav2.batching import QueuedShape, paged_completion, plan_static_batch
+from consumer.engine.exllamav2.errors import EngineConfigError, is_sticky_cuda_error
+from consumer.engine.exllamav2.limits import check_plan, static_max_attention_size
 from consumer.engine.exllamav2.modes import GpuFacts, ModeDecision, select_batching_mode
 from consumer.engine.exllamav2.settings import ExLlamaV2Settings
 from consumer.engine.exllamav2.vram import (
@@ -53,12 +54,10 @@ from consumer.engine.exllamav2.vram import (
 
 log = logging.getLogger("opstream.engine.exllamav2")
 
-_EOS_REASONS: dict[str, FinishReason] = {
-    "stop_token": "stop",
-    "stop_string": "stop",
-    "end_filter": "stop",
-    "max_new_tokens": "length",
-}
+# Exit status after the GPU is lost (sysexits EX_SOFTWARE): a supervisor restarts the process.
+GPU_FATAL_EXIT_CODE = 70
+# Called once, from the worker thread, with the reason, when the GPU can no longer run work.
+FatalHandler = Callable[[str], None]
 
 
 def flash_attn_version() -> str | None:
@@ -67,6 +66,37 @@ def flash_attn_version() -> str | None:
         return importlib.metadata.version("flash-attn")
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+@dataclass(frozen=True, slots=True)
+class FlashAttnProbe:
+    """flash-attn as exllamav2 will see it: the installed version, and why it is unusable."""
+
+    version: str | None
+    problem: str | None = None
+
+
+def probe_flash_attn() -> FlashAttnProbe:
+    """Import flash-attn the way exllamav2 0.3.2 does, without letting a broken build crash us.
+
+    exllamav2's `attn.py` imports `flash_attn` and `flash_attn_2_cuda` at import time and only
+    catches ModuleNotFoundError; a wheel built for another torch raises ImportError ("undefined
+    symbol") and takes `import exllamav2` down with it. Trying it here first lets start-up fall
+    back to static batching (with EXLLAMA_NO_FLASH_ATTN set) and say why.
+    """
+    version = flash_attn_version()
+    if version is None:
+        return FlashAttnProbe(None)
+    if "EXLLAMA_NO_FLASH_ATTN" in os.environ:
+        return FlashAttnProbe(version, "EXLLAMA_NO_FLASH_ATTN is set")
+    try:
+        import flash_attn  # noqa: F401
+        import flash_attn_2_cuda  # noqa: F401
+    except Exception as exc:  # any failure means the same thing: exllamav2 cannot use it
+        first_line = (str(exc).splitlines() or [""])[0][:300]
+        log.warning("exl2_flash_attn_unusable version=%s error=%s", version, type(exc).__name__)
+        return FlashAttnProbe(version, f"fails to import ({type(exc).__name__}: {first_line})")
+    return FlashAttnProbe(version)
 
 
 def probe_gpus() -> list[GpuFacts]:
@@ -123,6 +153,7 @@ def build_vram_plan(
         score_max_seq_len=settings.score_max_seq_len,
         attention_budget_bytes=settings.attention_budget_mb * MIB,
         max_dq_elements=settings.max_dq_elements,
+        static_attention=settings.static_attention,
     )
 
 
@@ -142,6 +173,8 @@ class _Runtime:
     # The event loop encodes while the worker decodes; exllamav2's tokenizer builds lookup
     # tables lazily, so both sides take this lock.
     tokenizer_lock: threading.Lock
+    # Ids the tokenizer can produce; the model's head may be wider (Qwen2.5: 151,665 of 152,064).
+    vocab_size: int | None = None
 
 
 @dataclass
@@ -152,6 +185,7 @@ class _Startup:
     gpus: list[GpuFacts]
     estimate: VramEstimate
     runtime: _Runtime | None = None
+    flash_attn: FlashAttnProbe = FlashAttnProbe(None)
 
 
 def _cache_class(mode: str) -> Any:
@@ -170,8 +204,9 @@ def _load_runtime(start: _Startup) -> _Runtime:
     settings = start.settings
     static = start.decision.mode == "static"
     if static and "exllamav2" not in sys.modules:
-        # On sm_75 an installed flash-attn imports fine but fails at run time; exllamav2 reads
-        # this once, at import. config.no_flash_attn below covers an earlier import.
+        # On sm_75 an installed flash-attn imports fine but fails at run time, and a broken
+        # build fails exllamav2's own import; exllamav2 reads this once, at import.
+        # config.no_flash_attn below covers an earlier import.
         os.environ["EXLLAMA_NO_FLASH_ATTN"] = "1"
 
     from exllamav2 import ExLlamaV2, ExLlamaV2Config, ExLlamaV2Tokenizer
@@ -186,15 +221,20 @@ def _load_runtime(start: _Startup) -> _Runtime:
         batch = settings.max_batch_size
         config.max_batch_size = batch
         config.max_input_len = max(settings.prefill_chunk_tokens // batch, 16)
-        # Masked batches need exllamav2's torch attention. flash-attn and xformers only take
-        # unmasked (causal) batches; 0.3.2's SDPA branch drops the padding mask, so use its
-        # matmul attention, which applies causal + padding masks, and bound its score matrix.
+        # Masked batches need torch attention: flash-attn and xformers only take unmasked
+        # (causal) batches, and 0.3.2's SDPA branch drops the mask (bidirectional attention).
+        # With no_sdpa, exllamav2 falls back to its matmul attention, which applies causal +
+        # padding masks; static_attention=sdpa replaces that with SDPA over grouped KV heads.
         config.no_flash_attn = True
         config.no_xformers = True
         config.no_sdpa = True
-        config.max_attention_size = max(
-            settings.attention_budget_mb * MIB // (batch * shape.num_heads * 2 * 3), 128 * 128
+        config.max_attention_size = static_max_attention_size(
+            settings.attention_budget_mb * MIB, batch, shape.num_heads
         )
+        if settings.static_attention == "sdpa":
+            from consumer.engine.exllamav2.attention import use_grouped_attention
+
+            use_grouped_attention(config)
     else:
         from exllamav2.attn import has_flash_attn_with_paged
 
@@ -272,6 +312,7 @@ def _load_runtime(start: _Startup) -> _Runtime:
         pad_id=pad_id,
         exllamav2_version=str(exl2_version),
         tokenizer_lock=threading.Lock(),
+        vocab_size=int(tokenizer.get_vocab_size()),
     )
 
 
@@ -280,10 +321,56 @@ def _log_progress(done: int, total: int) -> None:
         log.info("exl2_load_progress done=%d total=%d", done, total)
 
 
-class _Worker(threading.Thread):
-    """The one thread that owns the GPU: loads the model, then schedules all requests."""
+def cuda_context_alive() -> bool:
+    """False once the CUDA context is poisoned: then even a synchronize fails."""
+    import torch
 
-    def __init__(self, start: _Startup) -> None:
+    try:
+        torch.cuda.synchronize()
+    except RuntimeError:
+        log.warning("exl2_cuda_context_lost", exc_info=True)
+        return False
+    return True
+
+
+def exit_process(reason: str) -> None:
+    """The default reaction to a lost GPU: end the process now, with a non-zero status.
+
+    A poisoned CUDA context cannot be repaired from inside the process. Exiting at once, like
+    a crash, leaves the offsets of everything in flight uncommitted, so Kafka redelivers those
+    records to the restarted (or another) instance instead of their producers getting errors.
+    """
+    log.critical("exl2_gpu_fatal_exit code=%d reason=%r", GPU_FATAL_EXIT_CODE, reason)
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(GPU_FATAL_EXIT_CODE)
+
+
+class GpuLost(Exception):
+    """The GPU can no longer run work in this process; the worker must stop."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _Worker(threading.Thread):
+    """The one thread that owns the GPU: loads the model, then schedules all requests.
+
+    Every ticket taken from the inbox is answered exactly once (or dropped when its caller
+    cancelled it): a failure fails only the requests it touched, and the thread serves on. A
+    sticky CUDA error is the exception: the worker marks itself fatal, calls `on_fatal`
+    (default: exit the process) and fails whatever is still open.
+    """
+
+    def __init__(
+        self,
+        start: _Startup,
+        *,
+        load: Callable[[_Startup], _Runtime] = _load_runtime,
+        on_fatal: FatalHandler = exit_process,
+        context_alive: Callable[[], bool] = cuda_context_alive,
+    ) -> None:
         super().__init__(name="exl2-gpu", daemon=True)
         self.startup = start
         self.inbox: queue.Queue[Any] = queue.Queue()
@@ -291,7 +378,22 @@ class _Worker(threading.Thread):
         self.active_rows = 0
         self.pending_generate = 0
         self.on_batch: BatchObserver | None = None
+        self.on_fatal = on_fatal
+        self.fatal_error: str | None = None
+        self._load = load
+        self._context_alive = context_alive
         self._runner: Any = None  # consumer.engine.exllamav2.runner, imported with torch
+        self._open: dict[int, Any] = {}  # id(ticket) -> taken from the inbox, not yet answered
+        # Once the worker stops accepting, no ticket may enter the inbox unanswered.
+        self._inbox_lock = threading.Lock()
+        self._accepting = True
+
+    def submit(self, ticket: Any) -> bool:
+        """Queue a ticket for the GPU; False once the worker has stopped taking work."""
+        with self._inbox_lock:
+            if self._accepting:
+                self.inbox.put(ticket)
+            return self._accepting
 
     # -- thread entry -------------------------------------------------------------------
 
@@ -300,7 +402,7 @@ class _Worker(threading.Thread):
             from consumer.engine.exllamav2 import runner
 
             self._runner = runner
-            runtime = _load_runtime(self.startup)
+            runtime = self._load(self.startup)
         except BaseException as exc:
             self.ready.set_exception(exc)
             return
@@ -311,10 +413,16 @@ class _Worker(threading.Thread):
                 self._serve_static(runtime)
             else:
                 self._serve_paged(runtime)
-        finally:
+        except GpuLost as lost:
+            self._die(lost.reason)
+        except Exception as exc:
+            # A defect in the loop itself: its state is unknown, so nothing may keep waiting.
+            log.exception("exl2_worker_failed open=%d", len(self._open))
+            self._die(f"GPU worker failed: {type(exc).__name__}: {exc}")
+        if self.fatal_error is None:
             self._unload(runtime)
 
-    # -- shared helpers -----------------------------------------------------------------
+    # -- bookkeeping ----------------------------------------------------------------------
 
     def _drain(self, block: bool) -> tuple[list[Any], bool]:
         """New tickets from the inbox, and whether close() has been called."""
@@ -325,9 +433,58 @@ class _Worker(threading.Thread):
                 if item is None:
                     return items, True
                 items.append(item)
+                self._open[id(item)] = item
                 item = self.inbox.get_nowait()
         except queue.Empty:
             return items, False
+
+    def _deliver(self, ticket: Any, outcome: Any) -> None:
+        self._open.pop(id(ticket), None)
+        ticket.deliver(outcome)
+
+    def _forget(self, ticket: Any) -> None:
+        """Drop a ticket its caller cancelled; nobody waits for its outcome."""
+        self._open.pop(id(ticket), None)
+
+    def _fail(
+        self, tickets: list[Any], exc: BaseException, event: str, *, rejected: bool = False
+    ) -> None:
+        """Answer `tickets` with the error `exc` caused, unless it cost us the GPU.
+
+        `rejected`: exllamav2 refused these requests before running them (an assertion on
+        their size), so trying again would fail the same way.
+        """
+        log.error("%s requests=%d error=%s", event, len(tickets), type(exc).__name__, exc_info=exc)
+        if is_sticky_cuda_error(exc) or not self._context_alive():
+            raise GpuLost(f"{type(exc).__name__}: {exc}") from exc
+        error = _as_engine_error(exc, rejected=rejected)
+        for ticket in tickets:
+            self._deliver(ticket, error)
+
+    def _fail_open(self, error: EngineError) -> None:
+        """Stop taking work; answer every ticket still open or queued with `error`."""
+        with self._inbox_lock:
+            self._accepting = False
+        while True:
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                self._open[id(item)] = item
+        for ticket in list(self._open.values()):
+            self._deliver(ticket, error)
+
+    def _die(self, reason: str) -> None:
+        self.fatal_error = reason
+        log.critical("exl2_gpu_fatal reason=%r open=%d", reason, len(self._open))
+        try:
+            self.on_fatal(reason)
+        finally:
+            # Reached only if on_fatal returns (the default exits): answer what is left.
+            self._fail_open(
+                EngineError(f"GPU failed ({reason}); this instance must restart", retryable=True)
+            )
 
     def _report_batch(self, size: int) -> None:
         observer = self.on_batch
@@ -341,6 +498,7 @@ class _Worker(threading.Thread):
 
     def _score(self, runtime: _Runtime, ticket: Any) -> None:
         if ticket.cancelled:
+            self._forget(ticket)
             return
         self._report_batch(1)
         try:
@@ -350,12 +508,12 @@ class _Worker(threading.Thread):
                 ticket,
                 end_of_turn_id=runtime.end_of_turn_id,
                 pad_id=runtime.pad_id,
+                vocab_size=runtime.vocab_size,
             )
         except Exception as exc:
-            log.exception("exl2_score_failed candidates=%d", len(ticket.candidates))
-            ticket.deliver(_as_engine_error(exc))
+            self._fail([ticket], exc, "exl2_score_failed")
             return
-        ticket.deliver(logprobs)
+        self._deliver(ticket, logprobs)
 
     def _decode(self, runtime: _Runtime) -> Callable[[list[int]], str]:
         import torch
@@ -374,7 +532,6 @@ class _Worker(threading.Thread):
     # -- static batching (no flash-attn) ------------------------------------------------
 
     def _serve_static(self, runtime: _Runtime) -> None:
-        settings = self.startup.settings
         waiting: deque[Any] = deque()
         scoring: deque[Any] = deque()
         batch = None
@@ -383,98 +540,99 @@ class _Worker(threading.Thread):
             idle = batch is None and not waiting and not scoring
             items, closing = self._drain(block=idle)
             if closing:
-                self._fail_all([*waiting, *scoring, *batch_tickets(batch), *items], closing=True)
+                self._fail_open(EngineError("engine is shutting down", retryable=True))
                 return
             for item in items:
                 (scoring if isinstance(item, self._runner.ScoreTicket) else waiting).append(item)
             if scoring:
                 self._score(runtime, scoring.popleft())
             if batch is None and waiting:
-                live = [t for t in waiting if not t.cancelled]
-                waiting.clear()
-                picks = plan_static_batch(
-                    [QueuedShape(len(t.ids), t.request.max_tokens) for t in live],
-                    max_batch_size=settings.max_batch_size,
-                    max_seq_len=settings.max_seq_len,
-                )
-                picked = set(picks)
-                chosen = [live[i] for i in picks]
-                waiting.extend(t for i, t in enumerate(live) if i not in picked)
-                if chosen:
-                    try:
-                        batch = self._runner.StaticBatch(
-                            runtime.model,
-                            runtime.gen_cache,
-                            chosen,
-                            pad_id=runtime.pad_id,
-                            stop_ids=runtime.stop_ids,
-                            decode=decode,
-                        )
-                        batch.prefill()
-                    except Exception as exc:
-                        log.exception("exl2_static_prefill_failed rows=%d", len(chosen))
-                        self._fail_all(chosen, error=_as_engine_error(exc))
-                        batch = None
+                batch = self._start_static_batch(runtime, waiting, decode)
             self.pending_generate = len(waiting)
-            if batch is not None:
-                self.active_rows = batch.size
-                self._report_batch(batch.size)
-                try:
-                    batch.step()
-                except Exception as exc:
-                    log.exception("exl2_static_step_failed rows=%d", batch.size)
-                    self._fail_all(batch_tickets(batch), error=_as_engine_error(exc))
-                    batch = None
-                    continue
-                if batch.finished:
-                    for ticket, generation in batch.results():
-                        ticket.deliver(generation)
-                    batch = None
-                    self.active_rows = 0
+            if batch is None:
+                continue
+            self.active_rows = batch.size
+            self._report_batch(batch.size)
+            try:
+                batch.step()
+            except Exception as exc:
+                live = [t for t in batch_tickets(batch) if not t.cancelled]
+                for ticket in batch_tickets(batch):
+                    if ticket.cancelled:
+                        self._forget(ticket)
+                batch, self.active_rows = None, 0
+                self._fail(live, exc, "exl2_static_step_failed")
+                continue
+            if batch.finished:
+                for ticket, generation in batch.results():
+                    self._deliver(ticket, generation)
+                for ticket in batch_tickets(batch):
+                    self._forget(ticket)  # the cancelled rows; the rest are answered
+                batch, self.active_rows = None, 0
+
+    def _start_static_batch(
+        self, runtime: _Runtime, waiting: deque[Any], decode: Callable[[list[int]], str]
+    ) -> Any:
+        """Take the next static batch from `waiting` and prefill it; None if none could start."""
+        settings = self.startup.settings
+        live = []
+        for ticket in waiting:
+            if ticket.cancelled:
+                self._forget(ticket)
+            else:
+                live.append(ticket)
+        waiting.clear()
+        picks = plan_static_batch(
+            [QueuedShape(len(t.ids), t.request.max_tokens) for t in live],
+            max_batch_size=settings.max_batch_size,
+            max_seq_len=settings.max_seq_len,
+        )
+        picked = set(picks)
+        chosen = [live[i] for i in picks]
+        waiting.extend(t for i, t in enumerate(live) if i not in picked)
+        if not chosen:
+            return None
+        try:
+            batch = self._runner.StaticBatch(
+                runtime.model,
+                runtime.gen_cache,
+                chosen,
+                pad_id=runtime.pad_id,
+                stop_ids=runtime.stop_ids,
+                decode=decode,
+                vocab_size=runtime.vocab_size,
+            )
+            batch.prefill()
+        except Exception as exc:
+            self._fail(chosen, exc, "exl2_static_prefill_failed")
+            return None
+        return batch
 
     # -- paged continuous batching (flash-attn) -----------------------------------------
 
     def _serve_paged(self, runtime: _Runtime) -> None:
-        import torch
-        from exllamav2.generator import ExLlamaV2DynamicJob, ExLlamaV2Sampler
-
         generator = runtime.generator
         assert generator is not None
+        decode = self._decode(runtime)
         scoring: deque[Any] = deque()
         jobs: dict[int, tuple[Any, Any]] = {}  # id(ticket) -> (ticket, job)
         while True:
             items, closing = self._drain(block=not jobs and not scoring)
             if closing:
-                self._fail_all([*scoring, *(t for t, _ in jobs.values()), *items], closing=True)
+                self._fail_open(EngineError("engine is shutting down", retryable=True))
                 return
             for item in items:
                 if isinstance(item, self._runner.ScoreTicket):
                     scoring.append(item)
                     continue
-                request = item.request
-                if request.temperature <= 0.0:
-                    sampler = ExLlamaV2Sampler.Settings.greedy()
-                else:
-                    sampler = ExLlamaV2Sampler.Settings(
-                        temperature=request.temperature,
-                        top_p=request.top_p if request.top_p < 1.0 else 0.0,
-                        top_k=0,
-                        token_repetition_penalty=1.0,
-                    )
-                job = ExLlamaV2DynamicJob(
-                    input_ids=torch.tensor([item.ids], dtype=torch.long),
-                    max_new_tokens=request.max_tokens,
-                    gen_settings=sampler,
-                    seed=request.seed,
-                    stop_conditions=[*sorted(runtime.stop_ids), *(s for s in request.stop if s)],
-                    identifier=item,
-                )
-                generator.enqueue(job)
-                jobs[id(item)] = (item, job)
+                job = self._enqueue_paged(generator, runtime.stop_ids, item)
+                if job is not None:
+                    jobs[id(item)] = (item, job)
             for ticket, job in list(jobs.values()):
                 if ticket.cancelled:
-                    generator.cancel(job)
                     del jobs[id(ticket)]
+                    self._forget(ticket)
+                    self._cancel_paged(generator, job)
             if scoring:
                 self._score(runtime, scoring.popleft())
             if not jobs:
@@ -482,11 +640,11 @@ class _Worker(threading.Thread):
             try:
                 results = generator.iterate()
             except Exception as exc:
-                log.exception("exl2_paged_iterate_failed jobs=%d", len(jobs))
-                for _, job in jobs.values():
-                    generator.cancel(job)
-                self._fail_all([t for t, _ in jobs.values()], error=_as_engine_error(exc))
+                running = list(jobs.values())
                 jobs.clear()
+                self._fail([t for t, _ in running], exc, "exl2_paged_iterate_failed")
+                for _, job in running:
+                    self._cancel_paged(generator, job)
                 continue
             now = time.monotonic()
             decoded: set[int] = set()  # jobs that sampled a token in this step
@@ -500,53 +658,89 @@ class _Worker(threading.Thread):
                     ticket.started = now
                 if result.get("stage") == "streaming" and ticket.first_token_at is None:
                     ticket.first_token_at = now
-                if result.get("eos"):
-                    jobs.pop(id(ticket), None)
-                    reason = _EOS_REASONS.get(str(result.get("eos_reason")), "stop")
-                    ticket.deliver(
+                if result.get("eos") and jobs.pop(id(ticket), None) is not None:
+                    done = paged_completion(result, decode)
+                    self._deliver(
+                        ticket,
                         self._runner.finish_generation(
-                            ticket,
-                            str(result.get("full_completion", "")),
-                            reason,
-                            int(result.get("new_tokens", 0)),
-                        )
+                            ticket, done.text, done.reason, done.output_tokens
+                        ),
                     )
             if decoded:
                 self._report_batch(len(decoded))
             self.active_rows = len(generator.active_jobs)
             self.pending_generate = len(generator.pending_jobs)
 
-    # -- shutdown -----------------------------------------------------------------------
+    def _enqueue_paged(self, generator: Any, stop_ids: frozenset[int], ticket: Any) -> Any:
+        """Hand one request to the paged generator; None if it was refused (and answered)."""
+        try:
+            job = make_paged_job(ticket, stop_ids)
+            generator.enqueue(job)
+        except Exception as exc:
+            self._fail([ticket], exc, "exl2_paged_enqueue_failed", rejected=True)
+            return None
+        return job
 
-    def _fail_all(
-        self, tickets: list[Any], *, error: BaseException | None = None, closing: bool = False
-    ) -> None:
-        if closing:
-            error = EngineError("engine is shutting down", retryable=True)
-        for ticket in tickets:
-            if not ticket.cancelled:
-                ticket.deliver(error or EngineError("engine failed", retryable=True))
+    def _cancel_paged(self, generator: Any, job: Any) -> None:
+        try:
+            generator.cancel(job)
+        except Exception as exc:
+            # The job may keep running to its own end; its results are ignored.
+            log.error("exl2_paged_cancel_failed error=%s", type(exc).__name__, exc_info=exc)
+            if is_sticky_cuda_error(exc) or not self._context_alive():
+                raise GpuLost(f"{type(exc).__name__}: {exc}") from exc
+
+    # -- shutdown -----------------------------------------------------------------------
 
     def _unload(self, runtime: _Runtime) -> None:
         import torch
 
-        if runtime.generator is not None:
-            runtime.generator.clear_queue()
-        runtime.model.unload()
-        self.startup.runtime = None
-        torch.cuda.empty_cache()
+        try:
+            if runtime.generator is not None:
+                runtime.generator.clear_queue()
+            runtime.model.unload()
+        finally:
+            self.startup.runtime = None
+            torch.cuda.empty_cache()
+
+
+def make_paged_job(ticket: Any, stop_ids: frozenset[int]) -> Any:
+    """The ExLlamaV2DynamicJob for a generate ticket (greedy, or temperature + top_p)."""
+    import torch
+    from exllamav2.generator import ExLlamaV2DynamicJob, ExLlamaV2Sampler
+
+    request = ticket.request
+    if request.temperature <= 0.0:
+        sampler = ExLlamaV2Sampler.Settings.greedy()
+    else:
+        sampler = ExLlamaV2Sampler.Settings(
+            temperature=request.temperature,
+            top_p=request.top_p if request.top_p < 1.0 else 0.0,
+            top_k=0,
+            token_repetition_penalty=1.0,
+        )
+    return ExLlamaV2DynamicJob(
+        input_ids=torch.tensor([ticket.ids], dtype=torch.long),
+        max_new_tokens=request.max_tokens,
+        gen_settings=sampler,
+        seed=request.seed,
+        stop_conditions=[*sorted(stop_ids), *(s for s in request.stop if s)],
+        identifier=ticket,
+    )
 
 
 def batch_tickets(batch: Any) -> list[Any]:
     return [] if batch is None else [row.ticket for row in batch.rows]
 
 
-def _as_engine_error(exc: BaseException) -> EngineError:
+def _as_engine_error(exc: BaseException, *, rejected: bool = False) -> EngineError:
     if isinstance(exc, EngineError):
         return exc
-    out_of_memory = "out of memory" in str(exc).lower()
-    message = "GPU out of memory" if out_of_memory else f"GPU worker failed: {type(exc).__name__}"
-    return EngineError(message, retryable=True)
+    if "out of memory" in str(exc).lower():
+        return EngineError("GPU out of memory", retryable=True)
+    if rejected and isinstance(exc, AssertionError | ValueError | TypeError):
+        return EngineError(f"exllamav2 refused the request: {exc}", retryable=False)
+    return EngineError(f"GPU worker failed: {type(exc).__name__}", retryable=True)
 
 
 def _deliverer(
@@ -597,7 +791,22 @@ class ExLlamaV2Engine:
         self._worker.on_batch = observer
 
     @property
+    def on_fatal(self) -> FatalHandler:
+        """Called from the GPU thread when the GPU is lost; by default exits the process."""
+        return self._worker.on_fatal
+
+    @on_fatal.setter
+    def on_fatal(self, handler: FatalHandler) -> None:
+        self._worker.on_fatal = handler
+
+    @property
+    def fatal_error(self) -> str | None:
+        """Why the GPU can no longer run work in this process, or None while it can."""
+        return self._worker.fatal_error
+
+    @property
     def info(self) -> EngineInfo:
+        fatal = self._worker.fatal_error
         details: dict[str, object] = {
             "batching_mode": self._start.decision.mode,
             "batching_reason": self._start.decision.reason,
@@ -608,13 +817,21 @@ class ExLlamaV2Engine:
             "queued_requests": self._worker.pending_generate,
             "vram_estimate_bytes": self._start.estimate.as_dict(),
             "exllamav2_version": self._version,
-            "flash_attn_version": flash_attn_version(),
-            "gpus": self._gpu_state(),
+            "flash_attn_version": self._start.flash_attn.version,
+            "flash_attn_problem": self._start.flash_attn.problem,
         }
+        if self._start.decision.mode == "static":
+            details["static_attention"] = self._start.settings.static_attention
+        if fatal is not None:
+            # Health turns unhealthy and /ready 503 on an engine `error`; querying a poisoned
+            # CUDA context for memory would only raise again.
+            details["error"] = f"GPU lost: {fatal}"
+        else:
+            details["gpus"] = self._gpu_state()
         return EngineInfo(
             backend="exllamav2",
             model=self._model_name,
-            loaded=not self._closed and self._worker.is_alive(),
+            loaded=not self._closed and self._worker.is_alive() and fatal is None,
             details=details,
         )
 
@@ -699,7 +916,9 @@ class ExLlamaV2Engine:
         )
 
     async def _submit(self, ticket: Any, future: asyncio.Future[Any]) -> Any:
-        self._worker.inbox.put(ticket)
+        if not self._worker.submit(ticket):
+            self._check_open()
+            raise EngineError("exllamav2 engine is not running", retryable=True)
         try:
             return await future
         except asyncio.CancelledError:
@@ -707,6 +926,11 @@ class ExLlamaV2Engine:
             raise
 
     def _check_open(self) -> None:
+        if self._worker.fatal_error is not None:
+            raise EngineError(
+                f"GPU lost ({self._worker.fatal_error}); this instance must restart",
+                retryable=True,
+            )
         if self._closed or not self._worker.is_alive():
             raise EngineError("exllamav2 engine is not running", retryable=True)
 
@@ -719,7 +943,8 @@ class ExLlamaV2Engine:
 
 
 def prepare_startup(settings: ExLlamaV2Settings) -> _Startup:
-    """Everything that can fail cheaply, before any weights are read: GPU, mode, template, VRAM."""
+    """Everything that can fail cheaply, before any weights are read: GPU, mode, template,
+    settings exllamav2 would crash or hang on, VRAM."""
     if settings.model_dir is None:
         raise EngineConfigError(
             "exllamav2.model_dir is not set (OPSTREAM_ENGINE__EXLLAMAV2__MODEL_DIR)"
@@ -729,8 +954,12 @@ def prepare_startup(settings: ExLlamaV2Settings) -> _Startup:
     template = load_chat_template(settings.model_dir)
     shape, weights = read_model_dir(settings.model_dir)
     gpus = probe_gpus()
-    decision = select_batching_mode(settings.batching_mode, gpus, flash_attn_version())
+    flash_attn = probe_flash_attn()
+    decision = select_batching_mode(
+        settings.batching_mode, gpus, flash_attn.version, flash_attn.problem
+    )
     plan = build_vram_plan(settings, shape, weights, decision)
+    check_plan(plan)
     reserve = settings.vram_reserve_mb * MIB
     if settings.gpu_split is None:
         available = sum(max(g.free_bytes - reserve, 0) for g in gpus)
@@ -747,17 +976,25 @@ def prepare_startup(settings: ExLlamaV2Settings) -> _Startup:
         available / GIB,
     )
     return _Startup(
-        settings=settings, decision=decision, template=template, gpus=gpus, estimate=estimate
+        settings=settings,
+        decision=decision,
+        template=template,
+        gpus=gpus,
+        estimate=estimate,
+        flash_attn=flash_attn,
     )
 
 
-def load_exllamav2_engine(settings: ExLlamaV2Settings) -> ExLlamaV2Engine:
+def load_exllamav2_engine(
+    settings: ExLlamaV2Settings, *, on_fatal: FatalHandler = exit_process
+) -> ExLlamaV2Engine:
     """Check the GPU and VRAM, load the model and start the GPU worker (blocking, minutes).
 
     Call it off the event loop (e.g. `await asyncio.to_thread(load_exllamav2_engine, s)`).
-    Raises EngineConfigError, with what to change, when it cannot run here.
+    Raises EngineConfigError, with what to change, when it cannot run here. `on_fatal` is
+    called if the GPU is lost later (default: exit the process with GPU_FATAL_EXIT_CODE).
     """
-    worker = _Worker(prepare_startup(settings))
+    worker = _Worker(prepare_startup(settings), on_fatal=on_fatal)
     worker.start()
     started = time.monotonic()
     try:

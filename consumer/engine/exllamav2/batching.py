@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+from consumer.engine.base import FinishReason
 
 # Additive attention bias for padding. Finite on purpose: a padded query row whose keys are all
 # masked must still softmax to numbers (an all -inf row gives NaN, and NaN in a pad position's
 # K/V would poison every row through the next layer's attention). exp(-30000) is 0 in FP16 and
 # FP32 alike, and -30000 plus any realistic attention score stays inside FP16's range.
 PAD_BIAS = -30000.0
+
+# exllamav2's dynamic generator's eos_reason values, as finish reasons.
+EOS_REASONS: dict[str, FinishReason] = {
+    "stop_token": "stop",
+    "stop_string": "stop",
+    "end_filter": "stop",
+    "max_new_tokens": "length",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,3 +148,44 @@ def chunks(items: Sequence[int], size: int) -> list[list[int]]:
     if size < 1:
         raise ValueError("size must be positive")
     return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A finished generation: its text, why it ended, and the tokens charged for it."""
+
+    text: str
+    reason: FinishReason
+    output_tokens: int
+
+
+def paged_completion(result: Mapping[str, Any], decode: Callable[[list[int]], str]) -> Completion:
+    """A paged job's final result, counted and cut the way a static batch row is.
+
+    Both modes leave a stop token out of the text and out of `output_tokens` (as llama.cpp
+    does), and return all text generated before it. In exllamav2 0.3.2's final result
+    (`ExLlamaV2DynamicJob.receive_sample`, `emit(..., emit_eos=True)`), a stop token ends the
+    job without `emit_held`: `new_tokens` counts the stop token, and `full_completion` lacks
+    the text still held back (a partial stop string, half a UTF-8 character), which sits with
+    the stop token in `result["held"]`. Other endings emit the held text first.
+    """
+    eos_reason = str(result.get("eos_reason"))
+    text = str(result.get("full_completion") or "")
+    output_tokens = int(result.get("new_tokens") or 0)
+    if eos_reason == "stop_token":
+        held = result.get("held") or {}
+        raw = held.get("token_ids")
+        held_ids = [] if raw is None else [int(t) for t in _flat(raw)]
+        text += decode(held_ids[:-1]) if len(held_ids) > 1 else ""
+        output_tokens -= 1
+    return Completion(
+        text=text, reason=EOS_REASONS.get(eos_reason, "stop"), output_tokens=max(output_tokens, 0)
+    )
+
+
+def _flat(ids: Any) -> list[Any]:
+    """Token ids from a (1, n) tensor, an array or a list."""
+    values = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+    while values and isinstance(values[0], list):
+        values = [v for row in values for v in row]
+    return values

@@ -52,10 +52,18 @@ def parse_version(text: str | None) -> tuple[int, ...] | None:
     return tuple(parts) if parts else None
 
 
-def flash_attn_blocker(gpus: Sequence[GpuFacts], flash_attn_version: str | None) -> str | None:
-    """Why paged batching cannot run here, or None if it can."""
+def flash_attn_blocker(
+    gpus: Sequence[GpuFacts], flash_attn_version: str | None, flash_attn_problem: str | None = None
+) -> str | None:
+    """Why paged batching cannot run here, or None if it can.
+
+    `flash_attn_problem` says why an installed flash-attn is unusable anyway, e.g. "fails to
+    import (ImportError: ...)" for a wheel built against another torch.
+    """
     if not gpus:
         return "no CUDA device"
+    if flash_attn_version is not None and flash_attn_problem is not None:
+        return f"flash-attn {flash_attn_version} is installed but {flash_attn_problem}"
     version = parse_version(flash_attn_version)
     if version is None:
         return "flash-attn is not installed"
@@ -70,10 +78,13 @@ def flash_attn_blocker(gpus: Sequence[GpuFacts], flash_attn_version: str | None)
 
 
 def select_batching_mode(
-    requested: BatchingSetting, gpus: Sequence[GpuFacts], flash_attn_version: str | None
+    requested: BatchingSetting,
+    gpus: Sequence[GpuFacts],
+    flash_attn_version: str | None,
+    flash_attn_problem: str | None = None,
 ) -> ModeDecision:
     """auto: paged where flash-attn runs, else static; a forced mode is honoured or fails."""
-    blocker = flash_attn_blocker(gpus, flash_attn_version)
+    blocker = flash_attn_blocker(gpus, flash_attn_version, flash_attn_problem)
     if requested == "static":
         return ModeDecision("static", "forced by settings (batching_mode=static)")
     if requested == "paged":

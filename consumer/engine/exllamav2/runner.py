@@ -23,7 +23,7 @@ from consumer.engine.exllamav2.batching import (
     plan_scoring,
     sum_candidate_logprobs,
 )
-from consumer.engine.exllamav2.sampling import RowSampling, sample_rows
+from consumer.engine.exllamav2.sampling import RowSampling, mask_padded_vocab, sample_rows
 
 
 @dataclass(eq=False)
@@ -96,12 +96,14 @@ class StaticBatch:
         pad_id: int,
         stop_ids: frozenset[int],
         decode: Callable[[list[int]], str],
+        vocab_size: int | None = None,
     ) -> None:
         self._model = model
         self._cache = cache
         self._stop_ids = stop_ids
         self._decode = decode
         self._pad_id = pad_id
+        self._vocab_size = vocab_size
         padded = left_pad([t.ids for t in tickets], pad_id)
         longest = max(t.request.max_tokens for t in tickets)
         if padded.width + longest > cache.max_seq_len:
@@ -153,7 +155,7 @@ class StaticBatch:
             self._next, self._cache, input_mask=self._mask, position_offsets=self._offsets
         )
         last = logits[:, -1, :].float()
-        tokens = sample_rows(last, [r.sampling for r in self.rows])
+        tokens = sample_rows(last, [r.sampling for r in self.rows], self._vocab_size)
         now = time.monotonic()
         for row, token in zip(self.rows, tokens, strict=True):
             if row.done:
@@ -212,8 +214,12 @@ def score_candidates(
     *,
     end_of_turn_id: int,
     pad_id: int,
+    vocab_size: int | None = None,
 ) -> tuple[float, ...]:
-    """Summed logprobs of each candidate + end-of-turn after the prompt, prompt computed once."""
+    """Summed logprobs of each candidate + end-of-turn after the prompt, prompt computed once.
+
+    Probabilities are normalised over the tokenizer's `vocab_size` ids, as sampling sees them.
+    """
     plan = plan_scoring(ticket.prompt_ids, ticket.candidates, end_of_turn_id)
     prefix = len(plan.prompt_ids)
     longest = max([0, *plan.input_lengths])
@@ -223,7 +229,7 @@ def score_candidates(
     cache.current_seq_len = 0
     prompt = torch.tensor([plan.prompt_ids], dtype=torch.long)
     last = model.forward(prompt, cache, last_id_only=True)[0, -1, :].float()
-    first_lp = torch.log_softmax(last, dim=-1)
+    first_lp = torch.log_softmax(mask_padded_vocab(last, vocab_size), dim=-1)
     first = [float(first_lp[t[0]].item()) for t in plan.targets]
 
     group_size = min(cache.batch_size, max(len(plan.targets), 1))
@@ -241,7 +247,9 @@ def score_candidates(
             n = plan.input_lengths[i]
             if n == 0:
                 continue
-            lp = torch.log_softmax(logits[row, :n, :].float(), dim=-1)
+            lp = torch.log_softmax(
+                mask_padded_vocab(logits[row, :n, :].float(), vocab_size), dim=-1
+            )
             wanted = torch.tensor(plan.targets[i][1:], dtype=torch.long, device=lp.device)
             rest[i] = lp.gather(-1, wanted.view(-1, 1)).view(-1).tolist()
     cache.current_seq_len = 0

@@ -44,8 +44,26 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return filtered / filtered.sum(dim=-1, keepdim=True)
 
 
-def sample_rows(logits: torch.Tensor, rows: Sequence[RowSampling]) -> list[int]:
-    """Next token for each row of `logits` (batch x vocab, float32)."""
+def mask_padded_vocab(logits: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
+    """`logits` with every id at or past the tokenizer's vocabulary set to -inf.
+
+    A model's head can be wider than its tokenizer (Qwen2.5: 152,064 rows, 151,665 tokens);
+    those rows are untrained and no text decodes from them. exllamav2's own sampler masks
+    them the same way (`logits[:, :, vocab_size:] = -inf`).
+    """
+    if vocab_size is None or vocab_size >= logits.shape[-1]:
+        return logits
+    masked = logits.clone()
+    masked[..., vocab_size:] = float("-inf")
+    return masked
+
+
+def sample_rows(
+    logits: torch.Tensor, rows: Sequence[RowSampling], vocab_size: int | None = None
+) -> list[int]:
+    """Next token for each row of `logits` (batch x head width, float32), never an id at or
+    past `vocab_size`."""
+    logits = mask_padded_vocab(logits, vocab_size)
     greedy = logits.argmax(dim=-1).tolist()
     chosen: list[int] = []
     for index, row in enumerate(rows):

@@ -4,6 +4,8 @@ The terms follow exllamav2 0.3.x's own allocations: quantized weights on the GPU
 embedding table in system RAM; K/V per token per layer at the cache's precision plus, for
 quantized caches, one layer of FP16 K/V as working space; a scratch arena sized by the largest
 module (usually the LM head's dequantization buffer); and the activations of one prefill chunk.
+`decode_step_bytes` models the memory traffic of one decode step the same way, since decoding
+is bound by memory bandwidth.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from consumer.engine.exllamav2.errors import EngineConfigError
+from consumer.engine.exllamav2.limits import plan_problems
 from consumer.engine.exllamav2.modes import BatchingMode
-from consumer.engine.exllamav2.settings import PAGE_TOKENS, CacheMode
+from consumer.engine.exllamav2.settings import PAGE_TOKENS, CacheMode, StaticAttention
 
 GIB = 1024**3
 MIB = 1024**2
@@ -111,6 +114,7 @@ class VramPlan:
     score_max_seq_len: int
     attention_budget_bytes: int
     max_dq_elements: int
+    static_attention: StaticAttention = "sdpa"
 
     @property
     def generation_cache_tokens(self) -> int:
@@ -168,8 +172,11 @@ def _activation_bytes(plan: VramPlan) -> int:
     logits = logit_rows * s.vocab_size * 2
     if plan.mode == "paged":
         return logits
-    # Masked attention runs in torch: K/V of the whole batch are expanded to every query head
-    # (FP16), and the score matrix is bounded by attention_budget.
+    # Masked attention runs in torch, its score matrix (or SDPA's mask) bounded by
+    # attention_budget. exllamav2's matmul path also expands the batch's K/V to every query
+    # head in FP16; the grouped SDPA path reads them in place.
+    if plan.static_attention == "sdpa":
+        return logits + plan.attention_budget_bytes
     expanded_kv = 2 * plan.max_batch_size * plan.max_seq_len * s.num_heads * s.head_dim * 2
     return logits + expanded_kv + plan.attention_budget_bytes
 
@@ -187,6 +194,55 @@ def estimate_vram(plan: VramPlan) -> VramEstimate:
     )
 
 
+def attention_bytes_per_cached_token(
+    shape: ModelShape, cache_mode: CacheMode, *, repeats_kv: bool
+) -> int:
+    """Bytes one decode step moves per cached token of one sequence, summed over all layers.
+
+    exllamav2 0.3.2, per layer and step: a quantized cache is dequantized whole into the FP16
+    workspace (`get_kv_state(layer, batch, 0, past_len)`: read packed K/V, write FP16); then
+    flash-attn or SDPA over grouped heads read the FP16 K/V once, while the matmul path's
+    `repeat_kv` reads them, writes a copy per query head and the matmuls read that copy.
+    """
+    kv = shape.num_kv_heads * shape.head_dim  # K (or V) elements per token and layer
+    q = shape.num_heads * shape.head_dim
+    fp16_kv = 2 * kv * 2
+    dequantize = 0.0 if cache_mode == "fp16" else 2 * kv * CACHE_BYTES_PER_ELEMENT[cache_mode]
+    dequantize += 0 if cache_mode == "fp16" else fp16_kv
+    if repeats_kv:
+        attention = 2 * (kv * 2 + 2 * q * 2)  # K and V: read, write repeated, read repeated
+    else:
+        attention = fp16_kv
+    return int(shape.num_layers * (dequantize + attention))
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeTraffic:
+    """Bytes one decode step reads and writes in GPU memory, which bounds its time."""
+
+    weights: int
+    attention: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.attention
+
+    def tokens_per_second(self, rows: int, bandwidth_bytes_per_s: float) -> float:
+        """Upper bound on decoded tokens/s for `rows` sequences at this memory bandwidth."""
+        return rows * bandwidth_bytes_per_s / self.total
+
+
+def decode_step_bytes(plan: VramPlan, rows: int, context_tokens: int) -> DecodeTraffic:
+    """Traffic of one decode step of `rows` sequences with `context_tokens` cached each.
+
+    A static batch's rows are all as long as its longest (left padding); paged sequences
+    are each their own length, so pass their mean there.
+    """
+    repeats_kv = plan.mode == "static" and plan.static_attention == "matmul"
+    per_token = attention_bytes_per_cached_token(plan.shape, plan.cache_mode, repeats_kv=repeats_kv)
+    return DecodeTraffic(weights=plan.weights_bytes, attention=rows * context_tokens * per_token)
+
+
 def _largest_fitting(lo: int, hi: int, fits: Any) -> int | None:
     """Largest n in [lo, hi] with fits(n) true, assuming fits is monotone decreasing."""
     if not fits(lo):
@@ -200,61 +256,94 @@ def _largest_fitting(lo: int, hi: int, fits: Any) -> int | None:
     return lo
 
 
-def suggest_changes(plan: VramPlan, available_bytes: int) -> list[str]:
-    """Concrete settings that would make `plan` fit in `available_bytes`, best first."""
+def with_max_seq_len(plan: VramPlan, max_seq_len: int) -> tuple[VramPlan, str]:
+    """`plan` at a shorter max_seq_len, with the lengths that must not exceed it lowered too,
+    and the words that say so (" and score_max_seq_len to N ...")."""
+    changed = replace(
+        plan,
+        max_seq_len=max_seq_len,
+        paged_cache_tokens=_pool(plan, max_seq_len=max_seq_len),
+        score_max_seq_len=min(plan.score_max_seq_len, max_seq_len),
+        prefill_chunk_tokens=min(
+            plan.prefill_chunk_tokens, max(max_seq_len // PAGE_TOKENS, 1) * PAGE_TOKENS
+        ),
+    )
+    also = ""
+    if changed.score_max_seq_len != plan.score_max_seq_len:
+        also += f" and score_max_seq_len to {changed.score_max_seq_len}"
+    if changed.prefill_chunk_tokens != plan.prefill_chunk_tokens:
+        also += f" and prefill_chunk_tokens to {changed.prefill_chunk_tokens}"
+    return changed, also
 
-    def fits(p: VramPlan) -> bool:
-        return estimate_vram(p).total <= available_bytes
 
-    advice: list[str] = []
+def suggested_plans(plan: VramPlan, available_bytes: int) -> list[tuple[str, VramPlan]]:
+    """Each suggestion with the plan it leads to; every such plan fits and is safe to run."""
+
+    def usable(p: VramPlan) -> bool:
+        return estimate_vram(p).total <= available_bytes and not plan_problems(p)
+
+    advice: list[tuple[str, VramPlan]] = []
     base, prefix = plan, ""
     if plan.cache_mode != "q4":
-        if fits(replace(plan, cache_mode="q4")):
-            advice.append(f"set cache_mode=q4 (now {plan.cache_mode})")
+        q4 = replace(plan, cache_mode="q4")
+        if usable(q4):
+            advice.append((f"set cache_mode=q4 (now {plan.cache_mode})", q4))
         else:
-            base, prefix = replace(plan, cache_mode="q4"), "set cache_mode=q4 and "
+            base, prefix = q4, "set cache_mode=q4 and "
+
+    def with_batch(n: int) -> VramPlan:
+        return replace(base, max_batch_size=n, paged_cache_tokens=_pool(base, max_batch_size=n))
+
     if base.max_batch_size > 1:
-        best = _largest_fitting(
-            1,
-            base.max_batch_size - 1,
-            lambda n: fits(
-                replace(base, max_batch_size=n, paged_cache_tokens=_pool(base, max_batch_size=n))
-            ),
-        )
+        best = _largest_fitting(1, base.max_batch_size - 1, lambda n: usable(with_batch(n)))
         if best is not None:
-            advice.append(f"{prefix}lower max_batch_size to {best} (now {base.max_batch_size})")
+            advice.append(
+                (
+                    f"{prefix}lower max_batch_size to {best} (now {base.max_batch_size})",
+                    with_batch(best),
+                )
+            )
     if base.max_seq_len > PAGE_TOKENS:
         steps = base.max_seq_len // PAGE_TOKENS
         best = _largest_fitting(
-            1,
-            steps - 1,
-            lambda n: fits(
-                replace(
-                    base,
-                    max_seq_len=n * PAGE_TOKENS,
-                    paged_cache_tokens=_pool(base, max_seq_len=n * PAGE_TOKENS),
-                )
-            ),
+            1, steps - 1, lambda n: usable(with_max_seq_len(base, n * PAGE_TOKENS)[0])
         )
         if best is not None:
+            shorter, also = with_max_seq_len(base, best * PAGE_TOKENS)
             advice.append(
-                f"{prefix}lower max_seq_len to {best * PAGE_TOKENS} (now {base.max_seq_len})"
+                (
+                    f"{prefix}lower max_seq_len to {shorter.max_seq_len} "
+                    f"(now {base.max_seq_len}){also}",
+                    shorter,
+                )
             )
-    if plan.score_max_seq_len > 1024 and fits(replace(plan, score_max_seq_len=1024)):
-        advice.append(f"lower score_max_seq_len to 1024 (now {plan.score_max_seq_len})")
-    if plan.max_dq_elements > 64 * MIB and fits(replace(plan, max_dq_elements=64 * MIB)):
-        advice.append(f"lower max_dq_elements to {64 * MIB}")
-    minimal = replace(
-        plan,
-        cache_mode="q4",
-        max_batch_size=1,
-        max_seq_len=min(plan.max_seq_len, 4096),
-        paged_cache_tokens=min(plan.paged_cache_tokens, 4096),
-        score_batch_size=1,
-        score_max_seq_len=1024,
-        max_dq_elements=64 * MIB,
+    short_scores = replace(plan, score_max_seq_len=min(1024, plan.max_seq_len))
+    if plan.score_max_seq_len > 1024 and usable(short_scores):
+        advice.append(
+            (f"lower score_max_seq_len to 1024 (now {plan.score_max_seq_len})", short_scores)
+        )
+    small_dq = replace(plan, max_dq_elements=64 * MIB)
+    if plan.max_dq_elements > 64 * MIB and usable(small_dq):
+        advice.append((f"lower max_dq_elements to {64 * MIB}", small_dq))
+    return advice
+
+
+def suggest_changes(plan: VramPlan, available_bytes: int) -> list[str]:
+    """Concrete settings that would make `plan` fit in `available_bytes`, best first."""
+    advice = [text for text, _ in suggested_plans(plan, available_bytes)]
+    minimal, _ = with_max_seq_len(
+        replace(
+            plan,
+            cache_mode="q4",
+            max_batch_size=1,
+            score_batch_size=1,
+            score_max_seq_len=min(plan.score_max_seq_len, 1024),
+            max_dq_elements=64 * MIB,
+            paged_cache_tokens=min(plan.paged_cache_tokens, 4096),
+        ),
+        min(plan.max_seq_len, 4096),
     )
-    if not fits(minimal):
+    if estimate_vram(minimal).total > available_bytes:
         over = estimate_vram(minimal).total - available_bytes
         advice.append(
             f"use a smaller quant: the weights alone take {plan.weights_bytes / GIB:.2f} GiB; "

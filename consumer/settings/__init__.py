@@ -1,4 +1,8 @@
-"""The one settings object: defaults < TOML file < OPSTREAM_* environment < command-line flags."""
+"""The one settings object: defaults < TOML file < OPSTREAM_* environment < command-line flags.
+
+Plain pydantic models, one module per section; every feature imports its section from here
+and nothing here imports a feature (the engine's own section excepted: it is a plain model).
+"""
 
 from __future__ import annotations
 
@@ -15,35 +19,13 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from consumer.auth.keys import AuthSettings
-from consumer.bus.security import KafkaSecuritySettings
-from consumer.engine.exllamav2 import ExLlamaV2Settings
-from consumer.observability.logging import LoggingSettings
-from consumer.observability.telemetry import TelemetrySettings
-from consumer.quota.settings import QuotaSettings
-from consumer.usage.settings import UsageSettings
+from consumer.engine.exllamav2.settings import ExLlamaV2Settings
+from consumer.settings.auth import AuthSettings
+from consumer.settings.kafka import KafkaSecuritySettings, KafkaSettings
+from consumer.settings.observability import LoggingSettings, TelemetrySettings
+from consumer.settings.quota import QuotaSettings
+from consumer.settings.usage import UsageSettings
 from topics.catalog import TopicSettings
-
-
-class KafkaSettings(BaseModel):
-    """How to reach the broker. Security (TLS/SASL) lives in `security`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    bootstrap_servers: str | None = Field(
-        default=None,
-        description="host:port[,host:port]. Unset: `opstream dev` starts an embedded broker.",
-    )
-    client_id: str = "opstream"
-    group_id: str = "opstream"
-    # Real Kafka answers a fetch as soon as data arrives; the local Tansu broker
-    # waits the whole interval, so dev and tests keep this small.
-    fetch_max_wait_ms: int = Field(default=500, ge=0, le=30_000)
-    session_timeout_ms: int = Field(default=10_000, ge=1_000)
-    heartbeat_interval_ms: int = Field(default=3_000, ge=100)
-    max_poll_interval_ms: int = Field(default=300_000, ge=1_000)
-    request_timeout_ms: int = Field(default=40_000, ge=1_000)
-    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
 
 
 class LlamaCppSettings(BaseModel):

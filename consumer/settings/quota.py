@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any, Protocol
+from typing import Annotated, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator
-
-from consumer.quota.arithmetic import DailyCap, LimitDefaults
-
-if TYPE_CHECKING:  # consumer.settings nests QuotaSettings: no import cycle at run time
-    from consumer.settings import KafkaSettings, OperationLimits, TopicSettings
 
 
 def _unlimited_as_none(value: Any) -> Any:
@@ -85,36 +80,3 @@ class QuotaSettings(BaseModel):
     def zone(self) -> ZoneInfo:
         """The time zone whose midnight rolls the quota day over."""
         return ZoneInfo(self.timezone)
-
-    def limit_defaults(self) -> LimitDefaults:
-        """The settings layer of the limit book."""
-        per_operation = {
-            name: DailyCap(
-                requests=op.requests
-                if "requests" in op.model_fields_set
-                else self.default_daily_requests,
-                tokens=op.tokens if "tokens" in op.model_fields_set else self.default_daily_tokens,
-            )
-            for name, op in self.operation_defaults.items()
-        }
-        return LimitDefaults(
-            operation=DailyCap(self.default_daily_requests, self.default_daily_tokens),
-            per_operation=per_operation,
-            total=DailyCap(self.total_daily_requests, self.total_daily_tokens),
-        )
-
-
-class QuotaHostSettings(Protocol):
-    """The parts of the app's `Settings` that quota code reads (`Settings.quota` is ours)."""
-
-    @property
-    def quota(self) -> QuotaSettings: ...
-
-    @property
-    def kafka(self) -> KafkaSettings: ...
-
-    @property
-    def limits(self) -> OperationLimits: ...
-
-    @property
-    def topics(self) -> TopicSettings: ...
