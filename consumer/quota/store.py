@@ -121,6 +121,7 @@ class QuotaStore:
         self._expected_partitions = expected_partitions
         self._ledgers: dict[int, QuotaLedger] = {}
         self._in_flight: dict[int, set[asyncio.Future[Any]]] = {}
+        self._next_flush: dict[int, asyncio.Future[None]] = {}
 
     @property
     def owned_partitions(self) -> frozenset[int]:
@@ -245,7 +246,23 @@ class QuotaStore:
 
     async def persist(self, partition: int) -> None:
         """Write the partition's changed charges and return once the broker acknowledged them
-        and every earlier write of this partition."""
+        and every earlier write of this partition.
+
+        Callers on one partition share a flush (group commit): the first schedules it for
+        the next loop tick, the ones arriving before it starts join it, so concurrent
+        requests cost one flush instead of one each.
+        """
+        if partition not in self._ledgers:
+            return
+        flush = self._next_flush.get(partition)
+        if flush is None:
+            flush = asyncio.ensure_future(self._flush_next_tick(partition))
+            self._next_flush[partition] = flush
+        await asyncio.shield(flush)
+
+    async def _flush_next_tick(self, partition: int) -> None:
+        await asyncio.sleep(0)  # let requests that are ready now dirty their charges first
+        self._next_flush.pop(partition, None)
         ledger = self._ledgers.get(partition)
         if ledger is None:
             return
