@@ -9,10 +9,8 @@ import sys
 from datetime import date
 from typing import Any
 
-from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
-from consumer.bus.topic_reader import TopicUnavailable
 from consumer.cli.table import print_table
 from consumer.quota.arithmetic import (
     KEEP,
@@ -23,8 +21,6 @@ from consumer.quota.arithmetic import (
     limit_defaults,
     merge_override,
 )
-from consumer.quota.control import LimitCommandPublisher, load_limit_book
-from consumer.quota.store import make_state_producer, offset_clock
 from consumer.settings import Settings
 from schemas.limits import ALL_TENANTS, OPERATIONS, TOTAL, UNLIMITED
 
@@ -105,6 +101,8 @@ def _bootstrap(settings: Settings) -> str | None:
 
 
 async def _load_book(settings: Settings, servers: str) -> LimitBook:
+    from consumer.quota.control import load_limit_book
+
     return await load_limit_book(
         limit_defaults(settings.quota),
         bootstrap_servers=servers,
@@ -114,6 +112,10 @@ async def _load_book(settings: Settings, servers: str) -> LimitBook:
 
 
 def _run(coro: Any) -> int:
+    from aiokafka.errors import KafkaError
+
+    from consumer.bus.topic_reader import TopicUnavailable
+
     try:
         result: int = asyncio.run(coro)
     except ValidationError as exc:
@@ -195,6 +197,9 @@ def set_limits(args: argparse.Namespace, settings: Settings) -> int:
         return 2
 
     async def run() -> int:
+        from consumer.quota.control import LimitCommandPublisher
+        from consumer.quota.store import make_state_producer
+
         book = await _load_book(settings, servers)
         merged = merge_override(
             book.override(args.tenant, args.operation), requests=requests, tokens=tokens
@@ -225,6 +230,9 @@ def reset_usage(args: argparse.Namespace, settings: Settings) -> int:
     servers = _bootstrap(settings)
     if not servers:
         return 2
+    from consumer.quota.control import LimitCommandPublisher
+    from consumer.quota.store import make_state_producer, offset_clock
+
     now = offset_clock(settings.quota.clock_offset_s)()
     day: date = args.day or day_of(now, settings.quota.zone())
 

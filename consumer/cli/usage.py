@@ -6,26 +6,20 @@ import argparse
 import sys
 from datetime import date
 from pathlib import Path
-from typing import Any
-
-import duckdb
-import pyarrow as pa
+from typing import TYPE_CHECKING, Any
 
 from consumer.cli.table import format_table
 from consumer.settings import Settings
-from consumer.usage.catalog import ensure_catalog
-from consumer.usage.compaction import compact_closed_hours
-from consumer.usage.report import (
-    display_rows,
-    draw_tokens_chart,
-    format_csv,
-    run_query,
-    usage_report,
-)
+
+# DuckDB and pyarrow load when a usage command runs, not for `opstream --help`.
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 def format_result(table: pa.Table) -> str:
     """A query result as the CLI's table, numbers right-aligned, then its row count."""
+    from consumer.usage.report import display_rows
+
     rows, numeric = display_rows(table)
     count = f"({table.num_rows} row{'s' if table.num_rows != 1 else ''})"
     return format_table(table.column_names, rows, right=numeric) + "\n" + count
@@ -49,6 +43,10 @@ def _add_dir_option(parser: argparse.ArgumentParser) -> None:
 
 def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     """Print a usage summary; optionally draw tokens per tenant per day."""
+    import duckdb
+
+    from consumer.usage.report import draw_tokens_chart, usage_report
+
     try:
         table = usage_report(settings.usage, args.by, args.since, args.tenant)
         print(format_result(table))
@@ -63,6 +61,10 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
     """Run SQL against the views and print the result."""
+    import duckdb
+
+    from consumer.usage.report import format_csv, run_query
+
     try:
         table = run_query(settings.usage, args.sql)
     except duckdb.Error as exc:
@@ -77,6 +79,8 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_compact(args: argparse.Namespace, settings: Settings) -> int:
     """Merge every closed hour's segments into one de-duplicated file per instance."""
+    from consumer.usage.compaction import compact_closed_hours
+
     report = compact_closed_hours(settings.usage, after_s=args.after_s)
     print(
         f"compacted {report.folders_compacted} folder(s): {report.segments_merged} segments → "
@@ -88,6 +92,8 @@ def cmd_compact(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_catalog(args: argparse.Namespace, settings: Settings) -> int:
     """Create or refresh usage.duckdb and print its path."""
+    from consumer.usage.catalog import ensure_catalog
+
     print(ensure_catalog(settings.usage))
     return 0
 

@@ -1,65 +1,50 @@
-"""Per-tenant daily quotas: limits, partition-local counters backed by Kafka, admin commands."""
+"""Per-tenant daily quotas: limits, partition-local counters backed by Kafka, admin commands.
 
-from consumer.bus.topic_reader import TopicUnavailable
-from consumer.quota.admin import LimitsAdminApi, admin_routes
-from consumer.quota.arithmetic import (
-    KEEP,
-    DailyCap,
-    LimitBook,
-    LimitDefaults,
-    Override,
-    QuotaLedger,
-    Reservation,
-    Usage,
-    day_of,
-    merge_override,
-    partition_for_tenant,
-    resets_at,
-)
-from consumer.quota.control import (
-    LimitCommandPublisher,
-    LimitFollower,
-    apply_control_record,
-    load_limit_book,
-)
-from consumer.quota.runtime import QuotaRuntime
-from consumer.quota.store import (
-    PartitionNotRestored,
-    QuotaStore,
-    TenantUsage,
-    make_state_producer,
-    offset_clock,
-    utc_now,
-)
-from consumer.settings.quota import DailyLimitSettings, QuotaSettings
+Names are imported from their modules on first use (PEP 562), so importing the package
+stays cheap for the CLI.
+"""
 
-__all__ = [
-    "KEEP",
-    "DailyCap",
-    "DailyLimitSettings",
-    "LimitBook",
-    "LimitCommandPublisher",
-    "LimitDefaults",
-    "LimitFollower",
-    "LimitsAdminApi",
-    "Override",
-    "PartitionNotRestored",
-    "QuotaLedger",
-    "QuotaRuntime",
-    "QuotaSettings",
-    "QuotaStore",
-    "Reservation",
-    "TenantUsage",
-    "TopicUnavailable",
-    "Usage",
-    "admin_routes",
-    "apply_control_record",
-    "day_of",
-    "load_limit_book",
-    "make_state_producer",
-    "merge_override",
-    "offset_clock",
-    "partition_for_tenant",
-    "resets_at",
-    "utc_now",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    "DailyCap": "consumer.quota.arithmetic",
+    "DailyLimitSettings": "consumer.settings.quota",
+    "KEEP": "consumer.quota.arithmetic",
+    "LimitBook": "consumer.quota.arithmetic",
+    "LimitCommandPublisher": "consumer.quota.control",
+    "LimitDefaults": "consumer.quota.arithmetic",
+    "LimitFollower": "consumer.quota.control",
+    "LimitsAdminApi": "consumer.quota.admin",
+    "Override": "consumer.quota.arithmetic",
+    "PartitionNotRestored": "consumer.quota.store",
+    "QuotaLedger": "consumer.quota.arithmetic",
+    "QuotaRuntime": "consumer.quota.runtime",
+    "QuotaSettings": "consumer.settings.quota",
+    "QuotaStore": "consumer.quota.store",
+    "Reservation": "consumer.quota.arithmetic",
+    "TenantUsage": "consumer.quota.store",
+    "TopicUnavailable": "consumer.bus.topic_reader",
+    "Usage": "consumer.quota.arithmetic",
+    "admin_routes": "consumer.quota.admin",
+    "apply_control_record": "consumer.quota.control",
+    "day_of": "consumer.quota.arithmetic",
+    "load_limit_book": "consumer.quota.control",
+    "make_state_producer": "consumer.quota.store",
+    "merge_override": "consumer.quota.arithmetic",
+    "offset_clock": "consumer.quota.store",
+    "partition_for_tenant": "consumer.quota.arithmetic",
+    "resets_at": "consumer.quota.arithmetic",
+    "utc_now": "consumer.quota.store",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -1,25 +1,36 @@
-"""The usage log: one row per request in Parquet segments, read through a DuckDB catalog."""
+"""The usage log: one row per request in Parquet segments, read through a DuckDB catalog.
 
-from consumer.settings.usage import UsageSettings
-from consumer.usage.catalog import catalog_path, connect_catalog, ensure_catalog
-from consumer.usage.compaction import CompactionReport, PeriodicCompaction, compact_closed_hours
-from consumer.usage.report import run_query, usage_report
-from consumer.usage.segments import usage_arrow_schema, write_rows
-from consumer.usage.writer import UsageWriteFailed, UsageWriter, UsageWriterClosed
+Names are imported from their modules on first use (PEP 562), so importing the package
+stays cheap for the CLI.
+"""
 
-__all__ = [
-    "CompactionReport",
-    "PeriodicCompaction",
-    "UsageSettings",
-    "UsageWriteFailed",
-    "UsageWriter",
-    "UsageWriterClosed",
-    "catalog_path",
-    "compact_closed_hours",
-    "connect_catalog",
-    "ensure_catalog",
-    "run_query",
-    "usage_arrow_schema",
-    "usage_report",
-    "write_rows",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    "CompactionReport": "consumer.usage.compaction",
+    "PeriodicCompaction": "consumer.usage.compaction",
+    "UsageSettings": "consumer.settings.usage",
+    "UsageWriteFailed": "consumer.usage.writer",
+    "UsageWriter": "consumer.usage.writer",
+    "UsageWriterClosed": "consumer.usage.writer",
+    "catalog_path": "consumer.usage.catalog",
+    "compact_closed_hours": "consumer.usage.compaction",
+    "connect_catalog": "consumer.usage.catalog",
+    "ensure_catalog": "consumer.usage.catalog",
+    "run_query": "consumer.usage.report",
+    "usage_arrow_schema": "consumer.usage.segments",
+    "usage_report": "consumer.usage.report",
+    "write_rows": "consumer.usage.segments",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -31,6 +31,7 @@ from consumer.engine.exllamav2.modes import ModeDecision  # noqa: E402
 from consumer.engine.exllamav2.runner import GenTicket, StaticBatch  # noqa: E402
 from consumer.engine.exllamav2.settings import ExLlamaV2Settings  # noqa: E402
 from consumer.engine.exllamav2.vram import VramEstimate  # noqa: E402
+from consumer.observability.health import HealthReporter  # noqa: E402
 
 PIECES = {1: "a", 2: "b", 3: "#", 4: "c", 5: "\u00e9", 9: "<|im_end|>"}
 STOP = 9
@@ -222,6 +223,14 @@ async def test_a_lost_gpu_answers_everything_open_and_calls_on_fatal(
     assert not h.worker.submit(h.ticket("late", [1]))
     info = engine.info
     assert not info.loaded and "GPU lost" in str(info.details["error"])
+    health = HealthReporter(
+        started_at=0.0,
+        engine_info=lambda: engine.info,
+        broker_status=lambda: (True, "ok"),
+        assigned_partitions=lambda: [("ops.requests.v1", 0)],
+    )
+    assert health.health()["status"] == "unhealthy"  # /health answers 503
+    assert health.ready()[0] is False  # /ready answers 503
     with pytest.raises(EngineError) as refused:
         await engine.generate(h.ticket("after", [1]).request)
     assert refused.value.retryable
