@@ -98,9 +98,10 @@ class Service:
 
     async def start(self) -> None:
         if self.keyring is None:
+            # Loud on purpose: requests are not checked for a tenant signature.
             log.warning(
-                "AUTHENTICATION IS OFF: requests are not checked for a tenant signature "
-                "(profile=dev, auth.required=false). Never run this way in production."
+                "authentication_off",
+                extra={"profile": self.settings.profile, "auth_required": False},
             )
         if self.engine is None:
             # Loading a model blocks for seconds to minutes; keep the loop responsive.
