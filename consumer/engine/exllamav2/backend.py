@@ -94,7 +94,9 @@ def probe_flash_attn() -> FlashAttnProbe:
         import flash_attn_2_cuda  # noqa: F401
     except Exception as exc:  # any failure means the same thing: exllamav2 cannot use it
         first_line = (str(exc).splitlines() or [""])[0][:300]
-        log.warning("exl2_flash_attn_unusable version=%s error=%s", version, type(exc).__name__)
+        log.warning(
+            "exl2_flash_attn_unusable", extra={"version": version, "error": type(exc).__name__}
+        )
         return FlashAttnProbe(version, f"fails to import ({type(exc).__name__}: {first_line})")
     return FlashAttnProbe(version)
 
@@ -318,7 +320,7 @@ def _load_runtime(start: _Startup) -> _Runtime:
 
 def _log_progress(done: int, total: int) -> None:
     if total and (done == total or done % max(total // 4, 1) == 0):
-        log.info("exl2_load_progress done=%d total=%d", done, total)
+        log.info("exl2_load_progress", extra={"done": done, "total": total})
 
 
 def cuda_context_alive() -> bool:
@@ -340,7 +342,7 @@ def exit_process(reason: str) -> None:
     a crash, leaves the offsets of everything in flight uncommitted, so Kafka redelivers those
     records to the restarted (or another) instance instead of their producers getting errors.
     """
-    log.critical("exl2_gpu_fatal_exit code=%d reason=%r", GPU_FATAL_EXIT_CODE, reason)
+    log.critical("exl2_gpu_fatal_exit", extra={"code": GPU_FATAL_EXIT_CODE, "reason": reason})
     logging.shutdown()
     sys.stderr.flush()
     os._exit(GPU_FATAL_EXIT_CODE)
@@ -417,7 +419,7 @@ class _Worker(threading.Thread):
             self._die(lost.reason)
         except Exception as exc:
             # A defect in the loop itself: its state is unknown, so nothing may keep waiting.
-            log.exception("exl2_worker_failed open=%d", len(self._open))
+            log.exception("exl2_worker_failed", extra={"open": len(self._open)})
             self._die(f"GPU worker failed: {type(exc).__name__}: {exc}")
         if self.fatal_error is None:
             self._unload(runtime)
@@ -454,7 +456,11 @@ class _Worker(threading.Thread):
         `rejected`: exllamav2 refused these requests before running them (an assertion on
         their size), so trying again would fail the same way.
         """
-        log.error("%s requests=%d error=%s", event, len(tickets), type(exc).__name__, exc_info=exc)
+        log.error(
+            event,
+            extra={"requests": len(tickets), "error": type(exc).__name__},
+            exc_info=exc,
+        )
         if is_sticky_cuda_error(exc) or not self._context_alive():
             raise GpuLost(f"{type(exc).__name__}: {exc}") from exc
         error = _as_engine_error(exc, rejected=rejected)
@@ -477,7 +483,7 @@ class _Worker(threading.Thread):
 
     def _die(self, reason: str) -> None:
         self.fatal_error = reason
-        log.critical("exl2_gpu_fatal reason=%r open=%d", reason, len(self._open))
+        log.critical("exl2_gpu_fatal", extra={"reason": reason, "open": len(self._open)})
         try:
             self.on_fatal(reason)
         finally:
@@ -494,7 +500,7 @@ class _Worker(threading.Thread):
             observer(size)
         except Exception:
             # A metrics hook must not take the GPU thread, and every request with it, down.
-            log.exception("exl2_batch_observer_failed size=%d", size)
+            log.exception("exl2_batch_observer_failed", extra={"size": size})
 
     def _score(self, runtime: _Runtime, ticket: Any) -> None:
         if ticket.cancelled:
@@ -686,7 +692,7 @@ class _Worker(threading.Thread):
             generator.cancel(job)
         except Exception as exc:
             # The job may keep running to its own end; its results are ignored.
-            log.error("exl2_paged_cancel_failed error=%s", type(exc).__name__, exc_info=exc)
+            log.error("exl2_paged_cancel_failed", extra={"error": type(exc).__name__}, exc_info=exc)
             if is_sticky_cuda_error(exc) or not self._context_alive():
                 raise GpuLost(f"{type(exc).__name__}: {exc}") from exc
 
@@ -969,11 +975,13 @@ def prepare_startup(settings: ExLlamaV2Settings) -> _Startup:
     names = ", ".join(f"{g.name} ({g.free_bytes / GIB:.1f} GiB free)" for g in gpus)
     estimate = check_fits(plan, available, device_names=names)
     log.info(
-        "exl2_startup mode=%s reason=%r estimate_gib=%.2f available_gib=%.2f",
-        decision.mode,
-        decision.reason,
-        estimate.total / GIB,
-        available / GIB,
+        "exl2_startup",
+        extra={
+            "mode": decision.mode,
+            "reason": decision.reason,
+            "estimate_gib": round(estimate.total / GIB, 2),
+            "available_gib": round(available / GIB, 2),
+        },
     )
     return _Startup(
         settings=settings,
@@ -1003,5 +1011,5 @@ def load_exllamav2_engine(
         raise
     except Exception as exc:
         raise EngineConfigError(f"exllamav2 failed to load the model: {exc}") from exc
-    log.info("exl2_loaded seconds=%.1f", time.monotonic() - started)
+    log.info("exl2_loaded", extra={"load_s": round(time.monotonic() - started, 1)})
     return ExLlamaV2Engine(worker)
