@@ -19,8 +19,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from consumer.engine.exllamav2.settings import ExLlamaV2Settings
 from consumer.settings.auth import AuthSettings
+from consumer.settings.exllamav2 import ExLlamaV2Settings
 from consumer.settings.kafka import KafkaSecuritySettings, KafkaSettings
 from consumer.settings.observability import LoggingSettings, TelemetrySettings
 from consumer.settings.quota import QuotaSettings

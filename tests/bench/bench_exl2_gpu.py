@@ -34,8 +34,8 @@ from consumer.engine.exllamav2.backend import (  # noqa: E402
     read_model_dir,
 )
 from consumer.engine.exllamav2.modes import flash_attn_blocker  # noqa: E402
-from consumer.engine.exllamav2.settings import ExLlamaV2Settings  # noqa: E402
 from consumer.engine.exllamav2.vram import GIB, decode_step_bytes  # noqa: E402
+from consumer.settings.exllamav2 import ExLlamaV2Settings  # noqa: E402
 
 # Peak DRAM bandwidth, GB/s, from the vendors' spec sheets.
 BANDWIDTH_GBS = {

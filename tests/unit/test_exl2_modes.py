@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from consumer.engine.exllamav2 import ExLlamaV2Settings
 from consumer.engine.exllamav2.errors import EngineConfigError
 from consumer.engine.exllamav2.modes import GpuFacts, parse_version, select_batching_mode
+from consumer.settings.exllamav2 import ExLlamaV2Settings
 
 T4 = GpuFacts(index=0, name="Tesla T4", capability=(7, 5), total_bytes=16 * 2**30, free_bytes=0)
 A100 = GpuFacts(index=0, name="A100", capability=(8, 0), total_bytes=80 * 2**30, free_bytes=0)

@@ -29,9 +29,9 @@ from consumer.engine.exllamav2.backend import (  # noqa: E402
 from consumer.engine.exllamav2.batching import paged_completion  # noqa: E402
 from consumer.engine.exllamav2.modes import ModeDecision  # noqa: E402
 from consumer.engine.exllamav2.runner import GenTicket, StaticBatch  # noqa: E402
-from consumer.engine.exllamav2.settings import ExLlamaV2Settings  # noqa: E402
 from consumer.engine.exllamav2.vram import VramEstimate  # noqa: E402
 from consumer.observability.health import HealthReporter  # noqa: E402
+from consumer.settings.exllamav2 import ExLlamaV2Settings  # noqa: E402
 
 PIECES = {1: "a", 2: "b", 3: "#", 4: "c", 5: "\u00e9", 9: "<|im_end|>"}
 STOP = 9

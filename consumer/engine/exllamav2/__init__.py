@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from consumer.engine.exllamav2.errors import EngineConfigError
-from consumer.engine.exllamav2.settings import ExLlamaV2Settings
+from consumer.settings.exllamav2 import ExLlamaV2Settings
 
 if TYPE_CHECKING:
     from consumer.engine.exllamav2.backend import ExLlamaV2Engine, load_exllamav2_engine

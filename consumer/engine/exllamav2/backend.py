@@ -41,7 +41,6 @@ from consumer.engine.exllamav2.batching import QueuedShape, paged_completion, pl
 from consumer.engine.exllamav2.errors import EngineConfigError, is_sticky_cuda_error
 from consumer.engine.exllamav2.limits import check_plan, static_max_attention_size
 from consumer.engine.exllamav2.modes import GpuFacts, ModeDecision, select_batching_mode
-from consumer.engine.exllamav2.settings import ExLlamaV2Settings
 from consumer.engine.exllamav2.vram import (
     GIB,
     MIB,
@@ -51,6 +50,7 @@ from consumer.engine.exllamav2.vram import (
     check_fits,
     weights_bytes_on_gpu,
 )
+from consumer.settings.exllamav2 import ExLlamaV2Settings
 
 log = logging.getLogger("opstream.engine.exllamav2")
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from consumer.engine.exllamav2.errors import EngineConfigError
-from consumer.engine.exllamav2.settings import BatchingSetting
+from consumer.settings.exllamav2 import BatchingSetting
 
 BatchingMode = Literal["paged", "static"]
 

@@ -18,7 +18,7 @@ from typing import Any
 from consumer.engine.exllamav2.errors import EngineConfigError
 from consumer.engine.exllamav2.limits import plan_problems
 from consumer.engine.exllamav2.modes import BatchingMode
-from consumer.engine.exllamav2.settings import PAGE_TOKENS, CacheMode, StaticAttention
+from consumer.settings.exllamav2 import PAGE_TOKENS, CacheMode, StaticAttention
 
 GIB = 1024**3
 MIB = 1024**2

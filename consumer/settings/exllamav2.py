@@ -1,4 +1,4 @@
-"""Settings for the exllamav2 engine (nested under `exllamav2` in the app settings)."""
+"""The GPU engine's settings (`Settings.engine.exllamav2`): model, cache, batching and limits."""
 
 from __future__ import annotations
 
