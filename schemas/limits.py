@@ -10,7 +10,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.requests import RequestId, TenantId
 
-OPERATIONS: tuple[str, ...] = ("summarize", "translate", "classify", "chat")
 TOTAL = "*"
 """The operation name of the limit that counts every operation together."""
 ALL_TENANTS = "*"

@@ -179,7 +179,7 @@ OperationRequest = Annotated[
     SummarizeRequest | TranslateRequest | ClassifyRequest | ChatRequest,
     Field(discriminator="operation"),
 ]
-OPERATIONS: tuple[str, ...] = ("summarize", "translate", "classify", "chat")
+OPERATIONS: tuple[str, ...] = tuple(OPERATION_LIMITS)
 
 operation_request_adapter: TypeAdapter[
     SummarizeRequest | TranslateRequest | ClassifyRequest | ChatRequest

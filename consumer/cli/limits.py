@@ -22,7 +22,8 @@ from consumer.quota.arithmetic import (
     merge_override,
 )
 from consumer.settings import Settings
-from schemas.limits import ALL_TENANTS, OPERATIONS, TOTAL, UNLIMITED
+from schemas.limits import ALL_TENANTS, TOTAL, UNLIMITED
+from schemas.requests import OPERATIONS
 
 _SCOPES = (*OPERATIONS, TOTAL)
 

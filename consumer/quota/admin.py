@@ -20,7 +20,6 @@ from consumer.quota.store import QuotaStore
 from consumer.settings import Settings
 from schemas.limits import (
     ALL_TENANTS,
-    OPERATIONS,
     TOTAL,
     ErrorResponse,
     LimitsResponse,
@@ -29,18 +28,11 @@ from schemas.limits import (
     UpdateLimitRequest,
     UsageResponse,
 )
+from schemas.requests import OPERATION_LIMITS, OPERATIONS
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024
-
-# Hard per-request caps of the contract (DESIGN.md "Message contract"), shown by GET /limits
-# as in the original platform; chat's come from settings.
-_FIXED_CAPS: dict[str, tuple[int, int]] = {
-    "summarize": (8000, 512),
-    "translate": (4000, 512),
-    "classify": (2000, 64),
-}
 
 
 class _HttpError(Exception):
@@ -110,10 +102,16 @@ class LimitsAdminApi:
         self.publisher = publisher
         self.follower = follower
         self.admin_key = settings.quota.admin_key
+        # The contract's per-request caps, shown by GET /limits as in the original
+        # platform; chat's come from settings.
         self.caps = {
-            **_FIXED_CAPS,
-            "chat": (settings.limits.chat_max_input_chars, settings.limits.chat_max_output_tokens),
+            name: (limit.max_input_chars, limit.max_output_tokens)
+            for name, limit in OPERATION_LIMITS.items()
         }
+        self.caps["chat"] = (
+            settings.limits.chat_max_input_chars,
+            settings.limits.chat_max_output_tokens,
+        )
 
     async def limits(self, request: Request) -> AsgiResponse:
         """GET /limits (effective limits) and PUT /limits (change one override)."""

@@ -31,7 +31,8 @@ from consumer.quota.arithmetic import (
     resets_at,
 )
 from consumer.settings.quota import QuotaSettings
-from schemas.limits import OPERATIONS, TOTAL, QuotaCharge
+from schemas.limits import TOTAL, QuotaCharge
+from schemas.requests import OPERATIONS
 
 log = logging.getLogger(__name__)
 
