@@ -12,12 +12,12 @@ from typing import Any
 from pydantic import ValidationError
 
 from consumer.cli.table import print_table
-from consumer.quota.arithmetic import (
+from consumer.quota.days import day_of
+from consumer.quota.limits import (
     KEEP,
     Keep,
     LimitBook,
     OverrideValue,
-    day_of,
     limit_defaults,
     merge_override,
 )

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from consumer.bus.records import FORWARDED_FROM, InboundRecord
 from consumer.errors import DeadlineExceeded, ValidationFailed
 from consumer.operations import AnyRequest
-from consumer.quota.arithmetic import partition_for_key, partition_for_tenant
+from consumer.quota.partitions import partition_for_key, partition_for_tenant
 from schemas.replies import FieldError
 
 _KEY_ERROR = FieldError(loc=["key"], msg="the record key must be the tenant_id", type="key")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from consumer.bus.records import InboundRecord
-from consumer.quota.arithmetic import Reservation
+from consumer.quota.ledger import Reservation
 
 
 class RecordPublisher(Protocol):

@@ -33,7 +33,7 @@ from consumer.pipeline.checks import check_deadline, check_placement, home_parti
 from consumer.pipeline.decode import body_route, decode_object, parse_request, str_or_none
 from consumer.pipeline.outcome import BrokerUnavailable, Outcome, RecordPublisher
 from consumer.pipeline.respond import Responder, error_reply, meta_of
-from consumer.quota.arithmetic import RepeatedRecord, Reservation
+from consumer.quota.ledger import RepeatedRecord, Reservation
 from consumer.quota.store import QuotaStore
 from consumer.settings import OperationLimits
 from schemas.replies import OperationReply

@@ -14,8 +14,8 @@ from faststream.asgi.request import AsgiRequest, ClientDisconnectError
 from faststream.asgi.types import Receive, Scope, Send
 from pydantic import BaseModel, ValidationError
 
-from consumer.quota.arithmetic import KEEP, Keep, OverrideValue, merge_override, remaining
 from consumer.quota.control import LimitCommandPublisher, LimitFollower
+from consumer.quota.limits import KEEP, Keep, OverrideValue, merge_override, remaining
 from consumer.quota.store import QuotaStore
 from consumer.settings import Settings
 from schemas.limits import (

@@ -15,7 +15,7 @@ from aiokafka.errors import KafkaError
 from pydantic import TypeAdapter, ValidationError
 
 from consumer.bus.topic_reader import read_to_end, standalone_consumer, topic_partitions
-from consumer.quota.arithmetic import LimitBook, LimitDefaults, Override, OverrideValue
+from consumer.quota.limits import LimitBook, LimitDefaults, Override, OverrideValue
 from schemas.limits import (
     CONTROL_LIMITS_KEY,
     LIMIT_COMMAND_KINDS,

@@ -8,8 +8,8 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 
 from consumer.quota.admin import AdminHandler, admin_routes
-from consumer.quota.arithmetic import LimitBook, limit_defaults
 from consumer.quota.control import LimitCommandPublisher, LimitFollower
+from consumer.quota.limits import LimitBook, limit_defaults
 from consumer.quota.store import Clock, QuotaStore, make_state_producer, offset_clock
 from consumer.settings import Settings
 

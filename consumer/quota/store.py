@@ -19,17 +19,10 @@ from consumer.bus.topic_reader import (
     topic_partitions,
 )
 from consumer.errors import InfrastructureError
-from consumer.quota.arithmetic import (
-    ChargeKey,
-    DailyCap,
-    LimitBook,
-    QuotaLedger,
-    Reservation,
-    Usage,
-    day_of,
-    partition_for_tenant,
-    resets_at,
-)
+from consumer.quota.days import day_of, resets_at
+from consumer.quota.ledger import ChargeKey, QuotaLedger, Reservation
+from consumer.quota.limits import DailyCap, LimitBook, Usage
+from consumer.quota.partitions import partition_for_tenant
 from consumer.settings.quota import QuotaSettings
 from schemas.limits import TOTAL, QuotaCharge
 from schemas.requests import OPERATIONS

@@ -28,7 +28,7 @@ from consumer.quota import (
     make_state_producer,
     partition_for_tenant,
 )
-from consumer.quota.arithmetic import limit_defaults
+from consumer.quota.limits import limit_defaults
 from consumer.settings import KafkaSettings, OperationLimits, TopicSettings
 from tests.support.harness import (
     FETCH_MAX_WAIT_MS,

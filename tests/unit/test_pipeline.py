@@ -373,7 +373,8 @@ class InstantStateProducer:
 def quota_processor(requests_per_day: int = 10) -> tuple[RequestProcessor, MemoryPublisher]:
     from zoneinfo import ZoneInfo
 
-    from consumer.quota.arithmetic import LimitBook, QuotaLedger, limit_defaults
+    from consumer.quota.ledger import QuotaLedger
+    from consumer.quota.limits import LimitBook, limit_defaults
     from consumer.quota.store import QuotaStore
     from consumer.settings.quota import QuotaSettings
 
@@ -408,7 +409,7 @@ def keyed(
     key: bytes | None = None,
     offset: int | None = None,
 ) -> InboundRecord:
-    from consumer.quota.arithmetic import partition_for_tenant
+    from consumer.quota.partitions import partition_for_tenant
 
     now = time.time()
     return InboundRecord(
@@ -426,14 +427,14 @@ def keyed(
 
 
 def foreign_partition(tenant: str) -> int:
-    from consumer.quota.arithmetic import partition_for_tenant
+    from consumer.quota.partitions import partition_for_tenant
 
     return (partition_for_tenant(tenant, TOPICS.request_partitions) + 1) % TOPICS.request_partitions
 
 
 async def test_a_record_on_a_foreign_partition_is_forwarded_unchanged_to_its_tenant() -> None:
     from consumer.bus.records import FORWARDED_FROM
-    from consumer.quota.arithmetic import partition_for_tenant
+    from consumer.quota.partitions import partition_for_tenant
 
     processor, publisher = quota_processor()
     original = keyed("acme", BODIES["summarize"], partition=foreign_partition("acme"))
@@ -479,7 +480,7 @@ async def test_a_forwarded_record_still_misplaced_is_refused_not_forwarded_again
 
 @pytest.mark.parametrize("key", [b"", b"someone-else"])
 async def test_a_record_not_keyed_by_its_tenant_gets_a_clear_error(key: bytes) -> None:
-    from consumer.quota.arithmetic import partition_for_key
+    from consumer.quota.partitions import partition_for_key
 
     processor, publisher = quota_processor()
     # On the key's own partition (where a record keyed by another value is forwarded to).

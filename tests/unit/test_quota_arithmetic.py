@@ -12,24 +12,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from consumer.errors import QuotaExceeded
-from consumer.quota.arithmetic import (
+from consumer.quota.days import day_of, day_start, resets_at
+from consumer.quota.ledger import Charge, QuotaLedger, Reservation
+from consumer.quota.limits import (
     KEEP,
-    Charge,
     DailyCap,
     LimitBook,
     LimitDefaults,
     Override,
-    QuotaLedger,
-    Reservation,
     Usage,
-    day_of,
-    day_start,
     first_trip,
     limit_defaults,
     merge_override,
-    partition_for_tenant,
-    resets_at,
 )
+from consumer.quota.partitions import partition_for_tenant
 from consumer.settings.quota import QuotaSettings
 from schemas.limits import QuotaCharge
 

@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from consumer.quota import LimitBook, QuotaSettings, apply_control_record
-from consumer.quota.arithmetic import limit_defaults
+from consumer.quota.limits import limit_defaults
 from schemas.limits import (
     QuotaCharge,
     ResetUsage,

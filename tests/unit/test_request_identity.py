@@ -10,13 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from consumer.errors import DuplicateRequest, QuotaExceeded
-from consumer.quota.arithmetic import (
-    DailyCap,
-    LimitBook,
-    LimitDefaults,
-    QuotaLedger,
-    RepeatedRecord,
-)
+from consumer.quota.ledger import QuotaLedger, RepeatedRecord
+from consumer.quota.limits import DailyCap, LimitBook, LimitDefaults
 
 NOON = datetime(2025, 3, 10, 12, 0, tzinfo=UTC)
 
