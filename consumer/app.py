@@ -28,7 +28,7 @@ from consumer.observability.health import HealthReporter, health_routes
 from consumer.observability.telemetry import Telemetry
 from consumer.pipeline import Outcome, RequestProcessor
 from consumer.quota.runtime import QuotaRuntime
-from consumer.quota.store import Clock as QuotaClock
+from consumer.quota.store import DayClock
 from consumer.settings import Settings
 from consumer.usage.rows import usage_row
 from consumer.usage.writer import UsageReceipt, UsageWriter
@@ -47,7 +47,7 @@ class Service:
         engine: Engine | None = None,
         *,
         telemetry: Telemetry | None = None,
-        quota_clock: QuotaClock | None = None,
+        quota_clock: DayClock | None = None,
     ) -> None:
         if not settings.kafka.bootstrap_servers:
             raise ValueError("kafka.bootstrap_servers is not set (or use `opstream dev`)")
@@ -315,7 +315,7 @@ def build_app(
     engine: Engine | None = None,
     *,
     telemetry: Telemetry | None = None,
-    quota_clock: QuotaClock | None = None,
+    quota_clock: DayClock | None = None,
 ) -> AsgiFastStream:
     """The FastStream application for `settings` (tests may inject an engine or telemetry)."""
     service = Service(settings, engine, telemetry=telemetry, quota_clock=quota_clock)

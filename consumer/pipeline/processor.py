@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -32,7 +31,7 @@ from consumer.operations import AnyRequest, Prompt, operation_of
 from consumer.pipeline.checks import check_deadline, check_placement, home_partition
 from consumer.pipeline.decode import body_route, decode_object, parse_request, str_or_none
 from consumer.pipeline.outcome import BrokerUnavailable, Outcome, RecordPublisher
-from consumer.pipeline.respond import Responder, error_reply, meta_of
+from consumer.pipeline.respond import Responder, UnixClock, error_reply, meta_of
 from consumer.quota.ledger import RepeatedRecord, Reservation
 from consumer.quota.store import QuotaStore
 from consumer.settings import OperationLimits
@@ -42,7 +41,6 @@ from topics.catalog import TopicSettings
 
 log = logging.getLogger(__name__)
 
-Clock = Callable[[], float]
 # Template and role markers a chat template adds per message, on top of the text's tokens.
 _TEMPLATE_TOKENS_PER_MESSAGE = 8
 _TEMPLATE_TOKENS_BASE = 16
@@ -66,7 +64,7 @@ class RequestProcessor:
         keyring: KeyRing | None = None,
         quota: QuotaStore | None = None,
         telemetry: Telemetry | None = None,
-        clock: Clock = time.time,
+        clock: UnixClock = time.time,
     ) -> None:
         """`keyring` None turns authentication off (dev profile only); `quota` None: no quotas."""
         self._engine = engine

@@ -26,7 +26,8 @@ from schemas.replies import ErrorInfo, Meta, OperationReply
 
 log = logging.getLogger(__name__)
 
-Clock = Callable[[], float]
+UnixClock = Callable[[], float]
+"""Now, in unix seconds (`time.time`; tests inject their own)."""
 
 
 def error_reply(exc: OpstreamError, outcome: Outcome, now: float) -> OperationReply:
@@ -64,7 +65,7 @@ class Responder:
     """Writes what the pipeline decided, each write acknowledged by the broker."""
 
     def __init__(
-        self, publisher: RecordPublisher, *, dlq_topic: str, instance_id: str, clock: Clock
+        self, publisher: RecordPublisher, *, dlq_topic: str, instance_id: str, clock: UnixClock
     ) -> None:
         self._publisher = publisher
         self._dlq_topic = dlq_topic

@@ -10,7 +10,7 @@ from aiokafka import AIOKafkaProducer
 from consumer.quota.admin import AdminHandler, admin_routes
 from consumer.quota.control import LimitCommandPublisher, LimitFollower
 from consumer.quota.limits import LimitBook, limit_defaults
-from consumer.quota.store import Clock, QuotaStore, make_state_producer, offset_clock
+from consumer.quota.store import DayClock, QuotaStore, make_state_producer, offset_clock
 from consumer.settings import Settings
 
 
@@ -27,7 +27,7 @@ class QuotaRuntime:
         settings: Settings,
         *,
         producer: AIOKafkaProducer | None = None,
-        clock: Clock | None = None,
+        clock: DayClock | None = None,
         client_options: Mapping[str, Any] | None = None,
     ) -> None:
         servers = settings.kafka.bootstrap_servers

@@ -29,7 +29,8 @@ from schemas.requests import OPERATIONS
 
 log = logging.getLogger(__name__)
 
-Clock = Callable[[], datetime]
+DayClock = Callable[[], datetime]
+"""The quota clock: an aware `datetime` now (the day is computed from it; tests shift it)."""
 
 
 def utc_now() -> datetime:
@@ -37,7 +38,7 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def offset_clock(offset_s: float) -> Clock:
+def offset_clock(offset_s: float) -> DayClock:
     """The real clock shifted by `offset_s` seconds (`QuotaSettings.clock_offset_s`)."""
     if not offset_s:
         return utc_now
@@ -101,7 +102,7 @@ class QuotaStore:
         fetch_max_wait_ms: int = 500,
         client_options: Mapping[str, Any] | None = None,
         expected_partitions: int | None = None,
-        clock: Clock = utc_now,
+        clock: DayClock = utc_now,
     ) -> None:
         self.book = book
         self.settings = settings
