@@ -1,1 +1,4 @@
-"""The `opstream` command line (argparse): `main.py` builds it, one module per area registers its subcommands."""
+"""The `opstream` command line (argparse).
+
+`main.py` builds it; one module per area registers its subcommands.
+"""
