@@ -132,7 +132,7 @@ if [ -n "$CAPABILITY" ]; then
   # A flash-attn built for another torch would break `import exllamav2`: leave it out then.
   if "$PY" - >"$DIR/extension.log" 2>&1 <<'EOF'
 import os
-from consumer.engine.exllamav2.backend import probe_flash_attn
+from consumer.engine.exllamav2.probes import probe_flash_attn
 probe = probe_flash_attn()
 if probe.version is not None and probe.problem is not None:
     print(f"flash-attn {probe.version} left out: {probe.problem}")

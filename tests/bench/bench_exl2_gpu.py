@@ -25,15 +25,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from consumer.engine.exllamav2.backend import (  # noqa: E402
-    _load_runtime,
+from consumer.engine.exllamav2.loader import load_runtime  # noqa: E402
+from consumer.engine.exllamav2.modes import flash_attn_blocker  # noqa: E402
+from consumer.engine.exllamav2.probes import probe_flash_attn, probe_gpus  # noqa: E402
+from consumer.engine.exllamav2.startup import (  # noqa: E402
     build_vram_plan,
     prepare_startup,
-    probe_flash_attn,
-    probe_gpus,
     read_model_dir,
 )
-from consumer.engine.exllamav2.modes import flash_attn_blocker  # noqa: E402
 from consumer.engine.exllamav2.vram import GIB, decode_step_bytes  # noqa: E402
 from consumer.settings.exllamav2 import ExLlamaV2Settings  # noqa: E402
 
@@ -211,7 +210,7 @@ def main() -> None:
         )
         reset_peaks()
         start = prepare_startup(settings)
-        runtime = _load_runtime(start)
+        runtime = load_runtime(start)
         shape, weights = read_model_dir(model_dir)
         plan = build_vram_plan(settings, shape, weights, start.decision)
         bench = bench_paged if mode == "paged" else bench_static

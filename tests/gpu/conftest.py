@@ -44,7 +44,7 @@ def _import_exllamav2_with_flash_attn_detection() -> None:
     # mode; importing here first lets one test process load both a paged and a static engine.
     # A flash-attn that fails to import would take exllamav2's import down: leave it out.
     if _gpu_unavailable() is None:
-        from consumer.engine.exllamav2.backend import probe_flash_attn
+        from consumer.engine.exllamav2.probes import probe_flash_attn
 
         probe = probe_flash_attn()
         if probe.version is not None and probe.problem is not None:

@@ -36,8 +36,8 @@ PROMPTS = [
 
 
 def flash_attn_paged_usable() -> bool:
-    from consumer.engine.exllamav2.backend import probe_flash_attn, probe_gpus
     from consumer.engine.exllamav2.modes import flash_attn_blocker
+    from consumer.engine.exllamav2.probes import probe_flash_attn, probe_gpus
 
     probe = probe_flash_attn()
     return flash_attn_blocker(probe_gpus(), probe.version, probe.problem) is None

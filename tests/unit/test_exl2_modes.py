@@ -153,9 +153,9 @@ def fake_flash_attn(root: Path, init: str) -> None:
 
 @pytest.fixture
 def flash_attn_2_7_4(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    from consumer.engine.exllamav2 import backend
+    from consumer.engine.exllamav2 import probes
 
-    monkeypatch.setattr(backend, "flash_attn_version", lambda: "2.7.4")
+    monkeypatch.setattr(probes, "flash_attn_version", lambda: "2.7.4")
     monkeypatch.delenv("EXLLAMA_NO_FLASH_ATTN", raising=False)
     monkeypatch.syspath_prepend(str(tmp_path))
     for name in ("flash_attn", "flash_attn_2_cuda"):
@@ -164,7 +164,7 @@ def flash_attn_2_7_4(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 
 
 def test_probe_reports_a_flash_attn_built_for_another_torch(flash_attn_2_7_4: Path) -> None:
-    from consumer.engine.exllamav2.backend import probe_flash_attn
+    from consumer.engine.exllamav2.probes import probe_flash_attn
 
     # What a wheel built against another torch raises: ImportError, not ModuleNotFoundError,
     # which exllamav2 0.3.2's attn.py does not catch.
@@ -175,7 +175,7 @@ def test_probe_reports_a_flash_attn_built_for_another_torch(flash_attn_2_7_4: Pa
 
 
 def test_probe_accepts_a_flash_attn_that_imports(flash_attn_2_7_4: Path) -> None:
-    from consumer.engine.exllamav2.backend import probe_flash_attn
+    from consumer.engine.exllamav2.probes import probe_flash_attn
 
     fake_flash_attn(flash_attn_2_7_4, "__version__ = '2.7.4'\n")
     assert probe_flash_attn().problem is None
@@ -184,7 +184,7 @@ def test_probe_accepts_a_flash_attn_that_imports(flash_attn_2_7_4: Path) -> None
 def test_probe_honours_exllamav2s_own_switch(
     flash_attn_2_7_4: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from consumer.engine.exllamav2.backend import probe_flash_attn
+    from consumer.engine.exllamav2.probes import probe_flash_attn
 
     fake_flash_attn(flash_attn_2_7_4, "__version__ = '2.7.4'\n")
     monkeypatch.setenv("EXLLAMA_NO_FLASH_ATTN", "1")

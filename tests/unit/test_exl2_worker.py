@@ -20,16 +20,14 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from consumer.engine.base import ChatMessage, EngineError, Generation, GenerationRequest  # noqa: E402
-from consumer.engine.exllamav2.backend import (  # noqa: E402
-    ExLlamaV2Engine,
-    _Runtime,
-    _Startup,
-    _Worker,
-)
 from consumer.engine.exllamav2.batching import paged_completion  # noqa: E402
+from consumer.engine.exllamav2.engine import ExLlamaV2Engine  # noqa: E402
+from consumer.engine.exllamav2.loader import Runtime  # noqa: E402
 from consumer.engine.exllamav2.modes import ModeDecision  # noqa: E402
 from consumer.engine.exllamav2.runner import GenTicket, StaticBatch  # noqa: E402
+from consumer.engine.exllamav2.startup import Startup  # noqa: E402
 from consumer.engine.exllamav2.vram import VramEstimate  # noqa: E402
+from consumer.engine.exllamav2.worker import GpuWorker  # noqa: E402
 from consumer.observability.health import HealthReporter  # noqa: E402
 from consumer.settings.exllamav2 import ExLlamaV2Settings  # noqa: E402
 
@@ -92,8 +90,8 @@ class FakeCache:
         self.current_seq_len = 0
 
 
-def runtime_for(model: Any, generator: Any = None) -> _Runtime:
-    return _Runtime(
+def runtime_for(model: Any, generator: Any = None) -> Runtime:
+    return Runtime(
         model=model,
         tokenizer=FakeTokenizer(),
         gen_cache=FakeCache(),
@@ -108,8 +106,8 @@ def runtime_for(model: Any, generator: Any = None) -> _Runtime:
     )
 
 
-def startup(mode: str = "static") -> _Startup:
-    return _Startup(
+def startup(mode: str = "static") -> Startup:
+    return Startup(
         settings=ExLlamaV2Settings(max_seq_len=256, max_batch_size=2, progress_bar=False),
         decision=ModeDecision(mode, "test"),  # type: ignore[arg-type]
         template=None,  # type: ignore[arg-type]
@@ -121,10 +119,10 @@ def startup(mode: str = "static") -> _Startup:
 class Harness:
     """A started worker plus what it reported: outcomes by ticket name, fatal reasons."""
 
-    def __init__(self, runtime: _Runtime, mode: str, *, context_alive: bool = True) -> None:
+    def __init__(self, runtime: Runtime, mode: str, *, context_alive: bool = True) -> None:
         self.outcomes: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.fatal: list[str] = []
-        self.worker = _Worker(
+        self.worker = GpuWorker(
             startup(mode),
             load=lambda _: runtime,
             on_fatal=self.fatal.append,

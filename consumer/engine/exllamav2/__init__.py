@@ -1,7 +1,7 @@
 """The production engine: EXL2-quantized models on NVIDIA GPUs via exllamav2.
 
 Importing this package needs neither torch nor a GPU; `load_exllamav2_engine` does. The
-backend is imported on first use, so reading the settings does not load the engine code.
+engine module is imported on first use, so reading the settings does not load the engine code.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from consumer.engine.exllamav2.errors import EngineConfigError
 from consumer.settings.exllamav2 import ExLlamaV2Settings
 
 if TYPE_CHECKING:
-    from consumer.engine.exllamav2.backend import ExLlamaV2Engine, load_exllamav2_engine
+    from consumer.engine.exllamav2.engine import ExLlamaV2Engine, load_exllamav2_engine
 
 __all__ = [
     "EngineConfigError",
@@ -24,7 +24,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in ("ExLlamaV2Engine", "load_exllamav2_engine"):
-        from consumer.engine.exllamav2 import backend
+        from consumer.engine.exllamav2 import engine
 
-        return getattr(backend, name)
+        return getattr(engine, name)
     raise AttributeError(name)
