@@ -1,10 +1,11 @@
-"""JSON Schema files for every message on the bus, and the AsyncAPI document."""
+"""JSON Schema files for every message on the bus (the AsyncAPI document of the app is
+written by `opstream schema`, which knows the app; the committed copy is `ASYNCAPI_FILE`)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import BaseModel, TypeAdapter
 
@@ -18,9 +19,6 @@ from schemas.requests import (
     TranslateRequest,
 )
 from schemas.usage import UsageRow
-
-if TYPE_CHECKING:
-    from consumer.settings import Settings
 
 ASYNCAPI_FILE = Path(__file__).with_name("asyncapi.json")
 
@@ -51,17 +49,12 @@ def render(document: dict[str, Any]) -> str:
     return json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
-def write_schemas(out: Path, settings: Settings) -> list[Path]:
-    """Write `<name>.schema.json` per message and `asyncapi.json` into `out`."""
-    from consumer.app import asyncapi_document
-
+def write_schemas(out: Path) -> list[Path]:
+    """Write `<name>.schema.json` per message into `out`."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, message in MESSAGES.items():
         path = out / f"{name}.schema.json"
         path.write_text(render(json_schema(message)), encoding="utf-8")
         written.append(path)
-    path = out / "asyncapi.json"
-    path.write_text(render(asyncapi_document(settings)), encoding="utf-8")
-    written.append(path)
     return written

@@ -251,10 +251,13 @@ def cmd_topics_ensure(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
     """Write one JSON Schema per message and the app's AsyncAPI document."""
-    from schemas.export import write_schemas
+    from consumer.app import asyncapi_document
+    from schemas.export import render, write_schemas
 
-    written = write_schemas(args.out, settings)
-    for path in written:
+    written = write_schemas(args.out)
+    asyncapi = args.out / "asyncapi.json"
+    asyncapi.write_text(render(asyncapi_document(settings)), encoding="utf-8")
+    for path in [*written, asyncapi]:
         print(path)
     return 0
 

@@ -91,7 +91,9 @@ def test_settings_import_no_feature() -> None:
 
 def test_the_contract_imports_nothing_of_the_application() -> None:
     for path in (REPO / "schemas").rglob("*.py"):
-        imported = _module_imports(path)
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         assert not {m for m in imported if m.split(".")[0] == "consumer"}, path
 
 
