@@ -6,8 +6,7 @@ stays cheap for the CLI.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from consumer.lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "CompactionReport": "consumer.usage.compaction",
@@ -29,8 +28,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
