@@ -73,12 +73,6 @@ REPLY_CONVENTIONS: tuple[ReplyConvention, ...] = (
     ReplyConvention("spring", "kafka_correlationId", "kafka_replyTopic", "kafka_replyPartition"),
     ReplyConvention("smallrye", "REPLY_CORRELATION_ID", "REPLY_TOPIC", "REPLY_PARTITION"),
 )
-ROUTING_HEADERS: frozenset[str] = frozenset(
-    name
-    for convention in REPLY_CONVENTIONS
-    for name in (convention.correlation, convention.reply_topic, convention.reply_partition)
-    if name is not None
-)
 _PRINTABLE_ID = re.compile(r"[\x21-\x7e]{1,128}")
 
 
