@@ -131,8 +131,13 @@ class Service:
             flush=self.usage.flush if self.usage is not None else None,
         )
         self.owner.intake = self.intake
+        if self.settings.logging.format == "console":
+            # A person is watching: one line per request. JSON logs leave this to the
+            # usage rows and metrics, which already carry it.
+            self.intake.on_outcome.append(log_request_finished)
         self.intake.start()
         self.telemetry.metrics.set_lag_source(lambda: self.offsets.lag(self.owner))
+        self.telemetry.metrics.set_engine_info_source(self.engine_info)
         info = self.engine.info
         log.info(
             "service_started",
@@ -195,6 +200,30 @@ class Service:
                 receipt = self.usage.append_nowait(usage_row(outcome, self.settings.instance_id))
                 outcome.usage_receipt = receipt
             await receipt.wait()
+
+
+def log_request_finished(outcome: Outcome) -> None:
+    """One console line per answered, rejected or dead-lettered request (never its text)."""
+    if not outcome.leaves_usage_row:
+        return  # forwarded or a repeat: the record that answers it logs the line
+    record = outcome.record
+    total_ms = (max(outcome.finished_at, record.received_at) - record.received_at) * 1000
+    fields: dict[str, Any] = {
+        "tenant": outcome.tenant_id,
+        "operation": outcome.operation,
+        "status": outcome.status,
+    }
+    if outcome.error_code is not None:
+        fields["code"] = outcome.error_code
+    fields["input_tokens"] = outcome.input_tokens
+    fields["output_tokens"] = outcome.output_tokens
+    # As the usage row counts it: time in the topic before it was fetched, then here.
+    fields["total_ms"] = round(total_ms + outcome.queue_ms)
+    log.log(
+        logging.INFO if outcome.status == "ok" else logging.WARNING,
+        "request_finished",
+        extra=fields,
+    )
 
 
 def in_flight_bound(settings: Settings, info: EngineInfo) -> int:
@@ -327,6 +356,8 @@ def build_app(
     app = AsgiFastStream(
         broker,
         asgi_routes=routes,
+        # Its "app starting…" lines through our handlers, not FastStream's own coloured one.
+        logger=logging.getLogger("opstream.faststream"),
         on_startup=[service.start],
         after_startup=[service.after_broker_started],
         on_shutdown=[service.stop],

@@ -354,7 +354,9 @@ def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
     logging_settings = settings.logging
     if "format" not in settings.logging.model_fields_set:
         logging_settings = LoggingSettings(**{**settings.logging.model_dump(), "format": "console"})
+        settings = settings.model_copy(update={"logging": logging_settings})
     configure_logging(logging_settings)
+    started = time.monotonic()
     broker = None
     if not settings.kafka.bootstrap_servers:
         broker = start_local_broker()
@@ -365,30 +367,19 @@ def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
                 )
             }
         )
-        print(f"opstream dev: embedded Kafka broker (Tansu) at {broker.bootstrap_servers}")
-    servers = settings.kafka.bootstrap_servers
     try:
         results = asyncio.run(ensure_all_topics(settings))
-        _report_topics(results, settings)
-        if not settings.auth.required:
-            print(
-                "opstream dev: WARNING: tenant authentication is OFF (dev profile); "
-                "use --require-auth to check signatures",
-                file=sys.stderr,
-            )
+        if any(r.action == "exists-different-partitions" for r in results):
+            _report_topics(results, settings)  # the table only when something needs a look
+        print(dev_banner(settings, results, embedded=broker is not None), flush=True)
 
         def announce() -> None:
-            http = f"http://{settings.http.host}:{settings.http.port}"
             print(
-                "\nopstream dev: ready. From another terminal:\n"
-                f"  opstream request summarize --bootstrap-servers {servers} "
-                '--tenant demo --text "Kafka is a distributed log. It stores records."\n'
-                f"  curl {http}/health\n"
-                "Ctrl-C stops the consumer and the broker.\n",
+                f"opstream dev: ready after {time.monotonic() - started:.0f} s; "
+                "send the request above from another terminal (Ctrl-C stops)",
                 flush=True,
             )
 
-        started = time.monotonic()
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(serve(settings, announce))
         print(f"opstream dev: stopped after {time.monotonic() - started:.0f} s")
@@ -396,6 +387,44 @@ def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
         if broker is not None:
             broker.stop()
     return 0
+
+
+def dev_banner(settings: Settings, topics: list[Any], *, embedded: bool) -> str:
+    """What `opstream dev` runs and how to use it, in one block (printed before startup)."""
+    from consumer.engine.factory import choose_backend
+    from consumer.engine.models import describe_gguf
+
+    servers = settings.kafka.bootstrap_servers
+    created = sum(1 for t in topics if t.action == "created")
+    broker = f"{servers} ({'embedded Tansu, in memory' if embedded else 'configured'}); "
+    broker += f"{len(topics)} topics, {created} created"
+    if choose_backend(settings) == "exllamav2":
+        model = f"exllamav2 on the GPU: {settings.engine.exllamav2.model_dir}"
+    else:
+        cfg = settings.engine.llamacpp
+        model = "llama.cpp on the CPU: " + describe_gguf(cfg.model_path, cfg.hf_repo, cfg.hf_file)
+    if settings.auth.required:
+        auth = "on: requests must be signed (opstream keys new --tenant demo)"
+    else:
+        auth = "OFF: signatures are not checked (dev default; --require-auth checks them)"
+    usage = "off"
+    if settings.usage.enabled:
+        catalog = (settings.usage.directory / "usage.duckdb").resolve()
+        usage = f"{catalog} (opstream usage report --by tenant)"
+    http = f"http://{settings.http.host}:{settings.http.port}"
+    rows = [
+        ("broker", broker),
+        ("model", model),
+        ("auth", auth),
+        ("usage", usage),
+        ("http", f"{http}/health  {http}/metrics"),
+        (
+            "try",
+            f"opstream request summarize --bootstrap-servers {servers} --tenant demo "
+            '--text "Kafka is a distributed log. It stores records."',
+        ),
+    ]
+    return "\n".join(["opstream dev", *(f"  {name:<7}{value}" for name, value in rows)]) + "\n"
 
 
 def dumps(value: Any) -> str:

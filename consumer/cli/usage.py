@@ -42,10 +42,10 @@ def _add_dir_option(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
-    """Print a usage summary; optionally draw tokens per tenant per day."""
+    """Print a usage summary; optionally draw it as a PNG chart or an HTML page."""
     import duckdb
 
-    from consumer.usage.report import draw_tokens_chart, usage_report
+    from consumer.usage.report import draw_tokens_chart, html_report, usage_report
 
     try:
         table = usage_report(settings.usage, args.by, args.since, args.tenant)
@@ -53,8 +53,22 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
         if args.chart is not None:
             tenants = draw_tokens_chart(settings.usage, args.chart, args.since, args.tenant)
             print(f"chart: {args.chart} ({tenants} tenant series)")
+        if args.html is not None:
+            page = html_report(settings.usage, args.since, args.tenant)
+            args.html.parent.mkdir(parents=True, exist_ok=True)
+            args.html.write_text(page, encoding="utf-8")
+            print(f"report: {args.html}")
     except duckdb.Error as exc:
         print(f"opstream usage report: {exc}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as exc:
+        if exc.name != "matplotlib":
+            raise
+        print(
+            "opstream usage report: --chart and --html draw with matplotlib: "
+            "pip install 'opstream[analyst]'",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -115,6 +129,12 @@ def register(
     report.add_argument("--by", choices=["day", "tenant", "operation"], default="day")
     report.add_argument(
         "--chart", type=Path, default=None, help="also draw tokens per tenant per day to FILE.png"
+    )
+    report.add_argument(
+        "--html",
+        type=Path,
+        default=None,
+        help="also write the report page (charts and tables, one offline file) to FILE.html",
     )
     report.set_defaults(func=cmd_report)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import logging.handlers
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Any
@@ -47,12 +48,16 @@ _RECORD_ATTRIBUTES = frozenset(
     vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys()
     | {"message", "asctime", "taskName", "dropped_fields"}
 )
+# Not fields either: uvicorn's `color_message` repeats the message with ANSI colour codes.
+_NOT_FIELDS = _RECORD_ATTRIBUTES | {"color_message"}
 _HANDLER_MARK = "_opstream_handler"
+# CSI sequences (colours, cursor moves), then any escape character left over.
+_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b")
 
 
 def event_fields(record: logging.LogRecord) -> dict[str, Any]:
     """The key=value fields a record carries (what was passed in `extra=`)."""
-    return {k: v for k, v in vars(record).items() if k not in _RECORD_ATTRIBUTES}
+    return {k: v for k, v in vars(record).items() if k not in _NOT_FIELDS}
 
 
 class TextFieldFilter(logging.Filter):
@@ -94,7 +99,7 @@ class JsonFormatter(logging.Formatter):
 
 
 class ConsoleFormatter(logging.Formatter):
-    """`ts LEVEL logger event key=value …` for a human at a terminal."""
+    """`ts LEVEL logger event key=value …` for a human at a terminal, without escape codes."""
 
     def format(self, record: logging.LogRecord) -> str:
         fields = event_fields(record)
@@ -106,7 +111,8 @@ class ConsoleFormatter(logging.Formatter):
         line = " ".join(parts)
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
-        return line
+        # A library's colours (or a hostile value) must not repaint the operator's terminal.
+        return _ESCAPES.sub("", line)
 
 
 def configure_logging(settings: LoggingSettings) -> list[logging.Handler]:

@@ -6,12 +6,14 @@ Traces continue the producer's trace: `extract_context(headers)` reads `tracepar
 Prometheus to scrape at GET /metrics (`metrics_asgi`); instrument names below are the
 OpenTelemetry names, Prometheus sees them with dots as underscores plus unit and `_total`
 suffixes (e.g. `opstream_requests_total`, `opstream_request_duration_milliseconds_bucket`).
+ops/observability/grafana/dashboards/opstream.json charts these names.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from faststream.asgi import AsgiResponse, get
 from faststream.asgi.handlers import GetHandler
@@ -41,11 +43,14 @@ from prometheus_client import (
     generate_latest,
 )
 
+from consumer.engine.base import EngineInfo
 from consumer.settings.observability import TelemetrySettings
 
 KafkaHeaders = Sequence[tuple[str, bytes]]
 # (topic, partition) → messages behind the log end offset.
 LagSource = Callable[[], Mapping[tuple[str, int], int]]
+# The engine's info (None before an engine exists); GPU memory is read from its details.
+EngineInfoSource = Callable[[], EngineInfo | None]
 
 # Milliseconds: a cached classify answers in tens of ms, a long summary on a T4 takes a minute.
 LATENCY_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000, 60_000,
@@ -150,6 +155,20 @@ class Metrics:
             unit="{message}",
             description="Messages between the committed offset and the log end, per partition.",
         )
+        self._engine_info: EngineInfoSource | None = None
+        # Only engines that report `details["gpus"]` (exllamav2) have these series.
+        self.gpu_memory_used = meter.create_observable_gauge(
+            "opstream.gpu.memory.used",
+            callbacks=[self._observe_gpu_memory_used],
+            unit="By",
+            description="GPU memory in use on each device the engine runs on.",
+        )
+        self.gpu_memory_limit = meter.create_observable_gauge(
+            "opstream.gpu.memory.limit",
+            callbacks=[self._observe_gpu_memory_limit],
+            unit="By",
+            description="GPU memory each device the engine runs on has in all.",
+        )
 
     def count_request(self, operation: str, status: str, code: str | None = None) -> None:
         """One answered request; `status` is ok|error, `code` the error code when there is one."""
@@ -212,6 +231,57 @@ class Metrics:
             Observation(lag, {"topic": topic, "partition": partition})
             for (topic, partition), lag in source().items()
         ]
+
+    def set_engine_info_source(self, source: EngineInfoSource | None) -> None:
+        """Register the callable whose engine info reports GPU memory at each scrape."""
+        self._engine_info = source
+
+    def _observe_gpu_memory_used(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(gpu.used_bytes, gpu.labels) for gpu in self._gpus()]
+
+    def _observe_gpu_memory_limit(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(gpu.total_bytes, gpu.labels) for gpu in self._gpus()]
+
+    def _gpus(self) -> list[GpuMemory]:
+        source = self._engine_info
+        return gpu_memory(source() if source is not None else None)
+
+
+@dataclass(frozen=True, slots=True)
+class GpuMemory:
+    """One device's memory as the engine reports it."""
+
+    index: int
+    name: str
+    used_bytes: int
+    total_bytes: int
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {"gpu": str(self.index), "name": self.name}
+
+
+def gpu_memory(info: EngineInfo | None) -> list[GpuMemory]:
+    """The devices in the engine's `details["gpus"]` (exllamav2 reports them), else none.
+
+    No engine, a CPU engine or an engine that lost its GPU reports no device; an entry
+    without integer byte counts is skipped rather than failing the scrape.
+    """
+    gpus = info.details.get("gpus") if info is not None else None
+    if not isinstance(gpus, list):
+        return []
+    return [
+        GpuMemory(
+            index=gpu["index"] if isinstance(gpu.get("index"), int) else position,
+            name=str(gpu.get("name", "")),
+            used_bytes=gpu["memory_used_bytes"],
+            total_bytes=gpu["memory_total_bytes"],
+        )
+        for position, gpu in enumerate(gpus)
+        if isinstance(gpu, dict)
+        and isinstance(gpu.get("memory_used_bytes"), int)
+        and isinstance(gpu.get("memory_total_bytes"), int)
+    ]
 
 
 class Telemetry:
@@ -335,11 +405,14 @@ def trace_headers(context: Context | None = None) -> dict[str, str]:
 
 
 __all__ = [
+    "EngineInfoSource",
+    "GpuMemory",
     "LagSource",
     "Metrics",
     "Telemetry",
     "TelemetrySettings",
     "extract_context",
+    "gpu_memory",
     "inject_context",
     "trace_headers",
 ]

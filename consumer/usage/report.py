@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,12 +17,12 @@ from consumer.usage.catalog import connect_catalog
 ReportBy = Literal["day", "tenant", "operation"]
 REPORT_KEYS: dict[str, str] = {"day": "date", "tenant": "tenant_id", "operation": "operation"}
 CHART_MAX_TENANTS = 12
+TOP_TENANTS = 10
 
 
-def report_sql(by: ReportBy, since: date | None, tenant: str | None) -> tuple[str, list[Any]]:
-    """The summary query for `opstream usage report` and its parameters."""
-    key = REPORT_KEYS[by]
-    where: list[str] = []
+def _filters(since: date | None, tenant: str | None, *conditions: str) -> tuple[str, list[Any]]:
+    """`WHERE …` for the report's filters (values bound, never spliced), or ''."""
+    where = list(conditions)
     params: list[Any] = []
     if since is not None:
         where.append("date >= ?")
@@ -30,7 +30,13 @@ def report_sql(by: ReportBy, since: date | None, tenant: str | None) -> tuple[st
     if tenant is not None:
         where.append("tenant_id = ?")
         params.append(tenant)
-    where_sql = f"WHERE {' AND '.join(where)} " if where else ""
+    return (f"WHERE {' AND '.join(where)} " if where else ""), params
+
+
+def report_sql(by: ReportBy, since: date | None, tenant: str | None) -> tuple[str, list[Any]]:
+    """The summary query for `opstream usage report` and its parameters."""
+    key = REPORT_KEYS[by]
+    where_sql, params = _filters(since, tenant)
     sql = (
         f"SELECT {key} AS {by}, count(*) AS requests, "
         "count(*) FILTER (WHERE status = 'ok') AS ok, "
@@ -46,20 +52,53 @@ def report_sql(by: ReportBy, since: date | None, tenant: str | None) -> tuple[st
 
 def chart_sql(since: date | None, tenant: str | None) -> tuple[str, list[Any]]:
     """Tokens (in + out) per tenant per day, for the chart."""
-    where = ["tenant_id IS NOT NULL"]
-    params: list[Any] = []
-    if since is not None:
-        where.append("date >= ?")
-        params.append(since)
-    if tenant is not None:
-        where.append("tenant_id = ?")
-        params.append(tenant)
+    where_sql, params = _filters(since, tenant, "tenant_id IS NOT NULL")
     sql = (
         "SELECT date AS day, tenant_id, "
-        "coalesce(sum(input_tokens), 0) + coalesce(sum(output_tokens), 0) AS tokens "
-        f"FROM usage WHERE {' AND '.join(where)} GROUP BY ALL ORDER BY day, tenant_id"
+        "(coalesce(sum(input_tokens), 0) + coalesce(sum(output_tokens), 0))::BIGINT AS tokens "
+        f"FROM usage {where_sql}GROUP BY ALL ORDER BY day, tenant_id"
     )
     return sql, params
+
+
+def page_queries(since: date | None, tenant: str | None) -> dict[str, tuple[str, list[Any]]]:
+    """The queries behind the HTML report, by `UsagePage` field."""
+    where_sql, params = _filters(since, tenant)
+    rejected_sql, rejected_params = _filters(since, tenant, "error_code = 'quota_exceeded'")
+    tenants_sql, tenants_params = _filters(since, tenant, "tenant_id IS NOT NULL")
+    return {
+        "tokens": chart_sql(since, tenant),
+        "operations": (
+            "SELECT coalesce(operation, '(none)') AS operation, count(*) AS requests, "
+            "count(*) FILTER (WHERE status = 'ok') AS ok, "
+            "count(*) FILTER (WHERE status = 'error') AS errors, "
+            "round(100.0 * count(*) FILTER (WHERE status = 'error') / count(*), 1) AS error_pct "
+            f"FROM usage {where_sql}GROUP BY 1 ORDER BY requests DESC, operation",
+            params,
+        ),
+        "latency": (
+            "SELECT date AS day, count(*) AS requests, "
+            "round(quantile_cont(total_ms, 0.5), 1) AS p50_ms, "
+            "round(quantile_cont(total_ms, 0.95), 1) AS p95_ms "
+            f"FROM usage {where_sql}GROUP BY 1 ORDER BY 1",
+            params,
+        ),
+        "rejections": (
+            "SELECT date AS day, coalesce(tenant_id, '(none)') AS tenant_id, "
+            f"count(*) AS rejections FROM usage {rejected_sql}GROUP BY ALL ORDER BY day, tenant_id",
+            rejected_params,
+        ),
+        "top_tenants": (
+            "SELECT tenant_id AS tenant, count(*) AS requests, "
+            "count(*) FILTER (WHERE status = 'error') AS errors, "
+            "coalesce(sum(input_tokens), 0)::BIGINT AS input_tokens, "
+            "coalesce(sum(output_tokens), 0)::BIGINT AS output_tokens, "
+            "(coalesce(sum(input_tokens), 0) + coalesce(sum(output_tokens), 0))::BIGINT AS tokens "
+            f"FROM usage {tenants_sql}GROUP BY 1 ORDER BY tokens DESC, requests DESC, tenant "
+            f"LIMIT {TOP_TENANTS}",
+            tenants_params,
+        ),
+    }
 
 
 def fetch_table(
@@ -141,14 +180,30 @@ def run_query(settings: UsageSettings, sql: str) -> pa.Table:
         conn.close()
 
 
+def html_report(
+    settings: UsageSettings, since: date | None = None, tenant: str | None = None
+) -> str:
+    """The usage report page (`opstream usage report --html`) as one HTML document."""
+    from consumer.usage.html_report import UsagePage, render_page
+
+    conn = connect_catalog(settings)
+    try:
+        rows = {
+            name: fetch_table(conn, sql, params).to_pylist()
+            for name, (sql, params) in page_queries(since, tenant).items()
+        }
+    finally:
+        conn.close()
+    return render_page(
+        UsagePage(since=since, tenant=tenant, generated_at=datetime.now(UTC), **rows)
+    )
+
+
 def draw_tokens_chart(
     settings: UsageSettings, path: Path, since: date | None = None, tenant: str | None = None
 ) -> int:
-    """Draw tokens per tenant per day to a PNG; return how many tenants it shows."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Draw tokens per tenant per day to a PNG; return how many tenant series it shows."""
+    from consumer.usage.charts import draw_day_bars, every_day, new_figure, top_series
 
     sql, params = chart_sql(since, tenant)
     conn = connect_catalog(settings)
@@ -156,34 +211,13 @@ def draw_tokens_chart(
         rows = fetch_table(conn, sql, params).to_pylist()
     finally:
         conn.close()
-    series: dict[str, dict[date, int]] = {}
-    for row in rows:
-        series.setdefault(str(row["tenant_id"]), {})[row["day"]] = int(row["tokens"])
-    ranked = sorted(series, key=lambda t: sum(series[t].values()), reverse=True)
-    shown = ranked[:CHART_MAX_TENANTS]
-    if len(ranked) > CHART_MAX_TENANTS:
-        other: dict[date, int] = {}
-        for name in ranked[CHART_MAX_TENANTS:]:
-            for day, tokens in series[name].items():
-                other[day] = other.get(day, 0) + tokens
-        series["(other)"] = other
-        shown.append("(other)")
-    figure, axes = plt.subplots(figsize=(10, 5))
-    try:
-        for name in shown:
-            days: list[Any] = sorted(series[name])
-            axes.plot(days, [series[name][d] for d in days], marker="o", label=name)
-        axes.set_title("Tokens (input + output) per tenant per day (UTC)")
-        axes.set_xlabel("day")
-        axes.set_ylabel("tokens")
-        if shown:
-            axes.legend(loc="upper left", fontsize="small")
-        else:
-            axes.text(0.5, 0.5, "no usage in range", ha="center", va="center")
-        figure.autofmt_xdate()
-        figure.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=100)
-    finally:
-        plt.close(figure)
-    return len(shown)
+    series = top_series(
+        ((r["day"], str(r["tenant_id"]), int(r["tokens"])) for r in rows), CHART_MAX_TENANTS
+    )
+    figure = new_figure(height=5)
+    axes = figure.subplots()
+    draw_day_bars(axes, every_day(r["day"] for r in rows), series, "tokens")
+    axes.set_title("Tokens (input + output) per tenant per day (UTC)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png")
+    return len(series)

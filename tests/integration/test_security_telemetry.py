@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from consumer.client import OperationsClient
 from consumer.observability.telemetry import Telemetry
 from consumer.settings import Settings
 from schemas.replies import OperationReply
+from tests.support.dashboard import dashboard_metric_names, exported_series, load_dashboard
 from tests.support.fake_engine import FakeEngine
 from tests.support.harness import (
     FETCH_MAX_WAIT_MS,
@@ -476,3 +477,60 @@ async def test_metrics_expose_request_token_and_latency_series(running: Running)
     assert "opstream_tokens_total{" in text
     assert "opstream_request_duration_milliseconds_bucket{" in text
     assert "opstream_queue_duration_milliseconds_bucket{" in text
+
+
+def put_limits(running: Running, body: dict[str, Any]) -> tuple[int, bytes]:
+    """PUT /limits with the admin key (blocking; run it in a thread)."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{running.port}/limits",
+        data=json.dumps(body).encode(),
+        headers={"X-Admin-Key": ADMIN_KEY, "Content-Type": "application/json"},
+        method="PUT",
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return response.status, response.read()
+
+
+async def test_every_series_the_grafana_dashboard_queries_is_on_the_consumer_metrics_endpoint(
+    running: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fake engine runs on no GPU; give it the details exllamav2 reports so that the
+    # GPU memory gauges have a device to export, as they do in production.
+    gpu = {"index": 0, "name": "Tesla T4", "memory_used_bytes": 2**33, "memory_total_bytes": 2**34}
+    monkeypatch.setattr(
+        running.engine, "_info", replace(running.engine.info, details={"gpus": [gpu]})
+    )
+    # Tenant A's translations (the other tests only chat): limited to none today, so one is
+    # refused by the quota and counted as a quota rejection.
+    blocked = {"tenant_id": TENANT_A, "operation": "translate"}
+    status, body = await asyncio.to_thread(put_limits, running, {**blocked, "daily_limit": 0})
+    assert status == 200, body
+    try:
+        async with OperationsClient(
+            running.bootstrap,
+            request_topic=running.topics.requests,
+            reply_topic=running.topics.replies,
+            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+            timeout_s=30,
+            key_id=KEY_A,
+            secret=SECRET_A,
+        ) as client:
+            refused = await client.translate(tenant_id=TENANT_A, text="hallo", target_language="en")
+            served = await client.chat(
+                tenant_id=TENANT_A, messages=[{"role": "user", "content": "chart me"}]
+            )
+    finally:
+        await asyncio.to_thread(put_limits, running, {**blocked, "daily_limit": None})
+    assert refused.error is not None and refused.error.code == "quota_exceeded", refused.error
+    assert served.status == "ok", served.error
+
+    wanted = dashboard_metric_names(load_dashboard())
+    missing = set(wanted)
+
+    async def all_exported() -> bool:
+        nonlocal missing
+        missing = wanted - exported_series(await running.metrics())
+        return not missing
+
+    await wait_until(all_exported, 10, interval_s=0.2, raise_on_timeout=False)
+    assert not missing, f"the dashboard queries series /metrics does not export: {missing}"

@@ -115,3 +115,108 @@ def test_configuring_twice_replaces_handlers_and_applies_levels(tmp_path: Path) 
     logging.getLogger("consumer").warning("shown")
     assert [line["event"] for line in json_lines(log_file)] == ["shown"]
     assert logging.getLogger("aiokafka").level == logging.WARNING
+
+
+def test_console_lines_have_no_escape_codes_or_color_message(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging(LoggingSettings(format="console"))
+    # What uvicorn logs at startup: the plain message plus a coloured copy as an extra.
+    logging.getLogger("uvicorn.error").info(
+        "Started server process [%d]",
+        4242,
+        extra={"color_message": "Started server process [\x1b[36m%d\x1b[0m]"},
+    )
+    logging.getLogger("consumer").info("tick", extra={"label": "\x1b[31mred\x1b[0m"})
+    err = capsys.readouterr().err
+    assert " INFO    uvicorn.error Started server process [4242]\n" in err
+    assert " consumer tick label=red\n" in err
+    assert "\x1b" not in err and "\\u001b" not in err
+    assert "color_message" not in err
+
+
+def test_json_lines_leave_out_color_message(tmp_path: Path) -> None:
+    log_file = tmp_path / "opstream.log"
+    configure_logging(LoggingSettings(file=log_file))
+    logging.getLogger("uvicorn.error").info(
+        "Finished server process", extra={"color_message": "\x1b[36mFinished\x1b[0m"}
+    )
+    [line] = json_lines(log_file)
+    assert line["event"] == "Finished server process"
+    assert "color_message" not in line
+
+
+def test_faststream_app_and_library_lines_share_our_console_format(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from consumer.app import build_app
+    from consumer.settings import Settings
+
+    settings = Settings(
+        kafka={"bootstrap_servers": "127.0.0.1:9"},  # type: ignore[arg-type]
+        usage={"enabled": False},  # type: ignore[arg-type]
+        quota={"enabled": False},  # type: ignore[arg-type]
+    )
+    app = build_app(settings)
+    configure_logging(LoggingSettings(format="console"))
+    assert app.logger is not None
+    # FastStream's Application logs "FastStream app starting..." through `app.logger`;
+    # its default logger has its own coloured handler and does not propagate.
+    app.logger.log(logging.INFO, "FastStream app starting...")
+    logging.getLogger("aiokafka.consumer.group_coordinator").warning("Heartbeat failed")
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(" ", 1)[1] for line in err] == [
+        "INFO    opstream.faststream FastStream app starting...",
+        "WARNING aiokafka.consumer.group_coordinator Heartbeat failed",
+    ]
+
+
+def test_request_finished_line_has_the_numbers_and_no_text(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from consumer.app import log_request_finished
+    from consumer.bus.records import InboundRecord
+    from consumer.pipeline.outcome import Outcome
+
+    record = InboundRecord(
+        topic="ops.requests.v1",
+        partition=0,
+        offset=7,
+        key=b"acme",
+        value=json.dumps({"operation": "summarize", "text": PROMPT}).encode(),
+        headers=(),
+        timestamp_ms=1_000_000,
+        received_at=1_000.0,
+    )
+    configure_logging(LoggingSettings(format="console"))
+    log_request_finished(
+        Outcome(
+            record=record,
+            status="ok",
+            tenant_id="acme",
+            operation="summarize",
+            input_tokens=55,
+            output_tokens=12,
+            queue_ms=4.0,
+            finished_at=1_000.3,
+        )
+    )
+    log_request_finished(
+        Outcome(
+            record=record,
+            status="error",
+            error_code="quota_exceeded",
+            tenant_id="acme",
+            operation="chat",
+            finished_at=1_000.0,
+        )
+    )
+    log_request_finished(Outcome(record=record, status="forwarded", finished_at=1_000.0))
+    lines = [line.split(" ", 1)[1] for line in capsys.readouterr().err.splitlines()]
+    assert lines == [
+        "INFO    consumer.app request_finished tenant=acme operation=summarize status=ok "
+        "input_tokens=55 output_tokens=12 total_ms=304",
+        "WARNING consumer.app request_finished tenant=acme operation=chat status=error "
+        "code=quota_exceeded input_tokens=0 output_tokens=0 total_ms=0",
+    ]
+    assert PROMPT not in "\n".join(lines)

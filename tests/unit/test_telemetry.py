@@ -12,10 +12,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 from prometheus_client.parser import text_string_to_metric_families
 
+from consumer.engine.base import EngineInfo
 from consumer.observability.telemetry import (
     Telemetry,
     TelemetrySettings,
     extract_context,
+    gpu_memory,
     inject_context,
     trace_headers,
 )
@@ -205,3 +207,33 @@ def test_otlp_endpoint_gets_a_batch_exporter_to_v1_traces() -> None:
     assert [e._endpoint for e in exporters] == ["http://collector:4318/v1/traces"]
     telemetry.tracer_provider._active_span_processor._span_processors = ()  # nothing to flush
     telemetry.shutdown()
+
+
+def test_gpu_memory_is_exported_per_device_the_engine_reports(telemetry: Telemetry) -> None:
+    gpus = [
+        {"index": 0, "name": "Tesla T4", "memory_used_bytes": 9_000, "memory_total_bytes": 16_000},
+        {"index": 1, "name": "Tesla T4", "memory_used_bytes": 1_000, "memory_total_bytes": 16_000},
+        {"index": 2, "name": "lost", "error": "no memory figures"},
+    ]
+    info = EngineInfo("exllamav2", "qwen", True, {"gpus": gpus})
+    telemetry.metrics.set_engine_info_source(lambda: info)
+    found = samples(telemetry.prometheus_text().decode())
+
+    def labels(index: str) -> frozenset[tuple[str, str]]:
+        return frozenset({("gpu", index), ("name", "Tesla T4")})
+
+    assert found[("opstream_gpu_memory_used_bytes", labels("0"))] == 9_000
+    assert found[("opstream_gpu_memory_used_bytes", labels("1"))] == 1_000
+    assert found[("opstream_gpu_memory_limit_bytes", labels("0"))] == 16_000
+    gpu_series = [key for key in found if key[0].startswith("opstream_gpu")]
+    assert len(gpu_series) == 4, "the device without memory figures has no series"
+
+
+def test_an_engine_without_gpus_exports_no_gpu_memory_series(telemetry: Telemetry) -> None:
+    telemetry.metrics.set_engine_info_source(
+        lambda: EngineInfo("llamacpp", "qwen", True, {"n_ctx": 4096})
+    )
+    assert gpu_memory(None) == []
+    assert gpu_memory(EngineInfo("exllamav2", "qwen", False, {"error": "GPU lost"})) == []
+    found = samples(telemetry.prometheus_text().decode())
+    assert not [name for name, _ in found if name.startswith("opstream_gpu")]
