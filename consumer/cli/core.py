@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -319,6 +320,18 @@ class _Server:
         import uvicorn
 
         class Server(uvicorn.Server):
+            def handle_exit(self, sig: int, frame: Any) -> None:
+                # uvicorn force-exits on a second SIGINT, skipping the app's shutdown: the
+                # in-flight work would then be cancelled mid-drain. Shutdown always drains
+                # (bounded by intake.shutdown_grace_s); a repeated signal only says so.
+                if self.should_exit:
+                    logging.getLogger(__name__).warning(
+                        "shutdown_in_progress",
+                        extra={"grace_s": config.timeout_graceful_shutdown},
+                    )
+                    return
+                super().handle_exit(sig, frame)
+
             @contextlib.contextmanager
             def capture_signals(self) -> Any:
                 import signal

@@ -58,3 +58,20 @@ def test_model_loading_line_names_the_model_and_its_size_before_the_load(
     assert seen == ["model_loading"]  # said before the (possibly slow) load began
     [record] = caplog.records
     assert (record.model, record.size_mb) == ("tiny.gguf", 3)  # type: ignore[attr-defined]
+
+
+def test_a_second_signal_does_not_skip_the_draining_shutdown() -> None:
+    import signal
+
+    import uvicorn
+
+    from consumer.cli.core import _Server
+
+    async def app(scope: object, receive: object, send: object) -> None:
+        raise AssertionError("never called")
+
+    server = _Server(uvicorn.Config(app, timeout_graceful_shutdown=35))
+    server.handle_exit(signal.SIGINT, None)
+    assert server.should_exit and not server.force_exit
+    server.handle_exit(signal.SIGINT, None)  # Ctrl-C again, or a supervisor repeating it
+    assert not server.force_exit  # uvicorn would force-exit and cancel the drain
