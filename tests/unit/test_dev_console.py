@@ -70,7 +70,7 @@ def test_a_second_signal_does_not_skip_the_draining_shutdown() -> None:
     async def app(scope: object, receive: object, send: object) -> None:
         raise AssertionError("never called")
 
-    server = _Server(uvicorn.Config(app, timeout_graceful_shutdown=35))
+    server = _Server(uvicorn.Config(app, timeout_graceful_shutdown=35, log_config=None))
     server.handle_exit(signal.SIGINT, None)
     assert server.should_exit and not server.force_exit
     server.handle_exit(signal.SIGINT, None)  # Ctrl-C again, or a supervisor repeating it
