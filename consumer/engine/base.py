@@ -6,6 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
+from consumer.engine.scheduler.policy import Load, Priority
+
 Role = Literal["system", "user", "assistant"]
 FinishReason = Literal["stop", "length"]
 # Told the number of requests in each batch the engine runs; must be cheap and never raise.
@@ -20,6 +22,21 @@ class ChatMessage:
     content: str
 
 
+# Told each piece of new text as it is generated, on the caller's event loop; cheap, never raises.
+TextObserver = Callable[[str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkTag:
+    """Who asked and how urgent it is: what the scheduler orders and cancels work by."""
+
+    tenant: str = ""
+    priority: Priority = "interactive"
+    deadline: float | None = None  # unix seconds; still queued then -> WorkExpired, never run
+    key: str | None = None  # what `Engine.cancel` finds this work by (tenant + request id)
+    on_text: TextObserver | None = None  # streamed text deltas (generate only)
+
+
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:
     """What to generate: a conversation rendered with the model's own chat template."""
@@ -30,6 +47,7 @@ class GenerationRequest:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    work: WorkTag = WorkTag()
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,12 +89,36 @@ class EngineError(Exception):
         self.retryable = retryable
 
 
+class EngineOverloaded(EngineError):
+    """The scheduler's queue is full; nothing ran."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=True)
+
+
+class WorkExpired(EngineError):
+    """The work's deadline passed while it waited in the queue; it never ran."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=False)
+
+
+class WorkCancelled(EngineError):
+    """The work was cancelled (`Engine.cancel`); what it had generated until then."""
+
+    def __init__(self, text: str, input_tokens: int, output_tokens: int) -> None:
+        super().__init__("cancelled", retryable=False)
+        self.text = text
+        self.input_tokens = input_tokens
+        self.output_tokens = output_tokens
+
+
 @runtime_checkable
 class Engine(Protocol):
     """A loaded model that generates, scores and counts tokens.
 
-    Implementations accept many concurrent calls and schedule them themselves
-    (a lock around a single context on the CPU, a batcher on the GPU).
+    Implementations accept many concurrent calls; one scheduler (`consumer.engine.scheduler`)
+    decides what runs, the backend runs it.
     """
 
     # None until the app sets it; the backend calls it, from its own worker thread, with the
@@ -90,7 +132,12 @@ class Engine(Protocol):
         """Generate the assistant's reply to `request.messages`."""
         ...
 
-    async def score(self, messages: tuple[ChatMessage, ...], candidates: tuple[str, ...]) -> Scores:
+    async def score(
+        self,
+        messages: tuple[ChatMessage, ...],
+        candidates: tuple[str, ...],
+        work: WorkTag | None = None,
+    ) -> Scores:
         """Log-likelihood of each candidate as the *complete* assistant reply.
 
         A candidate's score is the sum of the log-probabilities of its tokens
@@ -103,6 +150,15 @@ class Engine(Protocol):
 
     def count_tokens(self, text: str) -> int:
         """Number of tokens `text` encodes to (no special tokens added)."""
+        ...
+
+    async def cancel(self, key: str) -> bool:
+        """Cancel the work tagged `key`: a queued one never runs, a running one stops at the
+        next step. Its caller gets WorkCancelled. False when no such work is open."""
+        ...
+
+    def load(self) -> Load:
+        """Queued requests and tokens per priority, running sequences and slots."""
         ...
 
     async def close(self) -> None:

@@ -1,0 +1,450 @@
+"""The scheduler's loop: one thread asks the policy what runs and steps the backend.
+
+A backend (llama.cpp slots, exllamav2's padded or paged batches) only runs what it is given,
+one step at a time; everything about order — fairness, priority, deadlines, cancellation,
+preemption — is decided here, by `Policy`, the same way for every backend.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, Protocol
+
+from consumer.engine.base import (
+    BatchObserver,
+    ChatMessage,
+    EngineError,
+    EngineOverloaded,
+    Generation,
+    GenerationRequest,
+    Scores,
+    WorkCancelled,
+    WorkExpired,
+    WorkTag,
+)
+from consumer.engine.scheduler.policy import Load, Policy, QueueFull, Work
+
+log = logging.getLogger("opstream.engine.scheduler")
+
+Deliver = Callable[[object], None]  # thread-safe: resolves the caller's future
+
+
+@dataclass(eq=False)
+class Job:
+    """One generate or score request on its way through the scheduler and a backend."""
+
+    kind: Literal["generate", "score"]
+    prompt_ids: list[int]
+    tag: WorkTag
+    deliver: Deliver
+    request: GenerationRequest | None = None  # generate
+    candidates: list[list[int]] = field(default_factory=list)  # score: token ids per label
+    on_text: Callable[[str], None] | None = None  # thread-safe hop to the caller's loop
+    submitted_at: float = field(default_factory=time.perf_counter)
+    started_at: float | None = None
+    first_token_at: float | None = None
+    text: str = ""  # streamed so far (what a cancelled job reports)
+    output_tokens: int = 0
+    # Whatever the backend keeps for this job across steps, and across a preemption (the
+    # tokens generated so far, sampler state); the driver never looks inside.
+    backend_state: Any = None
+    work: Work | None = None
+
+    @property
+    def max_tokens(self) -> int:
+        if self.request is not None:
+            return self.request.max_tokens
+        return sum(len(c) for c in self.candidates)
+
+
+@dataclass(slots=True)
+class StepEvent:
+    """What one step did for one job: new tokens and text, and its end if it ended."""
+
+    job: Job
+    new_tokens: int = 0
+    text: str = ""
+    result: Generation | Scores | None = None
+    error: EngineError | None = None
+
+
+class BackendLost(Exception):
+    """The backend can no longer run anything in this process (e.g. a sticky CUDA error)."""
+
+
+class Backend(Protocol):
+    """Runs the jobs the scheduler starts, one step at a time.
+
+    Called only from the scheduler's thread, except `encode_*`, `check_*` and `details`,
+    which callers use from their own threads and must be thread-safe.
+    """
+
+    name: str
+    model: str
+    slots: int  # sequences it can run at once
+    end_of_turn_id: int  # ends an assistant turn: scored after every label
+    can_preempt: bool  # stop(job, preempted=True) keeps progress and start resumes it
+
+    def encode_prompt(self, messages: tuple[ChatMessage, ...]) -> list[int]: ...
+
+    def encode_text(self, text: str) -> list[int]: ...
+
+    def check_generate(self, prompt_ids: list[int], request: GenerationRequest) -> None:
+        """EngineError (not retryable) when this can never run here (too long)."""
+
+    def check_score(self, prompt_ids: list[int], candidates: list[list[int]]) -> None: ...
+
+    def free_slots(self) -> int:
+        """How many more jobs it could start now."""
+        ...
+
+    def fits(self, job: Job, chosen: list[Job]) -> bool:
+        """Whether `job` can start now alongside `chosen` (already picked for this step)."""
+        ...
+
+    def start(self, job: Job) -> None:
+        """Take `job` into a free slot (resuming it when it was preempted)."""
+
+    def step(self) -> list[StepEvent]:
+        """Advance every started job by one step (prefill or one token)."""
+        ...
+
+    def stop(self, job: Job, *, preempted: bool = False) -> None:
+        """Free `job`'s slot: it finished, was cancelled, or (`preempted`) will resume."""
+
+    def details(self) -> dict[str, object]: ...
+
+    def close(self) -> None: ...
+
+
+FatalHandler = Callable[[str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Cancel:
+    key: str
+    answer: Deliver
+
+
+@dataclass(frozen=True, slots=True)
+class _Abandon:
+    job: Job
+
+
+_CLOSE = object()
+
+
+class SchedulerLoop(threading.Thread):
+    """The thread that owns a backend: builds it, then schedules and steps until closed.
+
+    Every job handed to `submit` is answered exactly once (a result, or an EngineError) unless
+    its caller abandoned it. A BackendLost from the backend ends the loop: everything open is
+    answered retryable and `on_fatal` is called.
+    """
+
+    def __init__(
+        self,
+        make_backend: Callable[[], Backend],
+        *,
+        max_queued: int,
+        output_weight: float = 2.0,
+        on_fatal: FatalHandler | None = None,
+        clock: Callable[[], float] = time.time,
+        name: str = "engine-scheduler",
+    ) -> None:
+        super().__init__(name=name, daemon=True)
+        self.ready: concurrent.futures.Future[Backend] = concurrent.futures.Future()
+        self.on_batch: BatchObserver | None = None
+        self.on_fatal = on_fatal
+        self.fatal_error: str | None = None
+        self._make_backend = make_backend
+        self._max_queued = max_queued
+        self._output_weight = output_weight
+        self._clock = clock
+        self._inbox: queue.Queue[object] = queue.Queue()
+        self._inbox_lock = threading.Lock()
+        self._accepting = True
+        self._policy: Policy | None = None
+        self._load: Load | None = None
+        self._open: set[Job] = set()  # admitted and not yet answered
+
+    # -- callers' side (any thread) -----------------------------------------------------
+
+    def submit(self, job: Job) -> bool:
+        """Hand `job` to the scheduler; False once it has stopped taking work."""
+        with self._inbox_lock:
+            if self._accepting:
+                self._inbox.put(job)
+            return self._accepting
+
+    def cancel(self, key: str, answer: Deliver) -> bool:
+        """Ask to cancel the work tagged `key`; `answer(bool)` says whether any was open."""
+        with self._inbox_lock:
+            if self._accepting:
+                self._inbox.put(_Cancel(key, answer))
+            return self._accepting
+
+    def abandon(self, job: Job) -> None:
+        """Its caller went away: drop `job` without answering it."""
+        with self._inbox_lock:
+            if self._accepting:
+                self._inbox.put(_Abandon(job))
+
+    def close(self) -> None:
+        with self._inbox_lock:
+            if self._accepting:
+                self._inbox.put(_CLOSE)
+
+    @property
+    def load(self) -> Load:
+        """The latest capacity snapshot (queued, running, slots)."""
+        if self._load is not None:
+            return self._load
+        return Load({"interactive": 0, "batch": 0}, {"interactive": 0, "batch": 0}, 0, 0)
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            backend = self._make_backend()
+        except BaseException as exc:
+            self.ready.set_exception(exc)
+            return
+        policy = Policy(
+            slots=backend.slots,
+            max_queued=self._max_queued,
+            can_preempt=backend.can_preempt,
+            output_weight=self._output_weight,
+        )
+        self._policy = policy
+        self._load = policy.load()
+        self.ready.set_result(backend)
+        try:
+            self._serve(backend, policy)
+        except BackendLost as lost:
+            self._die(str(lost))
+        except Exception as exc:
+            log.exception("scheduler_failed", extra={"open": len(self._open)})
+            self._die(f"scheduler failed: {type(exc).__name__}: {exc}")
+        finally:
+            try:
+                backend.close()
+            except Exception:
+                log.exception("backend_close_failed")
+
+    def _serve(self, backend: Backend, policy: Policy) -> None:
+        while True:
+            idle = not policy.running and policy.queued == 0
+            if not self._take_inbox(backend, policy, block=idle):
+                self._stop_accepting(EngineError("engine is shutting down", retryable=True))
+                return
+            for work in policy.expire(self._clock()):
+                job = work.payload
+                self._answer(
+                    job, WorkExpired("the deadline passed while the request waited to run")
+                )
+            self._start_planned(backend, policy)
+            self._load = policy.load()
+            if not policy.running:
+                continue
+            self._report_batch(len(policy.running))
+            try:
+                events = backend.step()
+            except BackendLost:
+                raise
+            except Exception as exc:
+                log.exception("engine_step_failed", extra={"running": len(policy.running)})
+                error = exc if isinstance(exc, EngineError) else None
+                for work in policy.running:
+                    self._end_running(backend, policy, work, error or _step_error(exc))
+                continue
+            for event in events:
+                self._apply(backend, policy, event)
+            self._load = policy.load()
+
+    def _take_inbox(self, backend: Backend, policy: Policy, *, block: bool) -> bool:
+        """Admit new jobs and apply cancels; False once close() was called."""
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            while True:
+                if item is _CLOSE:
+                    return False
+                if isinstance(item, Job):
+                    self._admit(policy, item)
+                elif isinstance(item, _Cancel):
+                    item.answer(self._cancel(backend, policy, item.key))
+                elif isinstance(item, _Abandon):
+                    self._drop(backend, policy, item.job)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            return True
+
+    def _admit(self, policy: Policy, job: Job) -> None:
+        work = Work(
+            tenant=job.tag.tenant,
+            priority=job.tag.priority,
+            prompt_tokens=len(job.prompt_ids),
+            max_tokens=job.max_tokens,
+            deadline=job.tag.deadline,
+            key=job.tag.key,
+            payload=job,
+        )
+        try:
+            policy.admit(work)
+        except QueueFull as exc:
+            job.deliver(EngineOverloaded(str(exc)))
+            return
+        job.work = work
+        self._open.add(job)
+
+    def _cancel(self, backend: Backend, policy: Policy, key: str) -> bool:
+        found = policy.cancel(key)
+        if found is None:
+            return False
+        work, was = found
+        job: Job = work.payload
+        if was == "running":
+            self._halt(backend, job)
+        self._answer(
+            job,
+            WorkCancelled(
+                job.text, len(job.prompt_ids) if job.started_at else 0, job.output_tokens
+            ),
+        )
+        log.info("work_cancelled", extra={"was": was, "output_tokens": job.output_tokens})
+        return True
+
+    def _drop(self, backend: Backend, policy: Policy, job: Job) -> None:
+        if job not in self._open or job.work is None:
+            return
+        if policy.drop(job.work) == "running":
+            self._halt(backend, job)
+        self._open.discard(job)
+
+    def _start_planned(self, backend: Backend, policy: Policy) -> None:
+        def fits(work: Work, chosen: list[Work]) -> bool:
+            return backend.fits(work.payload, [w.payload for w in chosen])
+
+        plan = policy.schedule(backend.free_slots(), fits)
+        for work in plan.preempt:
+            self._halt(backend, work.payload, preempted=True)
+        for work in plan.start:
+            job: Job = work.payload
+            try:
+                backend.start(job)
+            except BackendLost:
+                raise
+            except Exception as exc:
+                log.exception("engine_start_failed", extra={"kind": job.kind})
+                policy.finish(work)
+                self._answer(job, exc if isinstance(exc, EngineError) else _step_error(exc))
+                continue
+            if job.started_at is None:
+                job.started_at = time.perf_counter()
+
+    def _apply(self, backend: Backend, policy: Policy, event: StepEvent) -> None:
+        job = event.job
+        work = job.work
+        if work is None or job not in self._open:
+            return
+        if event.new_tokens:
+            policy.charge(work, event.new_tokens)
+            job.output_tokens += event.new_tokens
+            if job.first_token_at is None:
+                job.first_token_at = time.perf_counter()
+        if event.text:
+            job.text += event.text
+            if job.on_text is not None:
+                job.on_text(event.text)
+        if event.error is not None:
+            self._end_running(backend, policy, work, event.error)
+        elif event.result is not None:
+            self._end_running(backend, policy, work, self._finished(job, event.result))
+
+    def _finished(self, job: Job, result: Generation | Scores) -> Generation | Scores:
+        if not isinstance(result, Generation):
+            return result
+        queued_ms = ((job.started_at or job.submitted_at) - job.submitted_at) * 1000
+        first = job.first_token_at
+        return replace(
+            result,
+            # From submission: what the requester waits for (queueing included).
+            first_token_ms=(first - job.submitted_at) * 1000 if first else result.first_token_ms,
+            timings={**result.timings, "queued_ms": round(queued_ms, 3)},
+        )
+
+    def _end_running(self, backend: Backend, policy: Policy, work: Work, outcome: object) -> None:
+        policy.finish(work)
+        self._halt(backend, work.payload)
+        self._answer(work.payload, outcome)
+
+    def _halt(self, backend: Backend, job: Job, *, preempted: bool = False) -> None:
+        try:
+            backend.stop(job, preempted=preempted)
+        except BackendLost:
+            raise
+        except Exception:
+            # Its slot may stay dirty; the backend clears a slot again before reusing it.
+            log.exception("engine_stop_failed", extra={"kind": job.kind})
+
+    def _answer(self, job: Job, outcome: object) -> None:
+        if job in self._open:
+            self._open.discard(job)
+            job.deliver(outcome)
+
+    def _report_batch(self, size: int) -> None:
+        observer = self.on_batch
+        if observer is None:
+            return
+        try:
+            observer(size)
+        except Exception:
+            log.exception("batch_observer_failed", extra={"size": size})
+
+    # -- the end ------------------------------------------------------------------------
+
+    def _stop_accepting(self, error: EngineError) -> None:
+        """Take no more work; answer everything open or still in the inbox with `error`."""
+        with self._inbox_lock:
+            self._accepting = False
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, Job):
+                item.deliver(error)
+            elif isinstance(item, _Cancel):
+                item.answer(False)
+        for job in list(self._open):
+            self._answer(job, error)
+        if self._policy is not None:
+            self._load = Load(
+                {"interactive": 0, "batch": 0},
+                {"interactive": 0, "batch": 0},
+                0,
+                self._policy.slots,
+            )
+
+    def _die(self, reason: str) -> None:
+        self.fatal_error = reason
+        log.critical("engine_lost", extra={"reason": reason, "open": len(self._open)})
+        try:
+            if self.on_fatal is not None:
+                self.on_fatal(reason)
+        finally:
+            self._stop_accepting(
+                EngineError(f"engine lost ({reason}); this instance must restart", retryable=True)
+            )
+
+
+def _step_error(exc: BaseException) -> EngineError:
+    if "out of memory" in str(exc).lower():
+        return EngineError("out of memory", retryable=True)
+    return EngineError(f"engine step failed: {type(exc).__name__}", retryable=True)

@@ -1,0 +1,307 @@
+"""Which admitted work runs next: fairness between tenants, priority, deadlines, cancellation.
+
+Pure: no threads, no clocks of its own, no engine. A backend's driver asks `schedule()` what
+to start (and what to preempt) whenever it has a step to run, and tells the policy what
+happened (`charge`, `finish`, `requeue`). The vLLM split: deciding what runs is apart from
+running it.
+
+Fairness is a virtual token counter per tenant (Sheng et al., "Fairness in Serving Large
+Language Models", OSDI 2024): a tenant's counter grows with the tokens served to it (prompt
+tokens when its work starts, `output_weight` per generated token), and the next work to start
+is the head of the queue of the tenant with the lowest counter. A tenant that had nothing
+queued has its counter lifted to the lowest counter among tenants with work, so idling banks
+no credit, and a tenant that floods the queue only ever competes with its own backlog: another
+tenant's new request starts at the next free slot after at most one start per other active
+tenant.
+
+Priority: `interactive` work always starts before `batch` work. When interactive work is
+waiting and no slot is free, the policy preempts running batch work (latest started first) if
+the backend can resume it, so batch work never holds interactive work back by more than the
+step in progress.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from itertools import count
+from typing import Any, Literal
+
+Priority = Literal["interactive", "batch"]
+PRIORITIES: tuple[Priority, ...] = ("interactive", "batch")
+WorkState = Literal["queued", "running", "done"]
+
+
+class QueueFull(Exception):
+    """The queue holds `max_queued` requests already; try again later."""
+
+
+@dataclass(eq=False)
+class Work:
+    """One admitted request as the policy sees it (compared by identity)."""
+
+    tenant: str
+    priority: Priority
+    prompt_tokens: int
+    max_tokens: int
+    deadline: float | None = None  # in the clock the driver passes to `expire`
+    key: str | None = None  # what `cancel` finds it by (e.g. tenant + request id)
+    payload: Any = None  # the driver's own state (future, backend sequence, ...)
+    state: WorkState = "queued"
+    served_tokens: int = 0  # generated so far (survives preemption)
+    preemptions: int = 0
+    seq: int = field(default=0)  # arrival order, set by admit
+
+    @property
+    def queued_tokens(self) -> int:
+        """What this work still asks of the engine: prompt + remaining output budget."""
+        return self.prompt_tokens + max(0, self.max_tokens - self.served_tokens)
+
+
+# fits(work, chosen so far in this plan) -> whether the backend can take `work` now
+Fits = Callable[[Work, list[Work]], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What to do before the next step: stop `preempt` (they go back to the queue), then
+    start `start` in this order."""
+
+    start: tuple[Work, ...] = ()
+    preempt: tuple[Work, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    """The capacity signals: what is queued (requests, tokens) per priority and what runs."""
+
+    queued_requests: dict[Priority, int]
+    queued_tokens: dict[Priority, int]
+    running: int
+    slots: int
+
+    @property
+    def occupancy(self) -> float:
+        return self.running / self.slots if self.slots else 0.0
+
+
+class Policy:
+    """The queue of admitted work and the rule for what joins the running batch next."""
+
+    def __init__(
+        self,
+        *,
+        slots: int,
+        max_queued: int,
+        can_preempt: bool = True,
+        prompt_weight: float = 1.0,
+        output_weight: float = 2.0,
+    ) -> None:
+        if slots < 1 or max_queued < 1:
+            raise ValueError("slots and max_queued must be at least 1")
+        self.slots = slots
+        self.max_queued = max_queued
+        self.can_preempt = can_preempt
+        self._prompt_weight = prompt_weight
+        self._output_weight = output_weight
+        # priority -> tenant -> that tenant's queue, oldest (or preempted) first
+        self._queues: dict[Priority, dict[str, deque[Work]]] = {p: {} for p in PRIORITIES}
+        self._running: list[Work] = []  # in start order
+        self._counters: dict[str, float] = {}
+        self._by_key: dict[str, Work] = {}
+        self._arrivals = count(1)
+        self._queued = 0
+
+    # -- what the driver tells the policy -----------------------------------------------
+
+    def admit(self, work: Work) -> None:
+        """Queue new work; QueueFull when `max_queued` requests already wait."""
+        if self._queued >= self.max_queued:
+            raise QueueFull(f"{self._queued} requests are queued (the limit)")
+        if not self._active(work.tenant):
+            self._lift(work.tenant)
+        work.seq = next(self._arrivals)
+        work.state = "queued"
+        self._enqueue(work, front=False)
+        if work.key is not None:
+            self._by_key[work.key] = work
+
+    def cancel(self, key: str) -> tuple[Work, WorkState] | None:
+        """End the work admitted under `key` and say where it was (queued or running).
+
+        None if there is none (finished, expired or unknown). A running one's backend
+        sequence must be stopped by the caller.
+        """
+        work = self._by_key.get(key)
+        if work is None:
+            return None
+        return work, self.drop(work)
+
+    def drop(self, work: Work) -> WorkState:
+        """End `work` wherever it is (its caller went away); returns where it was."""
+        was = work.state
+        if was == "queued":
+            self._dequeue(work)
+        elif was == "running":
+            self._running.remove(work)
+        self._end(work)
+        return was
+
+    def expire(self, now: float) -> list[Work]:
+        """Queued work whose deadline is at or before `now`; it is done (never run)."""
+        expired = [
+            w
+            for queues in self._queues.values()
+            for queue in queues.values()
+            for w in queue
+            if w.deadline is not None and w.deadline <= now
+        ]
+        for work in expired:
+            self._dequeue(work)
+            self._end(work)
+        return expired
+
+    def charge(self, work: Work, output_tokens: int) -> None:
+        """`output_tokens` more were generated for running `work`."""
+        work.served_tokens += output_tokens
+        self._counters[work.tenant] = (
+            self._counters.get(work.tenant, 0.0) + output_tokens * self._output_weight
+        )
+
+    def finish(self, work: Work) -> None:
+        """Running `work` ended (its reply is on its way); its slot is free."""
+        if work.state != "running":
+            return
+        self._running.remove(work)
+        self._end(work)
+
+    def requeue(self, work: Work) -> None:
+        """Put running `work` back at the front of its tenant's queue (it keeps its progress)."""
+        if work.state != "running":
+            return
+        self._running.remove(work)
+        work.preemptions += 1
+        work.state = "queued"
+        self._enqueue(work, front=True)
+
+    # -- what the policy decides --------------------------------------------------------
+
+    def schedule(self, free_slots: int | None = None, fits: Fits | None = None) -> Plan:
+        """What starts (and what is preempted for it) before the next step.
+
+        `free_slots` defaults to the slots not running work. `fits(work, chosen)` lets a
+        backend with shape limits (a padded batch, a score-only slot) pass over work it cannot
+        take now; the next work in policy order is considered instead, and the passed-over
+        work keeps its place.
+        """
+        free = self.slots - len(self._running) if free_slots is None else free_slots
+        preempt: list[Work] = []
+        if self.can_preempt:
+            waiting = self._count("interactive")
+            batch_running = [w for w in reversed(self._running) if w.priority == "batch"]
+            while waiting > free and batch_running:
+                victim = batch_running.pop(0)
+                self.requeue(victim)
+                preempt.append(victim)
+                free += 1
+        start: list[Work] = []
+        passed: set[int] = set()
+        while free > 0:
+            work = self._next(passed)
+            if work is None:
+                break
+            if fits is not None and not fits(work, start):
+                passed.add(id(work))
+                continue
+            self._begin(work)
+            start.append(work)
+            free -= 1
+        return Plan(start=tuple(start), preempt=tuple(preempt))
+
+    # -- what the policy reports --------------------------------------------------------
+
+    @property
+    def running(self) -> tuple[Work, ...]:
+        return tuple(self._running)
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    def counter(self, tenant: str) -> float:
+        return self._counters.get(tenant, 0.0)
+
+    def load(self) -> Load:
+        requests = {p: self._count(p) for p in PRIORITIES}
+        tokens = {
+            p: sum(w.queued_tokens for q in self._queues[p].values() for w in q) for p in PRIORITIES
+        }
+        return Load(requests, tokens, len(self._running), self.slots)
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _next(self, passed: set[int]) -> Work | None:
+        for priority in PRIORITIES:
+            best: Work | None = None
+            best_rank: tuple[float, int] | None = None
+            for tenant, queue in self._queues[priority].items():
+                head = next((w for w in queue if id(w) not in passed), None)
+                if head is None:
+                    continue
+                rank = (self._counters.get(tenant, 0.0), head.seq)
+                if best_rank is None or rank < best_rank:
+                    best, best_rank = head, rank
+            if best is not None:
+                return best
+        return None
+
+    def _begin(self, work: Work) -> None:
+        self._dequeue(work)
+        work.state = "running"
+        self._running.append(work)
+        if work.preemptions == 0 or work.served_tokens == 0:
+            self._counters[work.tenant] = self._counters.get(work.tenant, 0.0) + (
+                work.prompt_tokens * self._prompt_weight
+            )
+
+    def _enqueue(self, work: Work, *, front: bool) -> None:
+        queue = self._queues[work.priority].setdefault(work.tenant, deque())
+        if front:
+            queue.appendleft(work)
+        else:
+            queue.append(work)
+        self._queued += 1
+
+    def _dequeue(self, work: Work) -> None:
+        queues = self._queues[work.priority]
+        queue = queues[work.tenant]
+        queue.remove(work)
+        if not queue:
+            del queues[work.tenant]
+        self._queued -= 1
+
+    def _end(self, work: Work) -> None:
+        work.state = "done"
+        if work.key is not None and self._by_key.get(work.key) is work:
+            del self._by_key[work.key]
+
+    def _count(self, priority: Priority) -> int:
+        return sum(len(q) for q in self._queues[priority].values())
+
+    def _active(self, tenant: str) -> bool:
+        return any(tenant in self._queues[p] for p in PRIORITIES) or any(
+            w.tenant == tenant for w in self._running
+        )
+
+    def _lift(self, tenant: str) -> None:
+        """A tenant (re)joining must not bring credit saved while it was idle."""
+        active = {w.tenant for w in self._running}
+        for priority in PRIORITIES:
+            active.update(self._queues[priority])
+        active.discard(tenant)
+        own = self._counters.get(tenant, 0.0)
+        if active:
+            self._counters[tenant] = max(own, min(self._counters.get(t, 0.0) for t in active))
+        elif self._counters:
+            self._counters[tenant] = max(own, max(self._counters.values()))
