@@ -21,6 +21,7 @@ from consumer.bus.records import InboundRecord, as_headers, is_utf8
 from consumer.bus.security import aiokafka_security_kwargs, faststream_security
 from consumer.engine.base import Engine, EngineInfo
 from consumer.engine.factory import load_engine
+from consumer.engine.scheduler.policy import Load
 from consumer.intake.assignment import GroupOffsets, PartitionOwner
 from consumer.intake.flow import Intake
 from consumer.intake.offsets import Partition
@@ -125,7 +126,7 @@ class Service:
         self.intake = Intake(
             processor.process,
             self.offsets.commit,
-            max_in_flight=in_flight_bound(self.settings, self.engine.info),
+            max_in_flight=in_flight_bound(self.settings, self.engine.load()),
             commit_interval_s=self.settings.intake.commit_interval_ms / 1000,
             make_durable=self._make_durable,
             flush=self.usage.flush if self.usage is not None else None,
@@ -226,17 +227,15 @@ def log_request_finished(outcome: Outcome) -> None:
     )
 
 
-def in_flight_bound(settings: Settings, info: EngineInfo) -> int:
-    """`intake.max_in_flight`, or 4x the engine's batch capacity (at least 32).
+def in_flight_bound(settings: Settings, load: Load) -> int:
+    """`intake.max_in_flight`, or what the engine's scheduler holds: its slots + its queue.
 
-    Beyond what the engine runs at once, the extra in-flight records keep the next batch
-    queued and overlap reply publishing and usage flushes with generation.
+    The intake then never hands the scheduler more than it can queue (no `overloaded`
+    under load), and stops fetching when the scheduler is full: the backlog waits in Kafka.
     """
     if settings.intake.max_in_flight is not None:
         return settings.intake.max_in_flight
-    capacity = info.details.get("max_batch_size", 1)
-    batch = capacity if isinstance(capacity, int) and capacity > 0 else 1
-    return max(32, 4 * batch)
+    return max(1, load.slots + load.queue_limit)
 
 
 async def _lenient_headers(record: Any, original: Callable[[Any], Awaitable[Any]]) -> Any:

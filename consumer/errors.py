@@ -80,6 +80,13 @@ class DeadlineExceeded(OpstreamError):
     code = "deadline_exceeded"
 
 
+class Overloaded(OpstreamError):
+    """The engine's queue is full; nothing ran and nothing was charged (HTTP 503)."""
+
+    code = "overloaded"
+    retryable = True
+
+
 class InternalError(OpstreamError):
     """Something failed on our side while serving the request (HTTP 500)."""
 

@@ -65,6 +65,11 @@ class RequestEnvelope(BaseModel):
         default=None, ge=1, le=3_600_000, description="Relative deadline from when it was produced."
     )
     max_tokens: int | None = Field(default=None, ge=1, description="Output token budget.")
+    priority: Literal["interactive", "batch"] = Field(
+        default="interactive",
+        description="interactive: served first. batch: fills idle capacity and may be paused "
+        "(then resumed) when interactive work arrives.",
+    )
 
     @field_validator("deadline")
     @classmethod

@@ -47,7 +47,7 @@ class GenerationRequest:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
-    work: WorkTag = WorkTag()
+    work: WorkTag = field(default_factory=WorkTag)
 
 
 @dataclass(frozen=True, slots=True)

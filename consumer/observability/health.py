@@ -90,6 +90,8 @@ class HealthReporter:
                 "process_percent": self._process.cpu_percent(None),
             },
             "models": [] if info is None else [_model_entry(info)],
+            # Queued requests/tokens per priority, running sequences, slots (capacity).
+            "scheduler": None if info is None else info.details.get("scheduler"),
             "gpu": gpu_state(info),
             "broker": {
                 "connected": bool(broker and broker[0]),

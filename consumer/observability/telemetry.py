@@ -170,6 +170,38 @@ class Metrics:
             description="GPU memory each device the engine runs on has in all.",
         )
 
+        # The scheduler's capacity signals (what an autoscaler reads: queued tokens).
+        self.queued_requests = meter.create_observable_gauge(
+            "opstream.scheduler.queued_requests",
+            callbacks=[self._observe_queued_requests],
+            unit="{request}",
+            description="Requests admitted to the engine's scheduler and waiting for a slot.",
+        )
+        self.queued_tokens = meter.create_observable_gauge(
+            "opstream.scheduler.queued_tokens",
+            callbacks=[self._observe_queued_tokens],
+            unit="{token}",
+            description="Prompt + remaining output tokens of the queued requests.",
+        )
+        self.running = meter.create_observable_gauge(
+            "opstream.scheduler.running",
+            callbacks=[self._observe_running],
+            unit="{sequence}",
+            description="Sequences in the running batch.",
+        )
+        self.slots = meter.create_observable_gauge(
+            "opstream.scheduler.slots",
+            callbacks=[self._observe_slots],
+            unit="{sequence}",
+            description="Sequences the engine can run at once.",
+        )
+        self.slot_occupancy = meter.create_observable_gauge(
+            "opstream.scheduler.slot_occupancy",
+            callbacks=[self._observe_occupancy],
+            unit="1",
+            description="Running sequences over slots (0 to 1).",
+        )
+
     def count_request(self, operation: str, status: str, code: str | None = None) -> None:
         """One answered request; `status` is ok|error, `code` the error code when there is one."""
         # Always present (empty for ok): Prometheus wants one label set per series family.
@@ -242,9 +274,62 @@ class Metrics:
     def _observe_gpu_memory_limit(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(gpu.total_bytes, gpu.labels) for gpu in self._gpus()]
 
+    def _scheduler(self) -> SchedulerState | None:
+        source = self._engine_info
+        return scheduler_state(source() if source is not None else None)
+
+    def _observe_queued_requests(self, options: CallbackOptions) -> Iterable[Observation]:
+        state = self._scheduler()
+        if state is None:
+            return []
+        return [Observation(n, {"priority": p}) for p, n in state.queued_requests.items()]
+
+    def _observe_queued_tokens(self, options: CallbackOptions) -> Iterable[Observation]:
+        state = self._scheduler()
+        if state is None:
+            return []
+        return [Observation(n, {"priority": p}) for p, n in state.queued_tokens.items()]
+
+    def _observe_running(self, options: CallbackOptions) -> Iterable[Observation]:
+        state = self._scheduler()
+        return [] if state is None else [Observation(state.running)]
+
+    def _observe_slots(self, options: CallbackOptions) -> Iterable[Observation]:
+        state = self._scheduler()
+        return [] if state is None else [Observation(state.slots)]
+
+    def _observe_occupancy(self, options: CallbackOptions) -> Iterable[Observation]:
+        state = self._scheduler()
+        if state is None or not state.slots:
+            return []
+        return [Observation(state.running / state.slots)]
+
     def _gpus(self) -> list[GpuMemory]:
         source = self._engine_info
         return gpu_memory(source() if source is not None else None)
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerState:
+    """The scheduler's load as the engine reports it in `details["scheduler"]`."""
+
+    slots: int
+    running: int
+    queued_requests: dict[str, int]
+    queued_tokens: dict[str, int]
+
+
+def scheduler_state(info: EngineInfo | None) -> SchedulerState | None:
+    """The engine's scheduler load, or None before an engine exists (or one without it)."""
+    state = info.details.get("scheduler") if info is not None else None
+    if not isinstance(state, dict):
+        return None
+    return SchedulerState(
+        slots=int(state.get("slots", 0)),
+        running=int(state.get("running", 0)),
+        queued_requests=dict(state.get("queued_requests", {})),
+        queued_tokens=dict(state.get("queued_tokens", {})),
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from consumer.engine.base import ChatMessage, Engine, Generation, GenerationRequest
+from consumer.engine.base import ChatMessage, Engine, Generation, GenerationRequest, WorkTag
 from consumer.settings import OperationLimits
 from schemas.replies import ChatResult, ClassifyResult, SummarizeResult, TranslateResult
 from schemas.requests import (
@@ -32,6 +32,12 @@ class Prompt:
     max_tokens: int
     generation: GenerationRequest | None = None
     candidates: tuple[str, ...] = ()
+    work: WorkTag = field(default_factory=WorkTag)
+
+    def tagged(self, work: WorkTag) -> Prompt:
+        """This prompt as `work` (tenant, priority, deadline, cancel key) for the scheduler."""
+        generation = None if self.generation is None else replace(self.generation, work=work)
+        return replace(self, generation=generation, work=work)
 
 
 @dataclass(frozen=True, slots=True)

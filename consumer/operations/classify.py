@@ -59,7 +59,7 @@ class Classify:
 
     async def serve(self, engine: Engine, request: ClassifyRequest, prompt: Prompt) -> Served:
         started = time.perf_counter()
-        scores = await engine.score(prompt.messages, prompt.candidates)
+        scores = await engine.score(prompt.messages, prompt.candidates, prompt.work)
         verdict = normalise_label_scores(request.categories, scores.logprobs)
         result = ClassifyResult(
             label=verdict.label, confidence=verdict.confidence, scores=verdict.scores

@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from consumer.bus.records import FORWARDED_FROM, InboundRecord
+from consumer.engine.base import WorkTag
 from consumer.errors import DeadlineExceeded, ValidationFailed
 from consumer.operations import AnyRequest
 from consumer.quota.partitions import partition_for_key, partition_for_tenant
@@ -70,3 +71,19 @@ def check_deadline(request: AnyRequest, produced_at_ms: int, now: float) -> None
     if moment >= deadline:
         late_ms = int((moment - deadline).total_seconds() * 1000)
         raise DeadlineExceeded(f"the deadline passed {late_ms} ms before the request could run")
+
+
+def work_key(tenant_id: str, request_id: str) -> str:
+    """What the engine's scheduler knows a request by (a cancel names the same two)."""
+    return f"{tenant_id}\x00{request_id}"
+
+
+def work_of(request: AnyRequest, request_id: str, produced_at_ms: int) -> WorkTag:
+    """How the scheduler orders this request: tenant, priority, deadline, cancel key."""
+    deadline = deadline_of(request, produced_at_ms)
+    return WorkTag(
+        tenant=request.tenant_id,
+        priority=request.priority,
+        deadline=deadline.timestamp() if deadline is not None else None,
+        key=work_key(request.tenant_id, request_id),
+    )

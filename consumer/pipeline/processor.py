@@ -18,17 +18,19 @@ from consumer.bus.records import (
     reply_route,
     signed_routing,
 )
-from consumer.engine.base import Engine, EngineError
+from consumer.engine.base import Engine, EngineError, EngineOverloaded, WorkExpired
 from consumer.errors import (
+    DeadlineExceeded,
     DuplicateRequest,
     InternalError,
     OpstreamError,
+    Overloaded,
     QuotaExceeded,
     ValidationFailed,
 )
 from consumer.observability.telemetry import Telemetry
 from consumer.operations import AnyRequest, Prompt, operation_of
-from consumer.pipeline.checks import check_deadline, check_placement, home_partition
+from consumer.pipeline.checks import check_deadline, check_placement, home_partition, work_of
 from consumer.pipeline.decode import body_route, decode_object, parse_request, str_or_none
 from consumer.pipeline.outcome import BrokerUnavailable, Outcome, RecordPublisher
 from consumer.pipeline.respond import Responder, UnixClock, error_reply, meta_of
@@ -184,6 +186,7 @@ class RequestProcessor:
             check_deadline(request, record.timestamp_ms, self._clock())
             with self._tracer.start_as_current_span("opstream.quota"):
                 outcome.reservation = await self._reserve(record, request, prompt, outcome)
+            prompt = prompt.tagged(work_of(request, outcome.request_id, record.timestamp_ms))
             with (
                 self._tracer.start_as_current_span("opstream.generate") as span,
                 self._in_flight(request.operation),
@@ -222,6 +225,13 @@ class RequestProcessor:
         except OpstreamError as exc:
             self._settle(outcome, 0, 0, exc.code)
             return error_reply(exc, outcome, self._clock())
+        except WorkExpired as exc:
+            self._settle(outcome, 0, 0, DeadlineExceeded.code)
+            return error_reply(DeadlineExceeded(str(exc)), outcome, self._clock())
+        except EngineOverloaded:
+            self._settle(outcome, 0, 0, Overloaded.code)
+            busy = Overloaded("the engine's queue is full; retry later")
+            return error_reply(busy, outcome, self._clock())
         except EngineError as exc:
             log.warning(
                 "engine_failed",

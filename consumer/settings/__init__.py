@@ -36,7 +36,13 @@ class LlamaCppSettings(BaseModel):
     model_path: Path | None = None
     hf_repo: str | None = Field(default=None, description="e.g. Qwen/Qwen2.5-7B-Instruct-GGUF")
     hf_file: str | None = Field(default=None, description="e.g. qwen2.5-7b-instruct-q4_k_m.gguf")
-    n_ctx: int = Field(default=4096, ge=256)
+    n_ctx: int = Field(default=4096, ge=256, description="Context window of one sequence.")
+    slots: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="Sequences decoded together in one batch per step. Unset: 4 per core, 4 to 16.",
+    )
     n_threads: int | None = Field(default=None, ge=1)
     n_batch: int = Field(default=512, ge=8)
     seed: int = 0
@@ -44,6 +50,25 @@ class LlamaCppSettings(BaseModel):
         default=False,
         description="Let llama.cpp repack weights for the CPU's widest instructions (AMX, "
         "AVX-512). Off: some VMs advertise AMX but fault on it (SIGILL).",
+    )
+
+
+class SchedulerSettings(BaseModel):
+    """The scheduler above every backend: its queue and how it weighs tenants' tokens."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_queued: int | None = Field(
+        default=None,
+        ge=1,
+        le=100_000,
+        description="Requests waiting for a slot. Unset: 4x the backend's slots, at least 32.",
+    )
+    output_weight: float = Field(
+        default=2.0,
+        gt=0,
+        le=100,
+        description="Fairness: a generated token counts this many prompt tokens.",
     )
 
 
@@ -55,6 +80,7 @@ class EngineSettings(BaseModel):
     backend: Literal["auto", "llamacpp", "exllamav2"] = Field(
         default="auto", description="auto: exllamav2 when CUDA is usable, else llamacpp."
     )
+    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     llamacpp: LlamaCppSettings = Field(default_factory=LlamaCppSettings)
     exllamav2: ExLlamaV2Settings = Field(default_factory=ExLlamaV2Settings)
 
@@ -78,8 +104,8 @@ class IntakeSettings(BaseModel):
         default=None,
         ge=1,
         le=10_000,
-        description="Records taken from Kafka and not yet finished. Unset: 4x the engine's "
-        "batch capacity (max_batch_size; 1 for llama.cpp), at least 32.",
+        description="Records taken from Kafka and not yet finished. Unset: what the engine's "
+        "scheduler can hold (its slots + its queue).",
     )
     commit_interval_ms: int = Field(default=50, ge=1, le=60_000)
     shutdown_grace_s: float = Field(default=30.0, ge=0)

@@ -13,7 +13,9 @@ from consumer.engine.base import (
     Generation,
     GenerationRequest,
     Scores,
+    WorkTag,
 )
+from consumer.engine.scheduler.policy import Load
 
 
 class FakeEngine:
@@ -26,6 +28,8 @@ class FakeEngine:
         self.delay_s = delay_s
         self.fail_marker = fail_marker
         self.calls = 0
+        self.works: list[WorkTag] = []  # how each call was tagged for the scheduler
+        self.raise_next: EngineError | None = None  # raised by the next call instead
         self.on_batch: BatchObserver | None = None
         self._info = EngineInfo(backend="fake", model="fake-model", loaded=True)
 
@@ -36,8 +40,22 @@ class FakeEngine:
     def count_tokens(self, text: str) -> int:
         return len(text.split())
 
-    async def generate(self, request: GenerationRequest) -> Generation:
+    def load(self) -> Load:
+        idle = {"interactive": 0, "batch": 0}
+        return Load(dict(idle), dict(idle), running=0, slots=1, queue_limit=31)
+
+    async def cancel(self, key: str) -> bool:
+        return False
+
+    def _called(self, work: WorkTag) -> None:
         self.calls += 1
+        self.works.append(work)
+        if self.raise_next is not None:
+            error, self.raise_next = self.raise_next, None
+            raise error
+
+    async def generate(self, request: GenerationRequest) -> Generation:
+        self._called(request.work)
         if self.on_batch is not None:
             self.on_batch(1)
         if self.delay_s:
@@ -55,8 +73,13 @@ class FakeEngine:
             first_token_ms=0.0,
         )
 
-    async def score(self, messages: tuple[ChatMessage, ...], candidates: tuple[str, ...]) -> Scores:
-        self.calls += 1
+    async def score(
+        self,
+        messages: tuple[ChatMessage, ...],
+        candidates: tuple[str, ...],
+        work: WorkTag | None = None,
+    ) -> Scores:
+        self._called(work or WorkTag())
         if self.on_batch is not None:
             self.on_batch(1)
         if self.delay_s:

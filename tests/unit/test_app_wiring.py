@@ -8,28 +8,30 @@ import pytest
 
 from consumer.app import in_flight_bound
 from consumer.bus.records import InboundRecord
-from consumer.engine.base import EngineInfo
+from consumer.engine.scheduler.policy import Load
 from consumer.pipeline.outcome import Outcome
 from consumer.settings import Settings
 from consumer.usage.rows import usage_row
 
 
-def _info(**details: object) -> EngineInfo:
-    return EngineInfo(backend="x", model="m", loaded=True, details=dict(details))
+def _load(slots: int, queue_limit: int) -> Load:
+    idle = {"interactive": 0, "batch": 0}
+    return Load(dict(idle), dict(idle), running=0, slots=slots, queue_limit=queue_limit)
 
 
 @pytest.mark.parametrize(
-    ("configured", "details", "expected"),
+    ("configured", "slots", "queue_limit", "expected"),
     [
-        (None, {}, 32),  # llama.cpp: one at a time, floor of 32
-        (None, {"max_batch_size": 16}, 64),
-        (None, {"max_batch_size": "bogus"}, 32),
-        (7, {"max_batch_size": 16}, 7),  # an explicit setting wins
+        (None, 8, 32, 40),  # the scheduler's slots + its queue: it never overflows
+        (None, 16, 64, 80),
+        (7, 16, 64, 7),  # an explicit setting wins
     ],
 )
-def test_in_flight_bound(configured: int | None, details: dict[str, object], expected: int) -> None:
+def test_in_flight_bound_follows_the_schedulers_capacity(
+    configured: int | None, slots: int, queue_limit: int, expected: int
+) -> None:
     settings = Settings(intake={"max_in_flight": configured})
-    assert in_flight_bound(settings, _info(**details)) == expected
+    assert in_flight_bound(settings, _load(slots, queue_limit)) == expected
 
 
 def _record() -> InboundRecord:

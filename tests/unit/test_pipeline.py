@@ -22,6 +22,7 @@ from consumer.bus.records import (
     REPLY_TO,
     InboundRecord,
 )
+from consumer.engine.base import EngineOverloaded, WorkExpired
 from consumer.pipeline import RequestProcessor
 from consumer.settings import OperationLimits
 from schemas.replies import OperationReply
@@ -307,6 +308,47 @@ async def test_request_within_its_deadline_runs() -> None:
     assert publisher.reply().status == "ok"
 
 
+@pytest.mark.parametrize("operation", ["chat", "classify"])
+async def test_the_engine_is_told_tenant_priority_deadline_and_cancel_key(operation: str) -> None:
+    processor, engine, publisher = make_processor()
+    deadline = datetime.now(UTC) + timedelta(minutes=5)
+    body = {**BODIES[operation], "priority": "batch", "deadline": deadline.isoformat()}
+    body["request_id"] = "r-7"
+    await processor.process(record(body))
+    assert publisher.reply().status == "ok"
+    (work,) = engine.works
+    assert (work.tenant, work.priority, work.key) == ("tenant-a", "batch", "tenant-a\x00r-7")
+    assert work.deadline == pytest.approx(deadline.timestamp())
+
+
+async def test_priority_defaults_to_interactive_and_rejects_anything_else() -> None:
+    processor, engine, publisher = make_processor()
+    await processor.process(record(BODIES["chat"], correlation_id="c-default"))
+    assert engine.works[0].priority == "interactive"
+    publisher.sent.clear()
+    await processor.process(record({**BODIES["chat"], "priority": "urgent"}))
+    assert publisher.reply().error.code == "validation"  # type: ignore[union-attr]
+
+
+async def test_deadline_passing_in_the_engines_queue_is_deadline_exceeded_and_free() -> None:
+    processor, engine, publisher = make_processor()
+    engine.raise_next = WorkExpired("the deadline passed while the request waited to run")
+    outcome = await processor.process(record(BODIES["chat"]))
+    assert outcome.error_code == "deadline_exceeded"
+    assert (outcome.input_tokens, outcome.output_tokens) == (0, 0)
+    error = publisher.reply().error
+    assert error is not None and error.http_status == 504 and not error.retryable
+
+
+async def test_a_full_engine_queue_is_a_retryable_overloaded_reply() -> None:
+    processor, engine, publisher = make_processor()
+    engine.raise_next = EngineOverloaded("32 requests are queued (the limit)")
+    outcome = await processor.process(record(BODIES["summarize"]))
+    assert outcome.error_code == "overloaded"
+    error = publisher.reply().error
+    assert error is not None and error.http_status == 503 and error.retryable
+
+
 async def test_engine_failure_is_a_retryable_internal_error_and_the_next_request_runs(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -333,7 +375,7 @@ async def test_engine_failure_is_a_retryable_internal_error_and_the_next_request
 
 async def test_a_bug_in_serving_becomes_a_retryable_internal_error() -> None:
     class BrokenEngine(FakeEngine):
-        async def score(self, messages: Any, candidates: Any) -> Any:
+        async def score(self, messages: Any, candidates: Any, work: Any = None) -> Any:
             raise RuntimeError(f"bug while scoring {messages[-1].content}")
 
     processor, _, publisher = make_processor(engine=BrokenEngine())

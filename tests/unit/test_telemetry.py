@@ -237,3 +237,23 @@ def test_an_engine_without_gpus_exports_no_gpu_memory_series(telemetry: Telemetr
     assert gpu_memory(EngineInfo("exllamav2", "qwen", False, {"error": "GPU lost"})) == []
     found = samples(telemetry.prometheus_text().decode())
     assert not [name for name, _ in found if name.startswith("opstream_gpu")]
+
+
+def test_the_schedulers_capacity_signals_are_exported(telemetry: Telemetry) -> None:
+    scheduler = {
+        "slots": 8,
+        "running": 6,
+        "queued_requests": {"interactive": 3, "batch": 40},
+        "queued_tokens": {"interactive": 900, "batch": 12_000},
+    }
+    info = EngineInfo("llamacpp", "smol", True, {"scheduler": scheduler})
+    telemetry.metrics.set_engine_info_source(lambda: info)
+    found = samples(telemetry.prometheus_text().decode())
+    batch = frozenset({("priority", "batch")})
+    interactive = frozenset({("priority", "interactive")})
+    assert found[("opstream_scheduler_queued_tokens", batch)] == 12_000
+    assert found[("opstream_scheduler_queued_tokens", interactive)] == 900
+    assert found[("opstream_scheduler_queued_requests", batch)] == 40
+    assert found[("opstream_scheduler_running", frozenset())] == 6
+    assert found[("opstream_scheduler_slots", frozenset())] == 8
+    assert found[("opstream_scheduler_slot_occupancy", frozenset())] == 0.75

@@ -430,6 +430,7 @@ class SchedulerLoop(threading.Thread):
                 {"interactive": 0, "batch": 0},
                 0,
                 self._policy.slots,
+                self._policy.max_queued,
             )
 
     def _die(self, reason: str) -> None:

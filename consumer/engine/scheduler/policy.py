@@ -80,6 +80,7 @@ class Load:
     queued_tokens: dict[Priority, int]
     running: int
     slots: int
+    queue_limit: int = 0  # requests the queue takes before refusing (QueueFull)
 
     @property
     def occupancy(self) -> float:
@@ -237,7 +238,7 @@ class Policy:
         tokens = {
             p: sum(w.queued_tokens for q in self._queues[p].values() for w in q) for p in PRIORITIES
         }
-        return Load(requests, tokens, len(self._running), self.slots)
+        return Load(requests, tokens, len(self._running), self.slots, self.max_queued)
 
     # -- internals ----------------------------------------------------------------------
 

@@ -220,13 +220,38 @@ def test_keda_scales_the_deployment_on_request_topic_lag(deployed):
     scaled = _one(deployed, "ScaledObject")
     spec = scaled["spec"]
     assert spec["scaleTargetRef"]["name"] == _one(deployed, "Deployment")["metadata"]["name"]
-    (trigger,) = spec["triggers"]
-    assert trigger["type"] == "kafka"
-    metadata = trigger["metadata"]
+    triggers = {t["type"]: t for t in spec["triggers"]}
+    metadata = triggers["kafka"]["metadata"]
     assert metadata["consumerGroup"] == CONSUMER_GROUP
     assert metadata["topic"] == REQUEST_TOPIC
     assert int(metadata["lagThreshold"]) > 0
     assert metadata["bootstrapServers"] == _config(deployed)["OPSTREAM_KAFKA__BOOTSTRAP_SERVERS"]
+
+
+def test_keda_also_scales_on_tokens_queued_in_the_schedulers(deployed):
+    import re
+
+    from consumer.engine.base import EngineInfo
+    from consumer.observability.telemetry import Telemetry
+    from consumer.settings.observability import TelemetrySettings
+
+    triggers = {t["type"]: t for t in _one(deployed, "ScaledObject")["spec"]["triggers"]}
+    metadata = triggers["prometheus"]["metadata"]
+    assert float(metadata["threshold"]) > 0
+    (metric,) = re.findall(r"opstream_[a-z_]+", metadata["query"])
+    # The query names a series the consumer really exports.
+    telemetry = Telemetry(TelemetrySettings())
+    scheduler = {
+        "slots": 8,
+        "running": 1,
+        "queued_requests": {"batch": 1},
+        "queued_tokens": {"batch": 5},
+    }
+    telemetry.metrics.set_engine_info_source(
+        lambda: EngineInfo("llamacpp", "m", True, {"scheduler": scheduler})
+    )
+    exported = telemetry.prometheus_text().decode()
+    assert re.search(rf"^{metric}{{priority=\"batch\"}} 5\.0$", exported, re.MULTILINE), exported
 
 
 def test_keda_never_scales_past_the_request_topic_partitions(deployed):
