@@ -33,7 +33,7 @@ from consumer.quota.store import DayClock
 from consumer.settings import Settings
 from consumer.usage.rows import usage_row
 from consumer.usage.writer import UsageReceipt, UsageWriter
-from schemas.replies import OperationReply
+from schemas.replies import OperationReply, StreamChunk
 from schemas.requests import OperationRequest
 
 log = logging.getLogger(__name__)
@@ -122,6 +122,7 @@ class Service:
             keyring=self.keyring,
             quota=self.quota.store if self.quota is not None else None,
             telemetry=self.telemetry,
+            streaming=self.settings.streaming,
         )
         self.intake = Intake(
             processor.process,
@@ -299,7 +300,7 @@ def make_broker(settings: Settings, service: Service | None = None) -> KafkaBrok
         description=(
             "Operation requests keyed by tenant_id. Headers: correlation_id, reply_to "
             "(default ops.replies.v1), traceparent, x-opstream-key-id/-timestamp/-signature. "
-            "Body: OperationRequest."
+            "Body: OperationRequest, or CancelRequest (operation 'cancel')."
         ),
     )
 
@@ -318,8 +319,10 @@ def make_broker(settings: Settings, service: Service | None = None) -> KafkaBrok
     broker.publisher(
         settings.topics.replies,
         title="operation replies",
-        description="Replies matched by the correlation_id header (or the request's reply_to).",
-        schema=OperationReply,
+        description="Replies matched by the correlation_id header (or the request's reply_to). "
+        "A request with stream=true first gets StreamChunk records (status 'chunk', header "
+        "x-opstream-chunk-seq), then its OperationReply.",
+        schema=OperationReply | StreamChunk,
     )
     broker.publisher(
         settings.topics.dlq,

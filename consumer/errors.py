@@ -87,6 +87,12 @@ class Overloaded(OpstreamError):
     retryable = True
 
 
+class RequestCancelled(OpstreamError):
+    """The tenant cancelled the request (HTTP 499); what it generated until then is charged."""
+
+    code = "cancelled"
+
+
 class InternalError(OpstreamError):
     """Something failed on our side while serving the request (HTTP 500)."""
 

@@ -10,8 +10,9 @@ from typing import Any
 from pydantic import BaseModel, TypeAdapter
 
 from schemas.limits import QuotaCharge, ResetUsage, SetLimits
-from schemas.replies import OperationReply
+from schemas.replies import OperationReply, StreamChunk
 from schemas.requests import (
+    CancelRequest,
     ChatRequest,
     ClassifyRequest,
     OperationRequest,
@@ -28,6 +29,8 @@ MESSAGES: dict[str, Any] = {
     "translate-request": TranslateRequest,
     "classify-request": ClassifyRequest,
     "chat-request": ChatRequest,
+    "cancel-request": CancelRequest,
+    "stream-chunk": StreamChunk,
     "operation-reply": OperationReply,
     "usage-row": UsageRow,
     "quota-charge": QuotaCharge,

@@ -14,6 +14,7 @@ ErrorCode = Literal[
     "quota_exceeded",
     "deadline_exceeded",
     "overloaded",
+    "cancelled",
     "internal",
 ]
 HTTP_STATUS: dict[str, int] = {
@@ -23,6 +24,7 @@ HTTP_STATUS: dict[str, int] = {
     "quota_exceeded": 429,
     "deadline_exceeded": 504,
     "overloaded": 503,
+    "cancelled": 499,  # nginx's "client closed request": the requester asked to stop
     "internal": 500,
 }
 
@@ -105,8 +107,16 @@ class ChatResult(_Strict):
     finish_reason: Literal["stop", "length"]
 
 
+class CancelResult(_Strict):
+    """What a `cancel` found: `cancelled` is false when no request of the tenant with that id
+    was open here (it finished already, or never came)."""
+
+    request_id: str
+    cancelled: bool
+
+
 Result = Annotated[
-    SummarizeResult | TranslateResult | ClassifyResult | ChatResult,
+    SummarizeResult | TranslateResult | ClassifyResult | ChatResult | CancelResult,
     Field(union_mode="left_to_right"),
 ]
 
@@ -127,3 +137,19 @@ class OperationReply(_Strict):
         ):
             raise ValueError("status 'ok' carries a result; status 'error' carries an error")
         return self
+
+
+class StreamChunk(_Strict):
+    """A piece of a streamed reply (`"stream": true`), published before the final reply.
+
+    Same correlation id as the reply; `seq` counts from 1 per request. Concatenated in `seq`
+    order the deltas are the model's raw text so far (the final reply's result may be tidied,
+    e.g. a summary without its preamble). After a consumer crash a request may run again and
+    its chunks start again from 1: drop a `seq` already seen.
+    """
+
+    schema_version: Literal[1] = 1
+    status: Literal["chunk"] = "chunk"
+    seq: int = Field(ge=1)
+    delta: str
+    request_id: str | None = None

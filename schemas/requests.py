@@ -102,6 +102,11 @@ class SummarizeRequest(RequestEnvelope):
     """Summarize `text` in at most `max_sentences` sentences."""
 
     operation: Literal["summarize"] = "summarize"  # type: ignore[misc]
+    stream: bool = Field(
+        default=False,
+        description="Publish the text as it is generated (StreamChunk records, status "
+        "'chunk') before the final reply.",
+    )
     text: str = _text_field("summarize", "Text to summarize (at most 8000 characters).")  # type: ignore[assignment]
     max_sentences: int = Field(default=3, ge=1, le=20)
     language: LanguageCode = Field(default="en", description="Language of the summary.")
@@ -114,6 +119,11 @@ class TranslateRequest(RequestEnvelope):
     """Translate `text` from `source_language` (or auto-detect) into `target_language`."""
 
     operation: Literal["translate"] = "translate"  # type: ignore[misc]
+    stream: bool = Field(
+        default=False,
+        description="Publish the text as it is generated (StreamChunk records, status "
+        "'chunk') before the final reply.",
+    )
     text: str = _text_field("translate", "Text to translate (at most 4000 characters).")  # type: ignore[assignment]
     source_language: LanguageCode = "auto"
     target_language: LanguageCode
@@ -158,6 +168,11 @@ class ChatRequest(RequestEnvelope):
     """OpenAI chat-completions shaped request."""
 
     operation: Literal["chat"] = "chat"  # type: ignore[misc]
+    stream: bool = Field(
+        default=False,
+        description="Publish the text as it is generated (StreamChunk records, status "
+        "'chunk') before the final reply.",
+    )
     messages: list[ChatTurn] = Field(min_length=1, max_length=1024)
     temperature: float = Field(default=0.7, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -185,6 +200,19 @@ OperationRequest = Annotated[
     Field(discriminator="operation"),
 ]
 OPERATIONS: tuple[str, ...] = tuple(OPERATION_LIMITS)
+
+
+class CancelRequest(BaseModel):
+    """Stop a request of the same tenant: queued, it never runs; running, it stops at the next
+    decode step. Keyed by tenant like the request, so it reaches the instance that owns it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1] = Field(default=1, description="Envelope version.")
+    operation: Literal["cancel"] = "cancel"
+    tenant_id: TenantId
+    request_id: RequestId = Field(description="The request to cancel (its request_id).")
+
 
 operation_request_adapter: TypeAdapter[
     SummarizeRequest | TranslateRequest | ClassifyRequest | ChatRequest

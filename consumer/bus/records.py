@@ -15,6 +15,8 @@ JSON = "application/json"
 # Set on a record forwarded from the partition it was produced to to its tenant's
 # partition ("topic/partition/offset" of the original); a record never moves twice.
 FORWARDED_FROM = "x-opstream-forwarded-from"
+# On a streamed reply's chunk records (not on the final reply): the chunk's number, from 1.
+CHUNK_SEQ = "x-opstream-chunk-seq"
 
 # Added to dead-lettered records so an operator can find and replay the original.
 DLQ_ORIGIN_TOPIC = "x-opstream-dlq-origin-topic"

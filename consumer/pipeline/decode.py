@@ -11,7 +11,7 @@ from consumer.bus.records import CORRELATION_ID, REPLY_TO, InboundRecord, ReplyR
 from consumer.errors import ValidationFailed
 from consumer.operations import AnyRequest
 from schemas.replies import FieldError
-from schemas.requests import operation_request_adapter
+from schemas.requests import CancelRequest, operation_request_adapter
 
 
 def decode_object(value: bytes | None) -> tuple[dict[str, Any] | None, str]:
@@ -38,6 +38,16 @@ def parse_request(body: dict[str, Any]) -> AnyRequest:
     except ValidationError as exc:
         raise ValidationFailed(
             f"request is invalid ({exc.error_count()} error(s))", errors=field_errors(exc)
+        ) from None
+
+
+def parse_cancel(body: dict[str, Any]) -> CancelRequest:
+    """The typed cancel, or ValidationFailed with field errors."""
+    try:
+        return CancelRequest.model_validate(body)
+    except ValidationError as exc:
+        raise ValidationFailed(
+            f"cancel is invalid ({exc.error_count()} error(s))", errors=field_errors(exc)
         ) from None
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import replace
 from typing import Any
 
 from opentelemetry import trace
@@ -18,7 +19,13 @@ from consumer.bus.records import (
     reply_route,
     signed_routing,
 )
-from consumer.engine.base import Engine, EngineError, EngineOverloaded, WorkExpired
+from consumer.engine.base import (
+    Engine,
+    EngineError,
+    EngineOverloaded,
+    WorkCancelled,
+    WorkExpired,
+)
 from consumer.errors import (
     DeadlineExceeded,
     DuplicateRequest,
@@ -26,18 +33,33 @@ from consumer.errors import (
     OpstreamError,
     Overloaded,
     QuotaExceeded,
+    RequestCancelled,
     ValidationFailed,
 )
 from consumer.observability.telemetry import Telemetry
 from consumer.operations import AnyRequest, Prompt, operation_of
-from consumer.pipeline.checks import check_deadline, check_placement, home_partition, work_of
-from consumer.pipeline.decode import body_route, decode_object, parse_request, str_or_none
+from consumer.pipeline.cancels import Serving, ServingRequests
+from consumer.pipeline.checks import (
+    check_deadline,
+    check_placement,
+    home_partition,
+    work_key,
+    work_of,
+)
+from consumer.pipeline.decode import (
+    body_route,
+    decode_object,
+    parse_cancel,
+    parse_request,
+    str_or_none,
+)
 from consumer.pipeline.outcome import BrokerUnavailable, Outcome, RecordPublisher
 from consumer.pipeline.respond import Responder, UnixClock, error_reply, meta_of
+from consumer.pipeline.stream import ChunkStream
 from consumer.quota.ledger import RepeatedRecord, Reservation
 from consumer.quota.store import QuotaStore
-from consumer.settings import OperationLimits
-from schemas.replies import OperationReply
+from consumer.settings import OperationLimits, StreamSettings
+from schemas.replies import CancelResult, OperationReply
 from schemas.requests import OPERATIONS
 from topics.catalog import TopicSettings
 
@@ -66,6 +88,7 @@ class RequestProcessor:
         keyring: KeyRing | None = None,
         quota: QuotaStore | None = None,
         telemetry: Telemetry | None = None,
+        streaming: StreamSettings | None = None,
         clock: UnixClock = time.time,
     ) -> None:
         """`keyring` None turns authentication off (dev profile only); `quota` None: no quotas."""
@@ -75,6 +98,8 @@ class RequestProcessor:
         self._keyring = keyring
         self._quota = quota if quota is not None and quota.settings.enabled else None
         self._telemetry = telemetry
+        self._streaming = streaming or StreamSettings()
+        self._serving = ServingRequests()
         self._clock = clock
         self._tracer = telemetry.tracer if telemetry else trace.get_tracer("opstream")
         self._out = Responder(publisher, dlq_topic=topics.dlq, instance_id=instance_id, clock=clock)
@@ -159,7 +184,11 @@ class RequestProcessor:
         outcome.reply_topic = route.topic
 
         # 2-4. Validate, authenticate, reserve quota, run: every failure is an error reply.
-        reply = await self._serve(record, body, route, outcome)
+        #      A cancel is not run: it stops a request of its tenant that this instance serves.
+        if body.get("operation") == "cancel":
+            reply: OperationReply | None = await self._cancel(record, body, outcome)
+        else:
+            reply = await self._serve(record, body, route, outcome)
 
         # 5. Reply (a verbatim repeat of a taken record gets none: the original's answers).
         if reply is not None and not await self._out.reply(route, record.key, reply):
@@ -173,6 +202,8 @@ class RequestProcessor:
         self, record: InboundRecord, body: dict[str, Any], route: ReplyRoute, outcome: Outcome
     ) -> OperationReply | None:
         """The reply for a decodable request; the one place errors become replies."""
+        serving: tuple[str, Serving] | None = None
+        stream: ChunkStream | None = None
         try:
             request = parse_request(body)
             operation = operation_of(request)
@@ -181,17 +212,26 @@ class RequestProcessor:
             outcome.input_chars = request.text_chars()
             with self._tracer.start_as_current_span("opstream.auth"):
                 self._authenticate(record, request)
+            # Registered before the first await: a cancel later on the partition finds it.
+            key = work_key(request.tenant_id, outcome.request_id)
+            serving = (key, self._serving.open(key))
             with self._tracer.start_as_current_span("opstream.prompt"):
                 prompt = operation.prompt(request, self._limits)
             check_deadline(request, record.timestamp_ms, self._clock())
             with self._tracer.start_as_current_span("opstream.quota"):
                 outcome.reservation = await self._reserve(record, request, prompt, outcome)
-            prompt = prompt.tagged(work_of(request, outcome.request_id, record.timestamp_ms))
+            work = work_of(request, outcome.request_id, record.timestamp_ms)
+            if getattr(request, "stream", False):
+                stream = self._stream_to(route, record.key, outcome.request_id)
+                work = replace(work, on_text=stream.push)
+            if serving[1].cancel_requested:
+                raise WorkCancelled("", 0, 0)
+            serving[1].stage = "in_engine"
             with (
                 self._tracer.start_as_current_span("opstream.generate") as span,
                 self._in_flight(request.operation),
             ):
-                served = await operation.serve(self._engine, request, prompt)
+                served = await operation.serve(self._engine, request, prompt.tagged(work))
                 span.set_attribute("opstream.input_tokens", served.input_tokens)
                 span.set_attribute("opstream.output_tokens", served.output_tokens)
                 if served.first_token_ms is not None:
@@ -225,6 +265,13 @@ class RequestProcessor:
         except OpstreamError as exc:
             self._settle(outcome, 0, 0, exc.code)
             return error_reply(exc, outcome, self._clock())
+        except WorkCancelled as exc:
+            # What it generated until the cancel is what it cost: charged and counted.
+            outcome.input_tokens, outcome.output_tokens = exc.input_tokens, exc.output_tokens
+            outcome.model = self._engine.info.model if exc.input_tokens else None
+            self._settle(outcome, exc.input_tokens, exc.output_tokens, RequestCancelled.code)
+            stopped = RequestCancelled("the request was cancelled by its tenant")
+            return error_reply(stopped, outcome, self._clock())
         except WorkExpired as exc:
             self._settle(outcome, 0, 0, DeadlineExceeded.code)
             return error_reply(DeadlineExceeded(str(exc)), outcome, self._clock())
@@ -246,6 +293,13 @@ class RequestProcessor:
             self._settle(outcome, 0, 0, "internal")
             failure = InternalError("internal error while serving the request", retryable=True)
             return error_reply(failure, outcome, self._clock())
+        finally:
+            if serving is not None:
+                serving[1].stage = "after_engine"
+                self._serving.close(*serving)
+            if stream is not None:
+                # Every chunk is acknowledged before the final reply is published.
+                await stream.close()
         outcome.status = "ok"
         outcome.model = self._engine.info.model
         outcome.input_tokens = served.input_tokens
@@ -256,6 +310,48 @@ class RequestProcessor:
         self._settle(outcome, served.input_tokens, served.output_tokens, "ok")
         return OperationReply(
             status="ok", result=served.result, meta=meta_of(outcome, self._clock())
+        )
+
+    async def _cancel(
+        self, record: InboundRecord, body: dict[str, Any], outcome: Outcome
+    ) -> OperationReply:
+        """A tenant's `cancel`: stop its request with that id if this instance serves it."""
+        outcome.operation = "cancel"
+        try:
+            cancel = parse_cancel(body)
+            outcome.tenant_id = cancel.tenant_id
+            if self._keyring is not None:
+                self._keyring.verify(
+                    record.headers,
+                    record.value or b"",
+                    cancel.tenant_id,
+                    self._clock(),
+                    signed_routing(record),
+                )
+        except OpstreamError as exc:
+            return error_reply(exc, outcome, self._clock())
+        key = work_key(cancel.tenant_id, cancel.request_id)
+        serving = self._serving.find(key)
+        cancelled = False
+        if serving is not None and serving.stage == "before_engine":
+            serving.cancel_requested = True  # it stops before it reaches the engine
+            cancelled = True
+        elif serving is not None and serving.stage == "in_engine":
+            cancelled = await self._engine.cancel(key)
+        log.info("cancel_requested", extra={"tenant": cancel.tenant_id, "found": cancelled})
+        outcome.status = "ok"
+        outcome.finished_at = self._clock()
+        result = CancelResult(request_id=cancel.request_id, cancelled=cancelled)
+        return OperationReply(status="ok", result=result, meta=meta_of(outcome, self._clock()))
+
+    def _stream_to(self, route: ReplyRoute, key: bytes | None, request_id: str) -> ChunkStream:
+        async def send(seq: int, delta: str) -> None:
+            await self._out.chunk(route, key, seq, delta, request_id)
+
+        return ChunkStream(
+            send,
+            chunk_tokens=self._streaming.chunk_tokens,
+            chunk_ms=self._streaming.chunk_ms,
         )
 
     def _authenticate(self, record: InboundRecord, request: AnyRequest) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from consumer.bus.records import (
+    CHUNK_SEQ,
     CONTENT_TYPE,
     DLQ_INSTANCE,
     DLQ_ORIGIN_OFFSET,
@@ -22,7 +23,7 @@ from consumer.bus.records import (
 from consumer.errors import OpstreamError, TopicMissing
 from consumer.observability.telemetry import inject_context
 from consumer.pipeline.outcome import Outcome, RecordPublisher
-from schemas.replies import ErrorInfo, Meta, OperationReply
+from schemas.replies import ErrorInfo, Meta, OperationReply, StreamChunk
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,24 @@ class Responder:
             log.warning("reply_topic_missing", extra={"error": str(exc)})
             return False
         return True
+
+    async def chunk(
+        self, route: ReplyRoute, key: bytes | None, seq: int, delta: str, request_id: str | None
+    ) -> None:
+        """Publish one chunk of a streamed reply (never logged: it is model output)."""
+        headers = [
+            (route.correlation_header, route.correlation),
+            (CONTENT_TYPE, JSON.encode()),
+            (CHUNK_SEQ, str(seq).encode()),
+        ]
+        body = StreamChunk(seq=seq, delta=delta, request_id=request_id)
+        await self._publisher.send(
+            route.topic,
+            body.model_dump_json(exclude_none=True).encode(),
+            key=key,
+            headers=headers,
+            partition=route.partition,
+        )
 
     async def dead_letter(self, record: InboundRecord, reason: str, outcome: Outcome) -> None:
         """Copy `record` to the DLQ with where it came from and why (never its text)."""

@@ -111,6 +111,19 @@ class IntakeSettings(BaseModel):
     shutdown_grace_s: float = Field(default=30.0, ge=0)
 
 
+class StreamSettings(BaseModel):
+    """Streamed replies: how generated text is coalesced into chunk records."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    chunk_tokens: int = Field(
+        default=8, ge=1, le=1_000, description="A chunk is sent once it holds this many tokens"
+    )
+    chunk_ms: int = Field(
+        default=100, ge=1, le=10_000, description="... or once its first token is this old."
+    )
+
+
 class HttpSettings(BaseModel):
     """The ASGI app: health, readiness, metrics and admin endpoints."""
 
@@ -143,6 +156,7 @@ class Settings(BaseSettings):
     topics: TopicSettings = Field(default_factory=TopicSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     limits: OperationLimits = Field(default_factory=OperationLimits)
+    streaming: StreamSettings = Field(default_factory=StreamSettings)
     intake: IntakeSettings = Field(default_factory=IntakeSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)

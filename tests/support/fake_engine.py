@@ -13,6 +13,7 @@ from consumer.engine.base import (
     Generation,
     GenerationRequest,
     Scores,
+    WorkCancelled,
     WorkTag,
 )
 from consumer.engine.scheduler.policy import Load
@@ -30,6 +31,10 @@ class FakeEngine:
         self.calls = 0
         self.works: list[WorkTag] = []  # how each call was tagged for the scheduler
         self.raise_next: EngineError | None = None  # raised by the next call instead
+        # Set: generation pauses after its first word until released (or cancelled).
+        self.hold: asyncio.Event | None = None
+        self._running: set[str] = set()
+        self._cancelled: set[str] = set()
         self.on_batch: BatchObserver | None = None
         self._info = EngineInfo(backend="fake", model="fake-model", loaded=True)
 
@@ -45,7 +50,12 @@ class FakeEngine:
         return Load(dict(idle), dict(idle), running=0, slots=1, queue_limit=31)
 
     async def cancel(self, key: str) -> bool:
-        return False
+        if key not in self._running:
+            return False
+        self._cancelled.add(key)
+        if self.hold is not None:
+            self.hold.set()
+        return True
 
     def _called(self, work: WorkTag) -> None:
         self.calls += 1
@@ -64,7 +74,24 @@ class FakeEngine:
             raise EngineError("the fake engine was asked to fail", retryable=True)
         prompt_tokens = sum(self.count_tokens(m.content) for m in request.messages)
         words = ["word"] * max(1, min(request.max_tokens, 8))
+        key = request.work.key or ""
+        self._running.add(key)
+        try:
+            for i in range(len(words)):
+                # One word per step, streamed to the caller like a real engine's tokens.
+                if request.work.on_text is not None:
+                    request.work.on_text(("" if i == 0 else " ") + words[i])
+                if i == 0 and self.hold is not None:
+                    await self.hold.wait()
+                await asyncio.sleep(0)
+                if key in self._cancelled:
+                    self._cancelled.discard(key)
+                    raise WorkCancelled(" ".join(words[: i + 1]), prompt_tokens, i + 1)
+        finally:
+            self._running.discard(key)
         text = " ".join(words) + "."
+        if request.work.on_text is not None:
+            request.work.on_text(".")
         return Generation(
             text=text,
             input_tokens=prompt_tokens,

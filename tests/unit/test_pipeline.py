@@ -3,6 +3,7 @@ per record, error replies for every request failure, never any prompt text in er
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 
 from consumer.bus.records import (
+    CHUNK_SEQ,
     CORRELATION_ID,
     DLQ_INSTANCE,
     DLQ_ORIGIN_OFFSET,
@@ -24,8 +26,8 @@ from consumer.bus.records import (
 )
 from consumer.engine.base import EngineOverloaded, WorkExpired
 from consumer.pipeline import RequestProcessor
-from consumer.settings import OperationLimits
-from schemas.replies import OperationReply
+from consumer.settings import OperationLimits, StreamSettings
+from schemas.replies import CancelResult, OperationReply, StreamChunk
 from tests.support.fake_engine import FakeEngine
 from tests.support.waiting import wait_until
 from topics.catalog import TopicSettings
@@ -621,3 +623,104 @@ async def test_a_request_counts_as_in_flight_while_the_engine_runs_it() -> None:
     await running
     assert in_flight() == 0
     telemetry.shutdown()
+
+
+# -- streaming and cancel ---------------------------------------------------------------
+
+
+def chunks_and_reply(publisher: MemoryPublisher) -> tuple[list[StreamChunk], OperationReply]:
+    records = publisher.to(TOPICS.replies)
+    chunks = [StreamChunk.model_validate_json(r.value) for r in records[:-1]]
+    for record, chunk in zip(records, chunks, strict=False):
+        assert record.headers[CHUNK_SEQ] == str(chunk.seq)
+        assert record.headers[CORRELATION_ID] == "cid-1"
+    assert CHUNK_SEQ not in records[-1].headers
+    return chunks, OperationReply.model_validate_json(records[-1].value)
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 3, 100])
+async def test_a_streamed_chat_sends_numbered_chunks_then_the_full_reply(chunk_tokens: int) -> None:
+    processor, _engine, publisher = make_processor()
+    processor._streaming = StreamSettings(chunk_tokens=chunk_tokens, chunk_ms=10_000)
+    body = {**BODIES["chat"], "max_tokens": 6, "stream": True, "request_id": "s-1"}
+    outcome = await processor.process(record(body))
+    assert outcome.status == "ok"
+    chunks, reply = chunks_and_reply(publisher)
+    assert [c.seq for c in chunks] == list(range(1, len(chunks) + 1))
+    assert len(chunks) == -(-7 // chunk_tokens)  # 6 words and a full stop, coalesced
+    assert all(c.request_id == "s-1" for c in chunks)
+    assert reply.status == "ok"
+    assert "".join(c.delta for c in chunks) == reply.result.message.content  # type: ignore[union-attr]
+
+
+async def test_chunks_are_also_sent_after_a_pause_not_only_when_full() -> None:
+    processor, engine, publisher = make_processor()
+    processor._streaming = StreamSettings(chunk_tokens=1_000, chunk_ms=5)
+    engine.hold = asyncio.Event()
+    body = {**BODIES["chat"], "max_tokens": 4, "stream": True}
+    task = asyncio.create_task(processor.process(record(body)))
+    await wait_until(lambda: publisher.to(TOPICS.replies), what="the first chunk, by time")
+    assert StreamChunk.model_validate_json(publisher.to(TOPICS.replies)[0].value).delta == "word"
+    engine.hold.set()
+    await task
+    chunks, reply = chunks_and_reply(publisher)
+    assert reply.status == "ok" and len(chunks) >= 2
+
+
+async def test_a_request_without_stream_gets_no_chunks() -> None:
+    processor, _engine, publisher = make_processor()
+    await processor.process(record(BODIES["summarize"]))
+    assert publisher.reply().status == "ok"  # exactly one record on the reply topic
+
+
+def cancel_body(tenant: str = "tenant-a", request_id: str = "r-1") -> dict[str, Any]:
+    return {"operation": "cancel", "tenant_id": tenant, "request_id": request_id}
+
+
+async def test_cancelling_a_running_request_answers_both_and_counts_what_ran() -> None:
+    processor, engine, publisher = make_processor()
+    engine.hold = asyncio.Event()
+    body = {**BODIES["chat"], "max_tokens": 8, "request_id": "r-1", "stream": True}
+    running = asyncio.create_task(processor.process(record(body)))
+    await wait_until(lambda: engine._running, what="generation started")
+    cancel = await processor.process(record(cancel_body(), correlation_id="cid-cancel"))
+    assert cancel.status == "ok" and cancel.operation == "cancel"
+    outcome = await running
+    assert (outcome.status, outcome.error_code) == ("error", "cancelled")
+    assert outcome.output_tokens == 1 and outcome.input_tokens > 0
+    by_cid = {r.headers[CORRELATION_ID]: r for r in publisher.to(TOPICS.replies)}
+    cancel_reply = OperationReply.model_validate_json(by_cid["cid-cancel"].value)
+    assert cancel_reply.result == CancelResult(request_id="r-1", cancelled=True)
+    cancelled = OperationReply.model_validate_json(publisher.to(TOPICS.replies)[-1].value)
+    assert cancelled.error is not None and cancelled.error.code == "cancelled"
+    assert (cancelled.error.http_status, cancelled.error.retryable) == (499, False)
+    assert cancelled.meta.output_tokens == 1
+
+
+async def test_a_cancel_for_nothing_open_is_acknowledged_harmlessly() -> None:
+    processor, engine, publisher = make_processor()
+    outcome = await processor.process(record(cancel_body(request_id="never-sent")))
+    assert outcome.status == "ok"
+    assert publisher.reply().result == CancelResult(request_id="never-sent", cancelled=False)
+    assert engine.calls == 0
+
+
+async def test_a_cancel_cannot_reach_another_tenants_request() -> None:
+    processor, engine, publisher = make_processor()
+    engine.hold = asyncio.Event()
+    body = {**BODIES["chat"], "request_id": "r-1"}
+    running = asyncio.create_task(processor.process(record(body)))
+    await wait_until(lambda: engine._running, what="generation started")
+    await processor.process(record(cancel_body(tenant="tenant-b"), correlation_id="cid-b"))
+    engine.hold.set()
+    assert (await running).status == "ok"
+    by_cid = {r.headers[CORRELATION_ID]: r for r in publisher.to(TOPICS.replies)}
+    refused = OperationReply.model_validate_json(by_cid["cid-b"].value)
+    assert refused.result == CancelResult(request_id="r-1", cancelled=False)
+
+
+async def test_an_invalid_cancel_is_a_validation_error() -> None:
+    processor, _engine, publisher = make_processor()
+    await processor.process(record({"operation": "cancel", "tenant_id": "tenant-a"}))
+    error = publisher.reply().error
+    assert error is not None and error.code == "validation"
