@@ -7,16 +7,17 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from opentelemetry import trace
 
 from consumer.auth.signature import Routing, sign
-from consumer.bus.records import CONTENT_TYPE, CORRELATION_ID, JSON, REPLY_TO
+from consumer.batch import BatchSummary, OnProgress, PathLike, run_batch
+from consumer.bus.records import CHUNK_SEQ, CONTENT_TYPE, CORRELATION_ID, JSON, REPLY_TO
 from consumer.observability.telemetry import inject_context
-from schemas.replies import OperationReply
+from schemas.replies import OperationReply, StreamChunk
 
 Signer = Callable[[bytes, str, Routing], list[tuple[str, bytes]]]
 """(body, tenant_id, (correlation bytes, reply topic, reply partition)) -> headers."""
@@ -30,6 +31,51 @@ def _hmac_signer(key_id: str, secret: str) -> Signer:
 
 
 log = logging.getLogger(__name__)
+
+
+class ReplyStream:
+    """A streamed reply: `async for chunk in stream` yields its StreamChunks in order, then
+    `stream.reply` is the final OperationReply (ok or error).
+
+    A chunk whose `seq` was already seen is dropped (after a consumer crash the request may
+    run again and send its chunks from 1; the text of a non-greedy request may then differ
+    from what was already yielded — the final reply is authoritative).
+    """
+
+    def __init__(self, start: Callable[[ReplyStream], Any], timeout_s: float) -> None:
+        self.reply: OperationReply | None = None
+        self._start = start
+        self._timeout_s = timeout_s
+        self._started: asyncio.Task[Any] | None = None
+        self._items: asyncio.Queue[StreamChunk | None] = asyncio.Queue()
+        self._last_seq = 0
+        self._deadline = 0.0
+
+    def __aiter__(self) -> AsyncIterator[StreamChunk]:
+        return self
+
+    async def __anext__(self) -> StreamChunk:
+        if self._started is None:
+            self._deadline = time.monotonic() + self._timeout_s
+            self._started = asyncio.ensure_future(self._start(self))
+        if self._items.empty() and self._started.done() and self._started.exception():
+            raise self._started.exception()  # type: ignore[misc]
+        remaining = self._deadline - time.monotonic()
+        item = await asyncio.wait_for(self._items.get(), max(0.0, remaining))
+        if item is None:
+            await self._started
+            raise StopAsyncIteration
+        return item
+
+    def _chunk(self, chunk: StreamChunk) -> None:
+        if chunk.seq <= self._last_seq:
+            return
+        self._last_seq = chunk.seq
+        self._items.put_nowait(chunk)
+
+    def _final(self, reply: OperationReply) -> None:
+        self.reply = reply
+        self._items.put_nowait(None)
 
 
 class OperationsClient:
@@ -73,6 +119,7 @@ class OperationsClient:
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._waiting: dict[str, asyncio.Future[OperationReply]] = {}
+        self._streams: dict[str, ReplyStream] = {}
         self._reader: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> OperationsClient:
@@ -166,6 +213,42 @@ class OperationsClient:
         finally:
             self._waiting.pop(correlation_id, None)
 
+    def stream(self, body: dict[str, Any], *, timeout_s: float | None = None) -> ReplyStream:
+        """Publish `body` with `"stream": true`; iterate the result for its chunks as they
+        are generated, then read its `.reply`:
+
+            stream = client.stream({"operation": "chat", "tenant_id": "acme", "messages": [...]})
+            async for chunk in stream:
+                print(chunk.delta, end="", flush=True)
+            print(stream.reply.status)
+        """
+        correlation_id = str(uuid.uuid4())
+
+        async def start(stream: ReplyStream) -> None:
+            self._streams[correlation_id] = stream
+            try:
+                reply = await self.request(
+                    {**body, "stream": True},
+                    timeout_s=timeout_s,
+                    correlation_id=correlation_id,
+                )
+            except BaseException:
+                stream._items.put_nowait(None)
+                raise
+            finally:
+                self._streams.pop(correlation_id, None)
+            stream._final(reply)
+
+        return ReplyStream(start, timeout_s or self._timeout_s)
+
+    async def cancel(
+        self, request_id: str, *, tenant_id: str, timeout_s: float | None = None
+    ) -> OperationReply:
+        """Cancel the tenant's request `request_id` (queued: never runs; running: stops at the
+        next step, answered `cancelled`). The reply's result says whether one was open."""
+        body = {"operation": "cancel", "tenant_id": tenant_id, "request_id": request_id}
+        return await self.request(body, timeout_s=timeout_s)
+
     async def summarize(
         self,
         *,
@@ -221,6 +304,12 @@ class OperationsClient:
             ),
             None,
         )
+        if any(k == CHUNK_SEQ for k, _ in record.headers or ()):
+            stream = self._streams.get(correlation_id) if correlation_id else None
+            if stream is not None:
+                with contextlib.suppress(ValueError):
+                    stream._chunk(StreamChunk.model_validate_json(record.value))
+            return  # a chunk nobody streams (or a malformed one): dropped
         waiter = self._waiting.get(correlation_id) if correlation_id else None
         if waiter is None or waiter.done():
             return  # someone else's, late, or a duplicate: dropped
@@ -228,6 +317,30 @@ class OperationsClient:
             waiter.set_result(OperationReply.model_validate_json(record.value))
         except ValueError as exc:
             waiter.set_exception(exc)
+
+    async def run_batch(
+        self,
+        input_path: PathLike,
+        out_path: PathLike,
+        *,
+        concurrency: int = 16,
+        timeout_s: float | None = None,
+        priority: str | None = "batch",
+        batch_id: str | None = None,
+        on_progress: OnProgress | None = None,
+    ) -> BatchSummary:
+        """Send every line of a JSONL file of request bodies, `concurrency` at a time, and
+        append one result line per reply to `out_path`; lines that already have a result
+        there are skipped, so calling it again resumes (see `consumer.batch`). Lines without
+        `priority` get `priority` (None: the service's default)."""
+
+        async def send(body: dict[str, Any]) -> OperationReply:
+            return await self.request(body, timeout_s=timeout_s)
+
+        return await run_batch(
+            input_path, out_path, send, concurrency=concurrency,
+            priority=priority, batch_id=batch_id, on_progress=on_progress,
+        )  # fmt: skip
 
 
 def _dumps(body: dict[str, Any]) -> bytes:

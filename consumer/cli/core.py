@@ -55,6 +55,7 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
         ("translate", "translate --text into --target-language"),
         ("classify", "classify --text into one of --category (repeat it)"),
         ("chat", "chat: --text is the user's message (or --message role:content, repeated)"),
+        ("cancel", "cancel the tenant's request --request-id"),
     ):
         op = ops.add_parser(name, parents=[common], help=helptext)
         _add_request_options(op, name)
@@ -92,12 +93,22 @@ def _dev_overrides(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
 
 def _add_request_options(parser: argparse.ArgumentParser, operation: str) -> None:
     parser.add_argument("--tenant", required=True, help="tenant_id")
-    parser.add_argument("--text", default=None, help="the input text (chat: the user message)")
-    parser.add_argument("--request-id", default=None)
-    parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (120)")
     parser.add_argument("--key-id", default=None, help="signing key id (else from auth keys)")
     parser.add_argument("--secret", default=None, help="signing secret (else from auth keys)")
+    if operation == "cancel":
+        parser.add_argument("--request-id", required=True, help="the request to cancel")
+        return
+    parser.add_argument("--text", default=None, help="the input text (chat: the user message)")
+    parser.add_argument("--request-id", default=None)
+    parser.add_argument("--max-tokens", type=int, default=None)
+    parser.add_argument(
+        "--priority", choices=("interactive", "batch"), default=None, help="(interactive)"
+    )
+    if operation != "classify":
+        parser.add_argument(
+            "--stream", action="store_true", help="print the text as it is generated"
+        )
     if operation == "summarize":
         parser.add_argument("--max-sentences", type=int, default=None)
     if operation == "translate":
@@ -120,8 +131,12 @@ def request_body(args: argparse.Namespace) -> dict[str, Any]:
     body: dict[str, Any] = {"operation": operation, "tenant_id": args.tenant}
     if args.request_id:
         body["request_id"] = args.request_id
+    if operation == "cancel":
+        return body
     if args.max_tokens is not None:
         body["max_tokens"] = args.max_tokens
+    if args.priority is not None:
+        body["priority"] = args.priority
     if operation == "chat":
         messages = []
         for item in args.message:
@@ -147,21 +162,27 @@ def request_body(args: argparse.Namespace) -> dict[str, Any]:
     return body
 
 
+def tenant_keys(settings: Settings) -> dict[str, tuple[str, str]]:
+    """Each tenant's first signing key (key id, secret): settings, then the keys file."""
+    from consumer.auth.keys import read_keys_file
+
+    keys = {tenant: list(found) for tenant, found in settings.auth.keys.items()}
+    if settings.auth.keys_file is not None and settings.auth.keys_file.is_file():
+        for tenant, found in read_keys_file(settings.auth.keys_file).items():
+            keys.setdefault(tenant, []).extend(found)
+    return {
+        tenant: (found[0].key_id, found[0].secret.get_secret_value())
+        for tenant, found in keys.items()
+        if found
+    }
+
+
 def _signing_key(args: argparse.Namespace, settings: Settings) -> tuple[str, str] | None:
     if args.key_id and args.secret:
         return args.key_id, args.secret
     if args.key_id or args.secret:
         raise ValueError("give both --key-id and --secret")
-    from consumer.auth.keys import read_keys_file
-
-    keys = dict(settings.auth.keys)
-    if settings.auth.keys_file is not None and settings.auth.keys_file.is_file():
-        for tenant, found in read_keys_file(settings.auth.keys_file).items():
-            keys.setdefault(tenant, []).extend(found)
-    mine = keys.get(args.tenant) or []
-    if not mine:
-        return None
-    return mine[0].key_id, mine[0].secret.get_secret_value()
+    return tenant_keys(settings).get(args.tenant)
 
 
 def cmd_request(args: argparse.Namespace, settings: Settings) -> int:
@@ -189,6 +210,8 @@ def cmd_request(args: argparse.Namespace, settings: Settings) -> int:
             secret=key[1] if key else None,
             client_options=aiokafka_security_kwargs(settings.security),
         ) as client:
+            if getattr(args, "stream", False):
+                return await _print_stream(client, body)
             reply = await client.request(body)
         print(reply.model_dump_json(indent=2, exclude_none=True))
         return 0 if reply.status == "ok" else 1
@@ -198,6 +221,26 @@ def cmd_request(args: argparse.Namespace, settings: Settings) -> int:
     except TimeoutError:
         print(f"opstream request: no reply within {args.timeout} s", file=sys.stderr)
         return 3
+
+
+async def _print_stream(client: Any, body: dict[str, Any]) -> int:
+    """Print a streamed reply's text as it arrives; then its status (and error) on stderr."""
+    stream = client.stream(body)
+    async for chunk in stream:
+        sys.stdout.write(chunk.delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    reply = stream.reply
+    if reply.status == "ok":
+        meta = reply.meta
+        print(
+            f"[ok: {meta.output_tokens} tokens, {meta.execution_time_ms:.0f} ms, "
+            f"request_id {meta.request_id}]",
+            file=sys.stderr,
+        )
+        return 0
+    print(reply.model_dump_json(indent=2, exclude_none=True), file=sys.stderr)
+    return 1
 
 
 def all_topic_specs(settings: Settings) -> list[Any]:

@@ -116,3 +116,25 @@ def test_half_a_signing_key_is_refused(capsys: pytest.CaptureFixture[str]) -> No
                  "--bootstrap-servers", "127.0.0.1:1"])  # fmt: skip
     assert code == 2
     assert "--secret" in capsys.readouterr().err
+
+
+def test_cancel_body_is_a_valid_cancel_request() -> None:
+    from schemas.requests import CancelRequest
+
+    args = build_parser().parse_args(
+        ["request", "cancel", "--tenant", "acme", "--request-id", "r-9"]
+    )
+    body = request_body(args)
+    assert CancelRequest.model_validate(body).request_id == "r-9"
+    assert body == {"operation": "cancel", "tenant_id": "acme", "request_id": "r-9"}
+
+
+def test_priority_goes_into_the_body_and_stream_is_a_flag() -> None:
+    body = body_of("chat", "--tenant", "acme", "--text", "hi", "--priority", "batch")
+    assert body["priority"] == "batch"
+    args = build_parser().parse_args(
+        ["request", "chat", "--tenant", "a", "--text", "x", "--stream"]
+    )
+    assert args.stream is True
+    with pytest.raises(SystemExit):  # classification has nothing to stream
+        build_parser().parse_args(["request", "classify", "--tenant", "a", "--stream"])
