@@ -84,10 +84,7 @@ def bench_static(runtime: Any, batch: int, prompt_len: int, new_tokens: int) -> 
     from consumer.engine.exllamav2.runner import GenTicket, StaticBatch
 
     request = GenerationRequest(messages=(ChatMessage("user", "x"),), max_tokens=new_tokens)
-    tickets = [
-        GenTicket(ids=[100 + i] * prompt_len, request=request, deliver=lambda _: None)
-        for i in range(batch)
-    ]
+    tickets = [GenTicket(ids=[100 + i] * prompt_len, request=request) for i in range(batch)]
     run = StaticBatch(
         runtime.model,
         runtime.gen_cache,

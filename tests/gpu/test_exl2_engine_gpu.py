@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from consumer.engine.base import ChatMessage, Engine, EngineError, GenerationRequest
+from consumer.engine.base import ChatMessage, Engine, EngineError, GenerationRequest, WorkTag
 from consumer.engine.exllamav2 import EngineConfigError, ExLlamaV2Settings, load_exllamav2_engine
 from consumer.engine.exllamav2.convert import converter_env
 
@@ -126,6 +126,28 @@ async def test_paged_mode_batches_concurrent_requests(paged_engine: Any) -> None
     await check_generates_and_batches(paged_engine)
 
 
+async def check_streamed_text_adds_up(engine: Any) -> None:
+    """Through the scheduler: each request's streamed pieces are its answer, batched."""
+    pieces: list[list[str]] = [[] for _ in PROMPTS]
+    requests = [
+        request(p, work=WorkTag(tenant=f"t{i % 2}", key=f"gpu/{i}", on_text=pieces[i].append))
+        for i, p in enumerate(PROMPTS)
+    ]
+    results = await asyncio.gather(*(engine.generate(r) for r in requests))
+    await asyncio.sleep(0.05)  # the last pieces hop to this loop after the answers
+    for streamed, result in zip(pieces, results, strict=True):
+        assert "".join(streamed) == result.text
+    assert engine.load().running == 0
+
+
+async def test_static_mode_streams_the_text_it_answers(static_engine: Any) -> None:
+    await check_streamed_text_adds_up(static_engine)
+
+
+async def test_paged_mode_streams_the_text_it_answers(paged_engine: Any) -> None:
+    await check_streamed_text_adds_up(paged_engine)
+
+
 async def test_info_reports_gpu_memory_and_mode(static_engine: Any) -> None:
     details = static_engine.info.details
     gpu = details["gpus"][0]
@@ -164,10 +186,10 @@ def close_enough(got: Any, want: Any) -> bool:
 
 async def test_padded_static_batch_matches_each_prompt_alone(static_engine: Any) -> None:
     """Through real exllamav2 kernels: mask + position offsets make padding invisible."""
-    runtime = static_engine._worker.startup.runtime
-    prompts = [static_engine._encode_prompt((ChatMessage("user", p),)) for p in PROMPTS[:3]]
+    runtime = static_engine.backend.runtime
+    prompts = [static_engine.backend.encode_prompt((ChatMessage("user", p),)) for p in PROMPTS[:3]]
     assert len({len(p) for p in prompts}) > 1, "prompts must need padding"
-    # The engine's worker is idle (no request in flight), so this thread may use the model.
+    # The scheduler is idle (no request in flight), so this thread may use the model.
     batched = await asyncio.to_thread(padded_forward, runtime, prompts)
     for i, row in enumerate(prompts):
         alone = await asyncio.to_thread(alone_forward, runtime, row)
@@ -177,9 +199,9 @@ async def test_padded_static_batch_matches_each_prompt_alone(static_engine: Any)
 async def test_grouped_sdpa_matches_exllamav2_matmul_attention(static_engine: Any) -> None:
     from consumer.engine.exllamav2.attention import CONFIG_FLAG
 
-    runtime = static_engine._worker.startup.runtime
+    runtime = static_engine.backend.runtime
     config = runtime.model.config
-    prompts = [static_engine._encode_prompt((ChatMessage("user", p),)) for p in PROMPTS[:4]]
+    prompts = [static_engine.backend.encode_prompt((ChatMessage("user", p),)) for p in PROMPTS[:4]]
     grouped = await asyncio.to_thread(padded_forward, runtime, prompts)
     setattr(config, CONFIG_FLAG, False)  # exllamav2's own matmul path for this one call
     try:
@@ -194,8 +216,8 @@ async def test_grouped_sdpa_matches_exllamav2_matmul_attention(static_engine: An
 async def test_the_engine_model_attends_causally(static_engine: Any) -> None:
     import torch
 
-    runtime = static_engine._worker.startup.runtime
-    ids = static_engine._encode_prompt((ChatMessage("user", PROMPTS[3]),))
+    runtime = static_engine.backend.runtime
+    ids = static_engine.backend.encode_prompt((ChatMessage("user", PROMPTS[3]),))
     changed = [*ids[:-1], (ids[-1] + 1) % 1000]
 
     def run(row: list[int]) -> Any:
@@ -237,14 +259,13 @@ def test_exllamav2_0_3_2_sdpa_without_flash_attn_is_not_causal(tiny_exl2_dir: Pa
 async def test_sampling_never_emits_ids_beyond_the_tokenizer(static_engine: Any) -> None:
     from consumer.engine.exllamav2.runner import GenTicket, StaticBatch
 
-    runtime = static_engine._worker.startup.runtime
+    runtime = static_engine.backend.runtime
     head_rows = int(runtime.model.config.vocab_size)
     assert runtime.vocab_size < head_rows, "the tiny model's head must be wider than its tokenizer"
     tickets = [
         GenTicket(
-            ids=static_engine._encode_prompt((ChatMessage("user", p),)),
+            ids=static_engine.backend.encode_prompt((ChatMessage("user", p),)),
             request=request(p, max_tokens=48, temperature=1.5, seed=i),
-            deliver=lambda _: None,
         )
         for i, p in enumerate(PROMPTS[:4])
     ]
@@ -282,10 +303,10 @@ async def test_scores_match_a_full_forward_pass(static_engine: Any) -> None:
     scores = await static_engine.score(messages, labels)
     assert len(scores.logprobs) == 3 and all(lp < 0 for lp in scores.logprobs)
 
-    runtime = static_engine._worker.startup.runtime
-    prompt = static_engine._encode_prompt(messages)
+    runtime = static_engine.backend.runtime
+    prompt = static_engine.backend.encode_prompt(messages)
     for label, got in zip(labels, scores.logprobs, strict=True):
-        candidate = static_engine._encode_candidate(label)
+        candidate = static_engine.backend.encode_text(label)
         ids = torch.tensor([prompt + candidate])
         logits = (await asyncio.to_thread(runtime.model.forward, ids)).float()
         lp = torch.log_softmax(mask_padded_vocab(logits[0], runtime.vocab_size), dim=-1)

@@ -24,7 +24,7 @@ from consumer.engine.exllamav2.attention import (  # noqa: E402
     grouped_attention,
     grouped_attn_torch,
 )
-from consumer.engine.exllamav2.batching import PAD_BIAS, left_pad  # noqa: E402
+from consumer.engine.exllamav2.batching import PAD_BIAS, left_pad, streamable  # noqa: E402
 from consumer.engine.exllamav2.runner import (  # noqa: E402
     GenTicket,
     ScoreTicket,
@@ -96,18 +96,22 @@ class FakeModel:
 
 def ticket(ids: list[int], max_tokens: int = 6, **kw: Any) -> GenTicket:
     request = GenerationRequest(messages=MESSAGES, max_tokens=max_tokens, **kw)
-    return GenTicket(ids=ids, request=request, deliver=lambda _: None)
+    return GenTicket(ids=ids, request=request)
 
 
 def decode(ids: list[int]) -> str:
     return " ".join(f"t{i}" for i in ids)
 
 
-def run(tickets: list[GenTicket], stop_ids: frozenset[int] = frozenset()) -> list[Any]:
+def run(
+    tickets: list[GenTicket], stop_ids: frozenset[int] = frozenset(), drop: tuple[int, ...] = ()
+) -> list[Any]:
     batch = StaticBatch(
         FakeModel(), FakeCache(8, 64), tickets, pad_id=0, stop_ids=stop_ids, decode=decode
     )
     batch.prefill()
+    for index in drop:
+        batch.drop(index)
     for _ in range(64):
         if batch.finished:
             break
@@ -160,11 +164,98 @@ def test_stop_string_cuts_the_text_and_ends_the_row() -> None:
     assert result.output_tokens == 3
 
 
-def test_a_cancelled_row_is_dropped_and_the_rest_finish() -> None:
-    tickets = [ticket([4, 5]), ticket([6, 7, 8])]
-    tickets[0].cancelled = True
-    results = run(tickets)
+def test_a_dropped_row_is_left_out_and_the_rest_finish() -> None:
+    results = run([ticket([4, 5]), ticket([6, 7, 8])], drop=(0,))
     assert len(results) == 1 and results[0].input_tokens == 3
+
+
+def test_a_row_dropped_mid_batch_samples_no_more_and_rides_along_until_the_end() -> None:
+    model = FakeModel()
+    batch = StaticBatch(
+        model,
+        FakeCache(2, 64),
+        [ticket([4, 5], max_tokens=6), ticket([6, 7, 8], max_tokens=6)],
+        pad_id=0,
+        stop_ids=frozenset(),
+        decode=decode,
+    )
+    batch.prefill()
+    first = batch.step()
+    assert [(s.index, s.new_tokens) for s in first] == [(0, 1), (1, 1)]
+    text = batch.drop(0)
+    assert text == decode(batch.rows[0].tokens) and len(batch.rows[0].tokens) == 1
+    while not batch.finished:
+        steps = batch.step()
+        assert [s.index for s in steps] == [1]  # the dropped row reports nothing more
+    assert len(batch.rows[0].tokens) == 1 and len(batch.rows[1].tokens) == 6
+    assert all(rows == 2 for rows, _ in model.calls)  # it kept its place in the padded batch
+    assert [t.ids for t, _ in batch.results()] == [[6, 7, 8]]
+
+
+def test_dropping_every_row_ends_the_batch() -> None:
+    batch = StaticBatch(
+        FakeModel(),
+        FakeCache(2, 64),
+        [ticket([4, 5])],
+        pad_id=0,
+        stop_ids=frozenset(),
+        decode=decode,
+    )
+    batch.prefill()
+    batch.step()
+    batch.drop(0)
+    assert batch.finished and batch.results() == []
+
+
+def test_a_streaming_row_reports_its_text_as_it_goes_and_all_of_it_in_the_end() -> None:
+    want = run([ticket([4, 5, 6], max_tokens=6)])[0]
+    batch = StaticBatch(
+        FakeModel(),
+        FakeCache(2, 64),
+        [GenTicket(ids=[4, 5, 6], request=GenerationRequest(MESSAGES, 6), stream=True)],
+        pad_id=0,
+        stop_ids=frozenset(),
+        decode=decode,
+    )
+    batch.prefill()
+    pieces: list[str] = []
+    while not batch.finished:
+        (step,) = batch.step()
+        pieces.append(step.text)
+    assert all(pieces[:-1]) and "".join(pieces) == want.text
+    assert step.result is not None and step.result.text == want.text
+
+
+def test_a_row_that_does_not_stream_reports_its_text_when_it_ends() -> None:
+    batch = StaticBatch(
+        FakeModel(),
+        FakeCache(2, 64),
+        [ticket([4, 5, 6], 3)],
+        pad_id=0,
+        stop_ids=frozenset(),
+        decode=decode,
+    )
+    batch.prefill()
+    steps = [batch.step()[0] for _ in range(3)]
+    assert [s.text for s in steps[:2]] == ["", ""]
+    assert steps[2].result is not None and steps[2].text == steps[2].result.text != ""
+
+
+@pytest.mark.parametrize(
+    ("text", "stops", "shown"),
+    [
+        ("abc", (), "abc"),
+        ("ab#", ("#c",), "ab"),  # may begin a stop string
+        ("ab#c#", ("#c#d", "x"), "ab"),
+        ("ab#", ("x",), "ab#"),
+        ("ab\ufffd", (), "ab"),  # half a character
+        ("ab\ufffd#", ("#c",), "ab\ufffd"),
+    ],
+)
+def test_streamable_holds_back_what_may_still_change(
+    text: str, stops: tuple[str, ...], shown: str
+) -> None:
+    assert text[: streamable(text, stops)] == shown
 
 
 def test_a_batch_that_cannot_fit_a_cache_row_is_refused() -> None:
@@ -197,7 +288,7 @@ def test_prefix_shared_scoring_equals_scoring_each_candidate_alone(cache_rows: i
     got = score_candidates(
         model,
         FakeCache(cache_rows, 32),
-        ScoreTicket(prompt, candidates, deliver=lambda _: None),
+        ScoreTicket(prompt, candidates),
         end_of_turn_id=STOP,
         pad_id=0,
     )
@@ -213,7 +304,7 @@ def test_scoring_refuses_prompts_longer_than_its_cache() -> None:
         score_candidates(
             FakeModel(),
             FakeCache(2, 6),
-            ScoreTicket([1, 2, 3, 4, 5], [[1, 2]], deliver=lambda _: None),
+            ScoreTicket([1, 2, 3, 4, 5], [[1, 2]]),
             end_of_turn_id=STOP,
             pad_id=0,
         )
@@ -502,7 +593,7 @@ def test_scores_are_normalised_over_the_tokenizer_vocabulary() -> None:
     got = score_candidates(
         model,
         TinyCache(model, 2, model.max_seq_len),
-        ScoreTicket(prompt, candidates, deliver=lambda _: None),
+        ScoreTicket(prompt, candidates),
         end_of_turn_id=eot,
         pad_id=0,
         vocab_size=model.vocab,
@@ -512,7 +603,7 @@ def test_scores_are_normalised_over_the_tokenizer_vocabulary() -> None:
     unmasked = score_candidates(
         model,
         TinyCache(model, 2, model.max_seq_len),
-        ScoreTicket(prompt, candidates, deliver=lambda _: None),
+        ScoreTicket(prompt, candidates),
         end_of_turn_id=eot,
         pad_id=0,
     )

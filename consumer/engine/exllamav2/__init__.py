@@ -12,18 +12,17 @@ from consumer.engine.exllamav2.errors import EngineConfigError
 from consumer.settings.exllamav2 import ExLlamaV2Settings
 
 if TYPE_CHECKING:
-    from consumer.engine.exllamav2.engine import ExLlamaV2Engine, load_exllamav2_engine
+    from consumer.engine.exllamav2.engine import load_exllamav2_engine
 
 __all__ = [
     "EngineConfigError",
-    "ExLlamaV2Engine",
     "ExLlamaV2Settings",
     "load_exllamav2_engine",
 ]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("ExLlamaV2Engine", "load_exllamav2_engine"):
+    if name == "load_exllamav2_engine":
         from consumer.engine.exllamav2 import engine
 
         return getattr(engine, name)

@@ -8,7 +8,7 @@ into the query axis instead, so SDPA (its memory-efficient kernel runs on sm_75)
 K/V once, under exllamav2's own causal + padding mask. A model opts in through its config
 (`use_grouped_attention`), so other models in the process keep exllamav2's code.
 
-Imports torch; only the backend imports this module, on the GPU worker thread.
+Imports torch; only the loader imports it, on the scheduler's thread (which owns the GPU).
 """
 
 from __future__ import annotations

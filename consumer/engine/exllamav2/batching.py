@@ -143,6 +143,20 @@ def find_stop(text: str, stops: Sequence[str]) -> int | None:
     return min(hits) if hits else None
 
 
+def streamable(text: str, stops: Sequence[str]) -> int:
+    """How much of `text` may be shown while generation goes on: all of it but a trailing
+    incomplete character (decoded as U+FFFD) and the longest tail that may begin a stop
+    string (exllamav2's dynamic generator holds the same text back)."""
+    safe = len(text.rstrip("\ufffd"))
+    held = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, safe), held, -1):
+            if text.endswith(stop[:size], 0, safe):
+                held = size
+                break
+    return safe - held
+
+
 def chunks(items: Sequence[int], size: int) -> list[list[int]]:
     """Consecutive groups of at most `size` items."""
     if size < 1:

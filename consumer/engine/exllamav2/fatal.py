@@ -1,4 +1,4 @@
-"""What a lost GPU means here: the liveness check, the GpuLost signal and the fatal exit."""
+"""What a lost GPU means here: the liveness check and the fatal exit."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ log = logging.getLogger("opstream.engine.exllamav2")
 
 # Exit status after the GPU is lost (sysexits EX_SOFTWARE): a supervisor restarts the process.
 GPU_FATAL_EXIT_CODE = 70
-# Called once, from the worker thread, with the reason, when the GPU can no longer run work.
+# Called once, from the scheduler's thread, with the reason, when the GPU can no longer run work.
 FatalHandler = Callable[[str], None]
 
 
@@ -38,11 +38,3 @@ def exit_process(reason: str) -> None:
     logging.shutdown()
     sys.stderr.flush()
     os._exit(GPU_FATAL_EXIT_CODE)
-
-
-class GpuLost(Exception):
-    """The GPU can no longer run work in this process; the worker must stop."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason

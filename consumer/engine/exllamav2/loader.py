@@ -20,7 +20,7 @@ log = logging.getLogger("opstream.engine.exllamav2")
 
 @dataclass
 class Runtime:
-    """What the worker loaded; touched only from the worker thread after start-up."""
+    """What was loaded; the model and caches are used only from the scheduler's thread."""
 
     model: Any
     tokenizer: Any
@@ -31,8 +31,8 @@ class Runtime:
     end_of_turn_id: int
     pad_id: int
     exllamav2_version: str
-    # The event loop encodes while the worker decodes; exllamav2's tokenizer builds lookup
-    # tables lazily, so both sides take this lock.
+    # The event loop encodes while the scheduler's thread decodes; exllamav2's tokenizer
+    # builds lookup tables lazily, so both sides take this lock.
     tokenizer_lock: threading.Lock
     # Ids the tokenizer can produce; the model's head may be wider (Qwen2.5: 151,665 of 152,064).
     vocab_size: int | None = None

@@ -3,12 +3,11 @@
 Written against exllamav2's model/cache API (`model.forward(ids, cache, input_mask=...,
 position_offsets=..., preprocess_only=..., last_id_only=...)`, `cache.current_seq_len`,
 `cache.all_tensors()`), duck-typed so the bookkeeping can be tested without a GPU.
-Runs only on the engine's worker thread.
+Runs only on the scheduler's thread, which owns the GPU.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +20,7 @@ from consumer.engine.exllamav2.batching import (
     find_stop,
     left_pad,
     plan_scoring,
+    streamable,
     sum_candidate_logprobs,
 )
 from consumer.engine.exllamav2.sampling import RowSampling, mask_padded_vocab, sample_rows
@@ -28,44 +28,31 @@ from consumer.engine.exllamav2.sampling import RowSampling, mask_padded_vocab, s
 
 @dataclass(eq=False)
 class GenTicket:
-    """A generate request on its way through the worker; `deliver` hands back the outcome."""
+    """A generate request as a static batch row sees it: its prompt ids and its settings."""
 
     ids: list[int]
     request: GenerationRequest
-    deliver: Callable[[Generation | BaseException], None]
-    submitted: float = field(default_factory=time.monotonic)
-    cancelled: bool = False
-    started: float | None = None
-    first_token_at: float | None = None
+    # Report text as it is generated (held back while it may begin a stop string or ends in
+    # half a character); otherwise a row's text is decoded once, when it ends.
+    stream: bool = False
 
 
 @dataclass(eq=False)
 class ScoreTicket:
-    """A score request: prompt ids, candidate ids, and where the logprobs go."""
+    """A score request: prompt ids and each candidate's ids (without the end-of-turn token)."""
 
     prompt_ids: list[int]
     candidates: list[list[int]]
-    deliver: Callable[[tuple[float, ...] | BaseException], None]
-    cancelled: bool = False
 
 
-def finish_generation(
-    ticket: GenTicket, text: str, reason: FinishReason, output_tokens: int
-) -> Generation:
-    """The Generation for a ticket, with queue and first-token timings in milliseconds."""
-    now = time.monotonic()
-    timings = {"total_ms": (now - ticket.submitted) * 1000.0}
-    if ticket.started is not None:
-        timings["queue_ms"] = (ticket.started - ticket.submitted) * 1000.0
-    first = ticket.first_token_at
-    return Generation(
-        text=text,
-        finish_reason=reason,
-        input_tokens=len(ticket.ids),
-        output_tokens=output_tokens,
-        first_token_ms=None if first is None else (first - ticket.submitted) * 1000.0,
-        timings=timings,
-    )
+@dataclass(frozen=True, slots=True)
+class RowStep:
+    """What one decode step did for one row of a static batch."""
+
+    index: int
+    new_tokens: int  # 0 or 1: a stop token is not an output token
+    text: str  # text not reported before (all of it at the end for a row that does not stream)
+    result: Generation | None = None  # set in the step the row ended
 
 
 @dataclass(eq=False)
@@ -76,6 +63,8 @@ class _Row:
     done: bool = False
     reason: FinishReason = "length"
     text: str = ""
+    reported: str = ""  # the prefix of the text already returned in a RowStep
+    result: Generation | None = None
 
 
 class StaticBatch:
@@ -83,8 +72,8 @@ class StaticBatch:
 
     Prompts are left-padded to a common width; an additive mask hides the padding and RoPE
     position offsets start every row's real tokens at position 0, so each row computes what
-    it would alone. Rows that finish early ride along (their output is ignored) until the last
-    row finishes.
+    it would alone. Rows that finish (or are dropped) early ride along, fed padding, their
+    output ignored, until the last row finishes: a padded batch has a fixed shape.
     """
 
     def __init__(
@@ -134,9 +123,6 @@ class StaticBatch:
 
     def prefill(self) -> None:
         """Ingest all prompts but the last column into the cache."""
-        now = time.monotonic()
-        for row in self.rows:
-            row.ticket.started = now
         self._cache.current_seq_len = 0
         if self._ids.shape[-1] > 1:
             self._model.forward(
@@ -148,7 +134,7 @@ class StaticBatch:
             )
         self._next = self._ids[:, -1:]
 
-    def step(self) -> None:
+    def step(self) -> list[RowStep]:
         """One forward pass: sample one token for every row still running."""
         assert self._next is not None, "prefill() first"
         logits = self._model.forward(
@@ -156,43 +142,67 @@ class StaticBatch:
         )
         last = logits[:, -1, :].float()
         tokens = sample_rows(last, [r.sampling for r in self.rows], self._vocab_size)
-        now = time.monotonic()
-        for row, token in zip(self.rows, tokens, strict=True):
-            if row.done:
-                continue
-            if row.ticket.cancelled:
-                row.done = True
-                continue
-            if row.ticket.first_token_at is None:
-                row.ticket.first_token_at = now
-            self._advance(row, token)
+        steps: list[RowStep] = []
+        for index, (row, token) in enumerate(zip(self.rows, tokens, strict=True)):
+            if not row.done:
+                steps.append(self._advance(index, row, token))
         feed = [self._pad_id if r.done else t for r, t in zip(self.rows, tokens, strict=True)]
         self._next = torch.tensor(feed, dtype=torch.long).view(-1, 1)
+        return steps
 
-    def _advance(self, row: _Row, token: int) -> None:
+    def drop(self, index: int) -> str:
+        """Stop row `index` (cancelled): it samples no more tokens and reports no result, but
+        keeps its place, fed padding, until the batch ends. Returns its text so far."""
+        row = self.rows[index]
+        if not row.done:
+            row.done = True
+            row.text = self._decode(row.tokens)
+        return row.text
+
+    def _advance(self, index: int, row: _Row, token: int) -> RowStep:
         request = row.ticket.request
+        text: str | None = None
         if token in self._stop_ids:
             row.done, row.reason = True, "stop"
-            row.text = self._decode(row.tokens)
-            return
-        row.tokens.append(token)
-        if request.stop:
-            text = self._decode(row.tokens)
-            cut = find_stop(text, request.stop)
-            if cut is not None:
-                row.done, row.reason, row.text = True, "stop", text[:cut]
-                return
-        if len(row.tokens) >= request.max_tokens:
-            row.done, row.reason = True, "length"
-            row.text = self._decode(row.tokens)
+        else:
+            row.tokens.append(token)
+            if request.stop or row.ticket.stream:
+                text = self._decode(row.tokens)
+                cut = find_stop(text, request.stop)
+                if cut is not None:
+                    row.done, row.reason, text = True, "stop", text[:cut]
+            if not row.done and len(row.tokens) >= request.max_tokens:
+                row.done, row.reason = True, "length"
+        new_tokens = 0 if token in self._stop_ids else 1
+        if row.done:
+            row.text = self._decode(row.tokens) if text is None else text
+            row.result = Generation(
+                text=row.text,
+                finish_reason=row.reason,
+                input_tokens=len(row.ticket.ids),
+                output_tokens=len(row.tokens),
+            )
+            return RowStep(index, new_tokens, _unreported(row, row.text), row.result)
+        if text is None:
+            return RowStep(index, new_tokens, "")
+        return RowStep(index, new_tokens, _unreported(row, text[: streamable(text, request.stop)]))
 
     def results(self) -> list[tuple[GenTicket, Generation]]:
-        """Outcomes of the rows that were not cancelled (call once `finished`)."""
-        return [
-            (r.ticket, finish_generation(r.ticket, r.text, r.reason, len(r.tokens)))
-            for r in self.rows
-            if not r.ticket.cancelled
-        ]
+        """Outcomes of the rows that ended on their own (not dropped), in row order."""
+        return [(r.ticket, r.result) for r in self.rows if r.result is not None]
+
+
+def _unreported(row: _Row, text: str) -> str:
+    """What of `text` was not reported yet, and note it as reported.
+
+    Decoding a longer sequence can rewrite the tail of what decoded before (half a character
+    completed); text that no longer extends what was reported is not reported twice.
+    """
+    if not text.startswith(row.reported):
+        return ""
+    new = text[len(row.reported) :]
+    row.reported = text
+    return new
 
 
 def _copy_prefix_rows(cache: Any, rows: int, length: int) -> None:

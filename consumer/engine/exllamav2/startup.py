@@ -6,7 +6,6 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from consumer.engine.chat_template import ChatTemplate, load_chat_template
 from consumer.engine.exllamav2.errors import EngineConfigError
@@ -23,9 +22,6 @@ from consumer.engine.exllamav2.vram import (
     weights_bytes_on_gpu,
 )
 from consumer.settings.exllamav2 import ExLlamaV2Settings
-
-if TYPE_CHECKING:
-    from consumer.engine.exllamav2.loader import Runtime
 
 log = logging.getLogger("opstream.engine.exllamav2")
 
@@ -70,7 +66,6 @@ class Startup:
     template: ChatTemplate
     gpus: list[GpuFacts]
     estimate: VramEstimate
-    runtime: Runtime | None = None
     flash_attn: FlashAttnProbe = FlashAttnProbe(None)  # noqa: RUF009 (frozen: safe to share)
 
 
