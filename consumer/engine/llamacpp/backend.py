@@ -1,242 +1,429 @@
-"""The CPU engine: a GGUF model run by llama-cpp-python."""
+"""The CPU backend: a GGUF model run by llama.cpp, every running request in one decode per step.
+
+The scheduler (`consumer.engine.scheduler`) decides what runs; this backend runs it. Each
+running job owns one sequence of a llama.cpp context (a slot). Every `step` is one
+`llama_decode` over one batch: first the next token of every generating sequence, then prompt
+chunks of joining sequences (chunked prefill) and scoring candidates, within `n_batch` tokens.
+Logits are read only where needed: every generated token, the last token of a finished prompt,
+every token of a scored candidate.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
 import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from dataclasses import dataclass, field
+from itertools import count
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from llama_cpp import LogitsProcessorList
-
 from consumer.engine.base import (
-    BatchObserver,
     ChatMessage,
     EngineError,
-    EngineInfo,
+    FinishReason,
     Generation,
     GenerationRequest,
     Scores,
 )
+from consumer.engine.llamacpp.native import Context, Model, Token
+from consumer.engine.llamacpp.sampling import Sampler, derive_seed, token_logprob
+from consumer.engine.llamacpp.text import TextStream
+from consumer.engine.scheduler.driver import Job, StepEvent
 
 log = logging.getLogger(__name__)
 
+END_OF_TURN = "<|im_end|>"
 
-class LlamaCppEngine:
-    """One llama.cpp context; calls are queued on a single worker thread.
 
-    A llama.cpp context is not safe for concurrent use, so concurrency here is a
-    queue, not a batch; the GPU engine is the one that batches.
+@dataclass(eq=False)
+class _Generating:
+    """A generate job's progress (its `backend_state`; it survives a preemption)."""
+
+    sampler: Sampler
+    text: TextStream
+    started_at: float
+    generated: list[int] = field(default_factory=list)  # the last one is not decoded yet
+    first_token_at: float | None = None
+
+
+@dataclass(eq=False)
+class _Scoring:
+    """A score job's progress (its `backend_state`; finished candidates survive a preemption)."""
+
+    logprobs: list[float] = field(default_factory=list)  # one per finished candidate
+    first: list[float] = field(default_factory=list)  # each candidate's first-token logprob
+    total: float = 0.0  # the current candidate's sum so far
+    cursor: int = 0  # how many of the current candidate's tokens are decoded
+
+
+@dataclass(eq=False)
+class _Sequence:
+    """A running job in its slot."""
+
+    job: Job
+    seq: int  # the llama.cpp sequence id (the slot)
+    feed: list[int]  # what must be in the KV cache before it generates or scores
+    state: _Generating | _Scoring
+    fed: int = 0  # how much of `feed` is in the KV cache
+    done: bool = False  # answered; waits for `stop`
+
+    @property
+    def prefilling(self) -> bool:
+        return self.fed < len(self.feed)
+
+
+@dataclass(eq=False)
+class _Batch:
+    """One step's tokens, and which logits rows belong to whom."""
+
+    tokens: list[Token] = field(default_factory=list)
+    generating: list[tuple[_Sequence, int]] = field(default_factory=list)  # its next-token row
+    prompts: list[tuple[_Sequence, int, int | None]] = field(default_factory=list)  # fed, row
+    candidates: list[tuple[_Sequence, int, int]] = field(default_factory=list)  # first row, rows
+
+
+class LlamaCppBackend:
+    """A GGUF model on the CPU with `slots` sequences advanced together, one token per step.
+
+    `n_ctx` is what one sequence (one request) may use; the context holds `slots` of them.
+    `flash_attn` (on by default) makes a sequence's logits independent of what runs beside it
+    and batching pay; off, the logits equal llama-cpp-python's `Llama` (which runs without
+    it) but a batch of 8 is slower than 8 one after another (measured, SmolLM2-135M).
     """
+
+    name = "llamacpp"
+    can_preempt = True
 
     def __init__(
         self,
         model_path: Path,
         *,
+        slots: int = 4,
         n_ctx: int = 4096,
         n_threads: int | None = None,
         n_batch: int = 512,
         seed: int = 0,
         repack_weights: bool = False,
+        flash_attn: bool = True,
     ) -> None:
-        from llama_cpp import Llama
+        if slots < 1:
+            raise ValueError("slots must be at least 1")
+        if n_batch < slots:
+            raise ValueError(f"n_batch ({n_batch}) must be at least slots ({slots})")
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         started = time.perf_counter()
-        with _model_params(use_extra_bufts=repack_weights):
-            self._llama = Llama(
-                model_path=str(model_path),
-                n_ctx=n_ctx,
-                n_threads=n_threads,
-                n_batch=n_batch,
-                seed=seed,
-                logits_all=False,
-                verbose=False,
-            )
-        self._model_name = model_path.stem
-        self._n_ctx = n_ctx
-        template = self._llama.metadata.get("tokenizer.chat_template")
-        if not template:
-            raise EngineError(f"{model_path.name} has no chat template", retryable=False)
-        eos_id = self._llama.token_eos()
-        bos_id = self._llama.token_bos()
-        self._eos_text = self._token_text(eos_id)
-        self._formatter = Jinja2ChatFormatter(
-            template=template,
-            eos_token=self._eos_text,
-            bos_token=self._token_text(bos_id) if bos_id >= 0 else "",
-            add_generation_prompt=True,
-        )
-        end_of_turn = self._llama.tokenize(b"<|im_end|>", add_bos=False, special=True)
-        self._end_of_turn = end_of_turn[0] if len(end_of_turn) == 1 else eos_id
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llamacpp")
+        self.model = model_path.stem
+        self.slots = slots
+        self.n_ctx = n_ctx
+        self._seed = seed
+        self._jobs = count()
         self._closed = False
-        self.on_batch: BatchObserver | None = None
+        self._model = Model(model_path, repack_weights=repack_weights)
+        try:
+            template = self._model.metadata("tokenizer.chat_template")
+            if not template:
+                raise EngineError(f"{model_path.name} has no chat template", retryable=False)
+            bos = self._model.bos
+            self._formatter = Jinja2ChatFormatter(
+                template=template,
+                eos_token=self._model.token_text(self._model.eos),
+                bos_token=self._model.token_text(bos) if bos >= 0 else "",
+                add_generation_prompt=True,
+            )
+            end_of_turn = self._model.tokenize(END_OF_TURN, special=True)
+            # The token that ends an assistant turn (scored after every candidate).
+            self.end_of_turn_id: int = end_of_turn[0] if len(end_of_turn) == 1 else self._model.eos
+            self._context = Context(
+                self._model,
+                n_ctx=n_ctx,
+                n_seq=slots,
+                n_batch=n_batch,
+                n_threads=n_threads,
+                flash_attn=flash_attn,
+            )
+        except BaseException:
+            self._model.close()
+            raise
+        self._free = list(range(slots))
+        self._running: dict[Job, _Sequence] = {}  # in start order
         log.info(
             "engine_loaded",
             extra={
-                "backend": "llamacpp",
-                "model": self._model_name,
+                "backend": self.name,
+                "model": self.model,
+                "slots": slots,
+                "n_ctx": n_ctx,
                 "load_s": round(time.perf_counter() - started, 3),
             },
         )
 
-    @property
-    def info(self) -> EngineInfo:
-        return EngineInfo(
-            backend="llamacpp",
-            model=self._model_name,
-            loaded=not self._closed,
-            details={"n_ctx": self._n_ctx, "device": "cpu"},
-        )
+    # -- any thread ---------------------------------------------------------------------
 
-    def count_tokens(self, text: str) -> int:
-        return len(self._tokens(text))
+    def encode_prompt(self, messages: tuple[ChatMessage, ...]) -> list[int]:
+        """The conversation rendered with the model's chat template (and its generation
+        prompt), special tokens parsed."""
+        self._check_open()
+        chat: list[Any] = [{"role": m.role, "content": m.content} for m in messages]
+        rendered = self._formatter(messages=chat)
+        return self._model.tokenize(rendered.prompt, special=True)
 
-    def _tokens(self, text: str) -> list[int]:
-        return list(self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+    def encode_text(self, text: str) -> list[int]:
+        """Plain text: no special tokens parsed, no BOS."""
+        self._check_open()
+        return self._model.tokenize(text, special=False)
 
-    async def generate(self, request: GenerationRequest) -> Generation:
-        return await self._run(self._generate_sync, request)
+    def check_generate(self, prompt_ids: list[int], request: GenerationRequest) -> None:
+        if request.max_tokens < 1:
+            raise EngineError("max_tokens must be at least 1", retryable=False)
+        # A prompt needs room for one token; a budget beyond the window ends at the window
+        # ("length"), as llama.cpp's own completion does.
+        self._check_fits(prompt_ids, 1, "one generated token")
 
-    async def score(self, messages: tuple[ChatMessage, ...], candidates: tuple[str, ...]) -> Scores:
-        return await self._run(self._score_sync, messages, candidates)
+    def check_score(self, prompt_ids: list[int], candidates: list[list[int]]) -> None:
+        if not candidates:
+            raise EngineError("no candidates to score", retryable=False)
+        if any(not tokens for tokens in candidates):
+            raise EngineError("a candidate has no tokens", retryable=False)
+        self._check_fits(prompt_ids, max(len(c) for c in candidates), "the longest candidate")
 
-    async def close(self) -> None:
+    def details(self) -> dict[str, object]:
+        return {
+            "n_ctx": self.n_ctx,
+            "slots": self.slots,
+            "device": "cpu",
+            "flash_attn": self._context.flash_attn,
+        }
+
+    # -- the scheduler's thread ---------------------------------------------------------
+
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def fits(self, job: Job, chosen: list[Job]) -> bool:
+        # Every job fits a free slot: check_* refused those longer than a slot's context.
+        return len(chosen) < len(self._free)
+
+    def start(self, job: Job) -> None:
+        if job in self._running:
+            raise EngineError("the job is running already", retryable=False)
+        if not self._free:
+            raise EngineError("no free slot", retryable=True)
+        seq = self._free.pop(0)
+        try:
+            # A slot whose stop failed may still hold cells.
+            self._context.forget(seq)
+        except BaseException:
+            self._free.insert(0, seq)
+            raise
+        if job.kind == "generate":
+            generating = self._resume_generating(job)
+            feed = [*job.prompt_ids, *generating.generated[:-1]]
+            sequence = _Sequence(job, seq, feed, generating)
+        else:
+            scoring = job.backend_state if isinstance(job.backend_state, _Scoring) else _Scoring()
+            scoring.total, scoring.cursor = 0.0, 0
+            sequence = _Sequence(job, seq, list(job.prompt_ids), scoring)
+        job.backend_state = sequence.state
+        self._running[job] = sequence
+
+    def step(self) -> list[StepEvent]:
+        batch = self._plan()
+        if batch.tokens:
+            self._context.decode(batch.tokens)
+        events: list[StepEvent] = []
+        for s, row in batch.generating:
+            self._collect(events, s, self._take_token, row)
+        for s, fed, last_row in batch.prompts:
+            s.fed = fed
+            if last_row is not None:
+                self._collect(events, s, self._finish_prompt, last_row)
+        for s, first_row, rows in batch.candidates:
+            self._collect(events, s, self._take_candidate_rows, first_row, rows)
+        return events
+
+    def stop(self, job: Job, *, preempted: bool = False) -> None:
+        sequence = self._running.pop(job, None)
+        if sequence is None:
+            return
+        try:
+            self._context.forget(sequence.seq)
+        finally:
+            self._free.append(sequence.seq)
+            self._free.sort()
+            if not preempted:
+                job.backend_state = None
+
+    def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        self._executor.shutdown(wait=True)
-        self._llama.close()
+        self._running.clear()
+        try:
+            self._context.close()
+        finally:
+            self._model.close()
 
-    async def _run(self, func: Any, *args: Any) -> Any:
+    # -- internals ----------------------------------------------------------------------
+
+    def _check_open(self) -> None:
         if self._closed:
             raise EngineError("engine is closed", retryable=True)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._run_alone, func, *args)
 
-    def _run_alone(self, func: Any, *args: Any) -> Any:
-        # The worker thread runs one request at a time: every call is a batch of one.
-        if self.on_batch is not None:
-            self.on_batch(1)
-        return func(*args)
-
-    def _token_text(self, token_id: int) -> str:
-        text = self._llama._model.token_get_text(token_id)
-        return text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
-
-    def _prompt_tokens(self, messages: tuple[ChatMessage, ...]) -> list[int]:
-        chat: list[Any] = [{"role": m.role, "content": m.content} for m in messages]
-        rendered = self._formatter(messages=chat)
-        tokens = self._llama.tokenize(rendered.prompt.encode("utf-8"), add_bos=False, special=True)
-        return list(tokens)
-
-    def _check_fits(self, prompt_tokens: int, extra: int) -> None:
-        if prompt_tokens + extra > self._n_ctx:
+    def _check_fits(self, prompt_ids: list[int], extra: int, what: str) -> None:
+        if not prompt_ids:
+            raise EngineError("the prompt has no tokens", retryable=False)
+        if len(prompt_ids) + extra > self.n_ctx:
             raise EngineError(
-                f"prompt of {prompt_tokens} tokens plus {extra} more exceeds the context "
-                f"window of {self._n_ctx} tokens",
+                f"prompt of {len(prompt_ids)} tokens plus {what} ({extra} tokens) exceeds the "
+                f"context window of {self.n_ctx} tokens",
                 retryable=False,
             )
 
-    def _generate_sync(self, request: GenerationRequest) -> Generation:
-        tokens = self._prompt_tokens(request.messages)
-        max_tokens = min(request.max_tokens, self._n_ctx - len(tokens))
-        self._check_fits(len(tokens), 1)
-        started = time.perf_counter()
-        first_token_at: list[float] = []
+    def _plan(self) -> _Batch:
+        """This step's batch: every generating sequence's next token first, then prompt chunks
+        and candidates in start order while the batch has room."""
+        live = [s for s in self._running.values() if not s.done]
+        batch = _Batch()
+        for s in live:
+            if isinstance(s.state, _Generating) and not s.prefilling:
+                position = len(s.job.prompt_ids) + len(s.state.generated) - 1
+                batch.generating.append((s, len(batch.tokens)))
+                batch.tokens.append(Token(s.state.generated[-1], position, s.seq, True))
+        for s in live:
+            room = self._context.capacity - len(batch.tokens)
+            if room <= 0:
+                break
+            if s.prefilling:
+                end = min(len(s.feed), s.fed + room)
+                # A finished prompt's last logits: the first token, or every candidate's first
+                # (a resumed generation has its next token already).
+                wants_row = end == len(s.feed) and (
+                    isinstance(s.state, _Scoring) or not s.state.generated
+                )
+                for position in range(s.fed, end):
+                    row = wants_row and position == end - 1
+                    batch.tokens.append(Token(s.feed[position], position, s.seq, row))
+                batch.prompts.append((s, end, len(batch.tokens) - 1 if wants_row else None))
+            elif isinstance(s.state, _Scoring):
+                # One candidate at a time after the prompt, every token's logits read; the
+                # candidate's last token (the end of turn) is only predicted, never decoded.
+                body = s.job.candidates[len(s.state.logprobs)][:-1]
+                end = min(len(body), s.state.cursor + room)
+                batch.candidates.append((s, len(batch.tokens), end - s.state.cursor))
+                offset = len(s.job.prompt_ids)
+                for i in range(s.state.cursor, end):
+                    batch.tokens.append(Token(body[i], offset + i, s.seq, True))
+        return batch
 
-        def mark_first_token(_ids: Any, logits: Any) -> Any:
-            # Called before each sampling step; the first call ends the prefill.
-            if not first_token_at:
-                first_token_at.append(time.perf_counter())
-            return logits
-
-        completion: Any = self._llama.create_completion(
-            prompt=tokens,
-            max_tokens=max_tokens,
-            temperature=request.temperature,
-            top_p=request.top_p,
-            stop=list(request.stop),
-            seed=request.seed,
-            logits_processor=LogitsProcessorList([mark_first_token]),
+    def _resume_generating(self, job: Job) -> _Generating:
+        if isinstance(job.backend_state, _Generating):
+            return job.backend_state
+        request = job.request
+        if request is None:
+            raise EngineError("a generate job without a request", retryable=False)
+        seed = request.seed
+        if seed is None:
+            seed = derive_seed(self._seed, next(self._jobs))
+        return _Generating(
+            sampler=Sampler(temperature=request.temperature, top_p=request.top_p, seed=seed),
+            text=TextStream(request.stop),
+            started_at=time.perf_counter(),
         )
-        choice = completion["choices"][0]
-        usage = completion["usage"]
-        return Generation(
-            text=choice["text"],
-            finish_reason="length" if choice["finish_reason"] == "length" else "stop",
-            input_tokens=int(usage["prompt_tokens"]),
-            output_tokens=int(usage["completion_tokens"]),
-            first_token_ms=(first_token_at[0] - started) * 1000 if first_token_at else None,
-        )
 
-    def _score_sync(self, messages: tuple[ChatMessage, ...], candidates: tuple[str, ...]) -> Scores:
-        prompt = self._prompt_tokens(messages)
-        continuations = [[*self._tokens(c), self._end_of_turn] for c in candidates]
-        self._check_fits(len(prompt), max(len(c) for c in continuations))
-        llama = self._llama
-        # Evaluate the shared prompt once; its last logits predict every candidate's first token.
-        llama.reset()
-        llama.eval(prompt)
-        n_vocab = llama.n_vocab()
-        first = _log_softmax(np.ctypeslib.as_array(llama._ctx.get_logits(), shape=(n_vocab,)))
-        logprobs: list[float] = []
-        scored = 0
-        for tokens in continuations:
-            total = float(first[tokens[0]])
-            if len(tokens) > 1:
-                # One decode per candidate with logits for every position; llama-cpp-python's
-                # public eval() keeps only the last row unless the whole model has logits_all.
-                llama._ctx.kv_cache_seq_rm(-1, len(prompt), -1)
-                llama._batch.set_batch(batch=tokens[:-1], n_past=len(prompt), logits_all=True)
-                llama._ctx.decode(llama._batch)
-                rows = np.ctypeslib.as_array(
-                    llama._ctx.get_logits(), shape=((len(tokens) - 1) * n_vocab,)
-                ).reshape(len(tokens) - 1, n_vocab)
-                for row, next_token in zip(rows, tokens[1:], strict=True):
-                    total += float(_log_softmax(row)[next_token])
-            logprobs.append(total)
-            scored += len(tokens)
-        llama._ctx.kv_cache_seq_rm(-1, len(prompt), -1)
-        return Scores(logprobs=tuple(logprobs), input_tokens=len(prompt), scored_tokens=scored)
-
-
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits.astype(np.float64) - float(np.max(logits))
-    return shifted - float(np.log(np.exp(shifted).sum()))
-
-
-_MODEL_PARAMS_LOCK = threading.Lock()
-
-
-@contextmanager
-def _model_params(*, use_extra_bufts: bool) -> Iterator[None]:
-    """Load models with llama.cpp's weight repacking ("extra buffer types") on or off.
-
-    `Llama()` does not take the option, so its default model params are adjusted while
-    one model loads. Off by default: the repacked layouts use the fastest instructions the
-    CPU advertises, and some VMs (Firecracker on Sapphire Rapids, measured here) advertise
-    AMX but fault on its tile instructions (SIGILL in `ggml_backend_amx_mul_mat`).
-    """
-    import llama_cpp.llama_cpp as native
-
-    original = native.llama_model_default_params
-
-    def adjusted() -> Any:
-        params = original()
-        params.use_extra_bufts = use_extra_bufts
-        return params
-
-    with _MODEL_PARAMS_LOCK:
-        native.llama_model_default_params = adjusted
+    def _collect(self, events: list[StepEvent], s: _Sequence, handle: Any, *args: Any) -> None:
+        """Run one sequence's share of the step's results; its failure is its own."""
         try:
-            yield
-        finally:
-            native.llama_model_default_params = original
+            event = handle(s, *args)
+        except Exception as exc:
+            log.exception("sequence_failed", extra={"kind": s.job.kind})
+            event = StepEvent(
+                s.job, error=EngineError(f"llama.cpp failed: {type(exc).__name__}", retryable=True)
+            )
+        if event is not None:
+            if event.result is not None or event.error is not None:
+                s.done = True
+            events.append(event)
+
+    def _finish_prompt(self, s: _Sequence, row: int) -> StepEvent | None:
+        if isinstance(s.state, _Generating):
+            return self._take_token(s, row)
+        # The prompt's last logits predict every candidate's first token.
+        logits = self._context.logits(row)
+        s.state.first = [token_logprob(logits, c[0]) for c in s.job.candidates]
+        if len(s.state.logprobs) < len(s.state.first):
+            s.state.total = s.state.first[len(s.state.logprobs)]
+        return self._settle_candidates(s)
+
+    def _take_token(self, s: _Sequence, row: int) -> StepEvent:
+        state = s.state
+        request = s.job.request
+        assert isinstance(state, _Generating) and request is not None
+        token = state.sampler(self._context.logits(row))
+        if state.first_token_at is None:
+            state.first_token_at = time.perf_counter()
+        if self._model.is_end_of_generation(token) or token == self.end_of_turn_id:
+            # Not counted, like llama-cpp-python's completion_tokens.
+            return StepEvent(s.job, text=state.text.finish(), result=self._generation(s, "stop"))
+        state.generated.append(token)
+        text = state.text.feed(self._model.piece(token))
+        finish: FinishReason | None = None
+        if state.text.stopped:
+            finish = "stop"
+        elif (
+            len(state.generated) >= request.max_tokens
+            or len(s.job.prompt_ids) + len(state.generated) >= self.n_ctx
+        ):
+            text += state.text.finish()
+            finish = "length"
+        result = self._generation(s, finish) if finish is not None else None
+        return StepEvent(s.job, new_tokens=1, text=text, result=result)
+
+    def _generation(self, s: _Sequence, finish: FinishReason) -> Generation:
+        state = s.state
+        assert isinstance(state, _Generating)
+        first = state.first_token_at
+        return Generation(
+            text=state.text.text,
+            finish_reason=finish,
+            input_tokens=len(s.job.prompt_ids),
+            output_tokens=len(state.generated),
+            first_token_ms=(first - state.started_at) * 1000 if first is not None else None,
+        )
+
+    def _take_candidate_rows(self, s: _Sequence, first_row: int, rows: int) -> StepEvent | None:
+        state = s.state
+        assert isinstance(state, _Scoring)
+        candidate = s.job.candidates[len(state.logprobs)]
+        for i in range(rows):
+            # The row of candidate token k predicts token k + 1.
+            following = candidate[state.cursor + i + 1]
+            state.total += token_logprob(self._context.logits(first_row + i), following)
+        state.cursor += rows
+        return self._settle_candidates(s)
+
+    def _settle_candidates(self, s: _Sequence) -> StepEvent | None:
+        """Record the candidates whose every token is scored; the result once all are."""
+        state = s.state
+        assert isinstance(state, _Scoring)
+        candidates = s.job.candidates
+        scored = 0
+        while len(state.logprobs) < len(candidates):
+            index = len(state.logprobs)
+            if state.cursor < len(candidates[index]) - 1:
+                break
+            state.logprobs.append(state.total)
+            scored += len(candidates[index])
+            if state.cursor:
+                self._context.forget(s.seq, len(s.job.prompt_ids))
+            state.cursor = 0
+            if index + 1 < len(candidates):
+                state.total = state.first[index + 1]
+        if len(state.logprobs) == len(candidates):
+            result = Scores(
+                logprobs=tuple(state.logprobs),
+                input_tokens=len(s.job.prompt_ids),
+                scored_tokens=sum(len(c) for c in candidates),
+            )
+            return StepEvent(s.job, new_tokens=scored, result=result)
+        return StepEvent(s.job, new_tokens=scored) if scored else None
