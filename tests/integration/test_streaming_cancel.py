@@ -125,7 +125,7 @@ def test_a_librdkafka_requester_reads_chunks_then_the_reply(live: Live) -> None:
         requester.flush()
 
         def final_arrived() -> bool:
-            requester.collect([correlation], timeout_s=0.5)
+            requester.poll()
             return any(a.get("status") != "chunk" for a in requester.answers(correlation))
 
         wait_until_blocking(final_arrived, 120, interval_s=0)
@@ -156,7 +156,7 @@ async def test_cancel_frees_the_slot_for_the_queued_request_and_settles_quota(li
     reading = asyncio.create_task(read_long())
     await wait_until(lambda: len(arrivals) >= 3, 120, what="the long request is generating")
     # Queued behind it (one slot): it can only start once the slot is free.
-    queued = asyncio.create_task(live.client.request(chat(tenant, "Say hi.", 8)))
+    queued = asyncio.create_task(live.client.request(chat(f"{tenant}-next", "Say hi.", 8)))
     await asyncio.sleep(0.5)
     cancelled_at = time.monotonic()
     cancel = await live.client.cancel("long", tenant_id=tenant)
@@ -183,10 +183,8 @@ async def test_cancel_frees_the_slot_for_the_queued_request_and_settles_quota(li
 
     # Quota and usage count what was generated, not the budget.
     usage = admin_usage(live.consumer.port, tenant)
-    assert usage["chat"]["request_count"] == 2
-    assert usage["chat"]["total_tokens"] == (
-        reply.meta.input_tokens + generated + short.meta.input_tokens + short.meta.output_tokens
-    )
+    assert usage["chat"]["request_count"] == 1
+    assert usage["chat"]["total_tokens"] == reply.meta.input_tokens + generated  # not + LONG
     rows = await usage_rows(live.usage_dir, tenant)
     by_status = {(r["status"], r["error_code"]): r for r in rows}
     row = by_status[("error", "cancelled")]
@@ -236,7 +234,7 @@ async def usage_rows(directory: Path, tenant: str) -> list[dict[str, Any]]:
             found[:] = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
         finally:
             connection.close()
-        return len(found) >= 2
+        return bool(found)
 
     await wait_until(lambda: asyncio.to_thread(read), 30, interval_s=0.3, what="the usage rows")
     return found

@@ -150,6 +150,17 @@ class RdkafkaRequester:
             wait_until_blocking(all_arrived, timeout_s, interval_s=0, raise_on_timeout=False)
         return self.replies
 
+    def poll(self, timeout_s: float = 0.2) -> None:
+        """Read at most one more record of the reply topic (streamed chunks included)."""
+        assert self._consumer is not None, "call read_from_start first"
+        message = self._consumer.poll(timeout_s)
+        if message is not None and not message.error():
+            self.replies.append(
+                Reply(
+                    message.partition(), dict(message.headers() or []), json.loads(message.value())
+                )
+            )
+
     def distinct(self, header: str = "correlation_id") -> set[bytes]:
         return {r.headers[header] for r in self.replies if header in r.headers}
 
