@@ -303,3 +303,15 @@ async def test_load_and_info_report_the_scheduler(make_engine: Any) -> None:
     assert engine.info.details["scheduler"]["slots"] == 1  # type: ignore[index]
     backend.gate.set()
     await asyncio.gather(*tasks)
+
+
+async def test_a_burst_of_slots_plus_queue_is_admitted_whole(make_engine: Any) -> None:
+    """What the intake may hand over at once (its bound is slots + queue) never overflows,
+    even when it all reaches the scheduler before a step starts any of it."""
+    backend = ScriptedBackend(slots=2)
+    engine = await make_engine(backend, max_queued=3)
+    backend.gate.clear()
+    burst = [asyncio.create_task(engine.generate(request(key=f"t/{i}"))) for i in range(5)]
+    await wait_until(lambda: engine.load().running == 2)
+    backend.gate.set()
+    assert all(g.output_tokens == 3 for g in await asyncio.gather(*burst))

@@ -121,13 +121,16 @@ def test_cancel_finds_queued_and_running_work_by_key() -> None:
     assert not policy.running and policy.queued == 0
 
 
-def test_the_queue_is_bounded() -> None:
-    policy = Policy(slots=1, max_queued=2)
-    policy.admit(work("a"))
-    policy.admit(work("a"))
+def test_the_queue_is_bounded_beyond_the_free_slots() -> None:
+    policy = Policy(slots=2, max_queued=2)
+    for _ in range(4):  # a burst: two will start at the next schedule, two wait
+        policy.admit(work("a"))
     with pytest.raises(QueueFull):
         policy.admit(work("b"))
-    policy.schedule()  # one starts: room for one more
+    policy.schedule()  # two start: the queue holds its two
+    with pytest.raises(QueueFull):
+        policy.admit(work("b"))
+    policy.finish(policy.running[0])  # a slot frees: room for one more
     policy.admit(work("b"))
 
 
@@ -190,7 +193,7 @@ def test_every_admitted_work_ends_exactly_once_and_bounds_hold(
             try:
                 policy.admit(item)
             except QueueFull:
-                assert policy.queued >= max_queued
+                assert policy.queued >= max_queued + slots - len(policy.running)
                 continue
             admitted.append(item)
         elif action[0] == "step":

@@ -117,8 +117,13 @@ class Policy:
     # -- what the driver tells the policy -----------------------------------------------
 
     def admit(self, work: Work) -> None:
-        """Queue new work; QueueFull when `max_queued` requests already wait."""
-        if self._queued >= self.max_queued:
+        """Queue new work; QueueFull when `max_queued` requests wait beyond the free slots.
+
+        Work arriving together (a burst fetched at once) is admitted before the next
+        `schedule` starts any of it, so the free slots count as room too.
+        """
+        free = max(0, self.slots - len(self._running))
+        if self._queued >= self.max_queued + free:
             raise QueueFull(f"{self._queued} requests are queued (the limit)")
         if not self._active(work.tenant):
             self._lift(work.tenant)
