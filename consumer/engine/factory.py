@@ -81,9 +81,13 @@ def cpu_slots(settings: Settings) -> int:
 
 
 def queue_limit(settings: Settings, slots: int) -> int:
-    """`engine.scheduler.max_queued`, or 4x the slots, at least 32."""
+    """`engine.scheduler.max_queued`, or 16x the slots, at least 64.
+
+    Fairness only orders what the scheduler holds: a queue that takes a burst whole lets
+    another tenant's request in ahead of the burst's tail, instead of behind it in Kafka.
+    """
     configured = settings.engine.scheduler.max_queued
-    return configured if configured is not None else max(32, 4 * slots)
+    return configured if configured is not None else max(64, 16 * slots)
 
 
 def _announce_load(backend: str, model: Path) -> None:

@@ -62,7 +62,7 @@ class SchedulerSettings(BaseModel):
         default=None,
         ge=1,
         le=100_000,
-        description="Requests waiting for a slot. Unset: 4x the backend's slots, at least 32.",
+        description="Requests waiting for a slot. Unset: 16x the backend's slots, at least 64.",
     )
     output_weight: float = Field(
         default=2.0,

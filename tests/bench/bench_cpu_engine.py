@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import tempfile
@@ -86,12 +87,21 @@ def repacking_off() -> Iterator[None]:
         native.llama_model_default_params = original
 
 
-def direct_sequential(prompts: list[str], max_tokens: int) -> tuple[float, int]:
-    """Seconds and generated tokens for the prompts one after another on plain llama.cpp."""
+def direct_sequential(
+    prompts: list[str], max_tokens: int, threads: int | None = None
+) -> tuple[float, int]:
+    """Seconds and generated tokens for the prompts one after another on plain llama.cpp
+    (`threads` None: llama-cpp-python's defaults, half the cores for one token)."""
     from llama_cpp import Llama
 
     with repacking_off():
-        llama = Llama(model_path=str(resolve_gguf(None, None, None)), n_ctx=2048, verbose=False)
+        llama = Llama(
+            model_path=str(resolve_gguf(None, None, None)),
+            n_ctx=2048,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+        )
     try:
         messages = [[{"role": "user", "content": p}] for p in prompts]
         llama.create_chat_completion(messages=messages[0], max_tokens=8, temperature=0.0)
@@ -132,11 +142,16 @@ async def in_flight(
 
 async def through_consumer(args: argparse.Namespace) -> None:
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.prompts)]
-    direct_s, direct_tokens = direct_sequential(prompts, args.max_tokens)
+    cores = len(os.sched_getaffinity(0))
+    print(f"{len(prompts)} chat prompts, max_tokens {args.max_tokens}, greedy, {cores} cores")
+    default_s, default_tokens = direct_sequential(prompts, args.max_tokens)
+    print(f"  direct llama.cpp, its default threads {default_tokens:5d} tokens in "
+          f"{default_s:6.2f} s  {default_tokens / default_s:7.1f} tok/s")  # fmt: skip
+    # The baseline: the same threads as the consumer's engine uses (every core).
+    direct_s, direct_tokens = direct_sequential(prompts, args.max_tokens, cores)
     direct_rate = direct_tokens / direct_s
-    print(f"{len(prompts)} chat prompts, max_tokens {args.max_tokens}, greedy")
-    print(f"  direct llama.cpp, one after another  {direct_tokens:5d} tokens in "
-          f"{direct_s:6.2f} s  {direct_rate:7.1f} tok/s")  # fmt: skip
+    print(f"  direct llama.cpp, {cores} threads, one after another {direct_tokens:5d} tokens "
+          f"in {direct_s:6.2f} s  {direct_rate:7.1f} tok/s  (the baseline)")  # fmt: skip
 
     broker = Broker.start()
     try:
@@ -228,18 +243,22 @@ async def cancel_delay(args: argparse.Namespace) -> None:
             asyncio.create_task(engine.generate(request(f"run-{i}", 300))) for i in range(slots)
         ]
         await wait_until(lambda: all(len(token_times[f"run-{i}"]) >= 10 for i in range(slots)), 120)
+        submitted = time.perf_counter()
         queued = asyncio.create_task(engine.generate(request("queued", 4)))
         await asyncio.sleep(0.3)
         steady = token_times["run-1"][-6:]
         step_s = (steady[-1] - steady[0]) / (len(steady) - 1)
         cancelled_at = time.perf_counter()
         await engine.cancel("run-0")
-        await queued
-        first = token_times["queued"][0]
-        delay = first - cancelled_at
-        print(f"  cancel -> the queued request's first token: {delay * 1000:.0f} ms = "
-              f"{delay / step_s:.1f} decode steps of {step_s * 1000:.0f} ms ({slots} sequences; "
-              "goal: one step, plus its prefill)")  # fmt: skip
+        generation = await queued
+        # When the scheduler gave the queued request the freed slot (it waited until then).
+        started = submitted + generation.timings["queued_ms"] / 1000
+        reuse = started - cancelled_at
+        first = token_times["queued"][0] - cancelled_at
+        print(f"  cancel -> the freed slot taken by the queued request: {reuse * 1000:.0f} ms = "
+              f"{reuse / step_s:.1f} decode steps of {step_s * 1000:.0f} ms ({slots} sequences; "
+              f"goal: one step); -> its first token {first * 1000:.0f} ms = "
+              f"{first / step_s:.1f} steps (its prefill included)")  # fmt: skip
         for task in running[1:]:
             task.cancel()
         await asyncio.gather(*running, return_exceptions=True)

@@ -29,8 +29,8 @@ log = logging.getLogger("opstream.engine.exllamav2")
 
 
 def default_max_queued(max_batch_size: int) -> int:
-    """Requests the scheduler holds beyond those running: a few batches' worth, at least 32."""
-    return max(4 * max_batch_size, 32)
+    """Requests the scheduler holds beyond those running: 16 batches, at least 64."""
+    return max(16 * max_batch_size, 64)
 
 
 def open_backend(

@@ -157,9 +157,11 @@ class Context:
         params.kv_unified = False  # split: each sequence gets n_ctx / n_seq_max cells
         params.n_batch = n_batch
         params.n_ubatch = n_batch
-        cores = os.cpu_count() or 1
-        # llama-cpp-python's Llama defaults: half the cores for one token, all for a batch.
-        params.n_threads = n_threads or max(cores // 2, 1)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        cores = cores or os.cpu_count() or 1
+        # Every core for one token as for a batch (llama-cpp-python's `Llama` uses half the
+        # cores for one token: measured here, 2 threads decode one sequence ~1.35x faster).
+        params.n_threads = n_threads or cores
         params.n_threads_batch = n_threads or cores
         params.flash_attn_type = (
             native.LLAMA_FLASH_ATTN_TYPE_ENABLED
