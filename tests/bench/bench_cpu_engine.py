@@ -160,7 +160,11 @@ async def through_consumer(args: argparse.Namespace) -> None:
         tmp = Path(tempfile.mkdtemp(prefix="opstream-bench-cpu-"))
         settings = merge(
             base_settings(broker, topics, tmp),
-            {"engine": {"backend": "llamacpp"}, "logging": {"level": "WARNING"}},
+            {
+                "engine": {"backend": "llamacpp"},
+                "logging": {"level": "WARNING"},
+                "kafka": {"fetch_max_wait_ms": args.fetch_wait_ms},
+            },
         )
         consumer = ConsumerProcess(settings, fake_engine=False, log_path=tmp / "consumer.log")
         consumer.start()
@@ -173,7 +177,7 @@ async def through_consumer(args: argparse.Namespace) -> None:
                 broker.bootstrap,
                 request_topic=topics.requests,
                 reply_topic=topics.replies,
-                fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+                fetch_max_wait_ms=args.fetch_wait_ms,
                 timeout_s=900,
             ) as client:
                 await client.request(chat("warm-up", prompts[0], 8))
@@ -184,7 +188,8 @@ async def through_consumer(args: argparse.Namespace) -> None:
                     print(f"  consumer, {concurrency} in flight{'':16}{tokens:5d} tokens in "
                           f"{seconds:6.2f} s  {rate:7.1f} tok/s  = {rate / direct_rate:.2f}x "
                           "direct")  # fmt: skip
-                await fairness(client, args)
+                if not args.skip_fairness:
+                    await fairness(client, args)
         finally:
             consumer.stop()
     finally:
@@ -268,7 +273,8 @@ async def cancel_delay(args: argparse.Namespace) -> None:
 
 async def bench(args: argparse.Namespace) -> None:
     await through_consumer(args)
-    await cancel_delay(args)
+    if not args.skip_cancel:
+        await cancel_delay(args)
 
 
 def main() -> None:
@@ -277,6 +283,15 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--flood", type=int, default=64)
     parser.add_argument("--slots", type=int, default=8)
+    parser.add_argument(
+        "--fetch-wait-ms",
+        type=int,
+        default=FETCH_MAX_WAIT_MS,
+        help="consumer's and client's fetch_max_wait_ms (Tansu waits all of it on every "
+        "fetch; the tests' 5 ms keeps it busy polling, which takes CPU from the model)",
+    )
+    parser.add_argument("--skip-fairness", action="store_true")
+    parser.add_argument("--skip-cancel", action="store_true")
     asyncio.run(bench(parser.parse_args()))
 
 
