@@ -118,7 +118,10 @@ def direct_sequential(
 
 
 async def in_flight(
-    client: OperationsClient, bodies: list[dict[str, Any]], concurrency: int
+    client: OperationsClient,
+    bodies: list[dict[str, Any]],
+    concurrency: int,
+    metas: list[Any] | None = None,
 ) -> tuple[float, int, list[float]]:
     """Seconds, generated tokens and per-request latencies with `concurrency` in flight."""
     gate = asyncio.Semaphore(concurrency)
@@ -134,6 +137,8 @@ async def in_flight(
             if reply.status != "ok":
                 raise RuntimeError(f"error reply: {reply.error}")
             tokens += reply.meta.output_tokens
+            if metas is not None:
+                metas.append(reply.meta)
 
     started = time.perf_counter()
     await asyncio.gather(*(one(b) for b in bodies))
@@ -198,11 +203,13 @@ async def through_consumer(args: argparse.Namespace) -> None:
 
 async def fairness(client: OperationsClient, args: argparse.Namespace) -> None:
     small = [chat("tenant-b", PROMPTS[i % len(PROMPTS)], 16) for i in range(4)]
-    _, _, alone = await in_flight(client, small, 4)
+    alone_meta: list[Any] = []
+    crowded_meta: list[Any] = []
+    _, _, alone = await in_flight(client, small, 4, alone_meta)
     flood = [chat("tenant-a", PROMPTS[i % len(PROMPTS)], 32) for i in range(args.flood)]
     flooding = asyncio.create_task(in_flight(client, flood, len(flood)))
     await asyncio.sleep(1.0)
-    _, _, crowded = await in_flight(client, [dict(b) for b in small], 4)
+    _, _, crowded = await in_flight(client, [dict(b) for b in small], 4, crowded_meta)
     flood_s, _, _ = await flooding
     ratio = statistics.median(crowded) / statistics.median(alone)
     print(f"  fairness: tenant A queues {args.flood} requests (32 tokens), tenant B sends 4 "
@@ -210,6 +217,11 @@ async def fairness(client: OperationsClient, args: argparse.Namespace) -> None:
     print(f"    B median latency alone {statistics.median(alone):6.2f} s, behind A's flood "
           f"{statistics.median(crowded):6.2f} s = {ratio:.2f}x (goal <= 2x); A's flood took "
           f"{flood_s:.1f} s")  # fmt: skip
+    for label, metas in (("alone", alone_meta), ("behind the flood", crowded_meta)):
+        queue = statistics.median(m.queue_ms for m in metas)
+        run = statistics.median(m.execution_time_ms for m in metas)
+        print(f"    B {label}: median {queue:.0f} ms in Kafka before the consumer took it, "
+              f"{run:.0f} ms in the engine (queued for a slot + generating)")  # fmt: skip
 
 
 async def cancel_delay(args: argparse.Namespace) -> None:
