@@ -315,3 +315,15 @@ async def test_a_burst_of_slots_plus_queue_is_admitted_whole(make_engine: Any) -
     await wait_until(lambda: engine.load().running == 2)
     backend.gate.set()
     assert all(g.output_tokens == 3 for g in await asyncio.gather(*burst))
+
+
+async def test_first_token_time_counts_from_the_start_not_from_the_queue(make_engine: Any) -> None:
+    backend = ScriptedBackend(slots=1)
+    backend.step_s = 0.01
+    engine = await make_engine(backend)
+    first = asyncio.create_task(engine.generate(request(max_tokens=20, key="t/1")))
+    await wait_until(lambda: engine.load().running == 1)
+    second = await engine.generate(request(max_tokens=1, key="t/2"))
+    await first
+    assert second.timings["queued_ms"] >= 100  # it waited for the first one's slot
+    assert second.first_token_ms is not None and second.first_token_ms < 50  # one step

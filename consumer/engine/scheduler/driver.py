@@ -370,13 +370,14 @@ class SchedulerLoop(threading.Thread):
     def _finished(self, job: Job, result: Generation | Scores) -> Generation | Scores:
         if not isinstance(result, Generation):
             return result
-        queued_ms = ((job.started_at or job.submitted_at) - job.submitted_at) * 1000
+        started = job.started_at or job.submitted_at
         first = job.first_token_at
         return replace(
             result,
-            # From submission: what the requester waits for (queueing included).
-            first_token_ms=(first - job.submitted_at) * 1000 if first else result.first_token_ms,
-            timings={**result.timings, "queued_ms": round(queued_ms, 3)},
+            # From the step that took it in (prefill and the first decode), as the metric and
+            # the trace's prefill_ms say; the wait for a slot is `queued_ms`.
+            first_token_ms=(first - started) * 1000 if first else result.first_token_ms,
+            timings={**result.timings, "queued_ms": round((started - job.submitted_at) * 1000, 3)},
         )
 
     def _end_running(self, backend: Backend, policy: Policy, work: Work, outcome: object) -> None:
