@@ -204,6 +204,7 @@ class RequestProcessor:
         """The reply for a decodable request; the one place errors become replies."""
         serving: tuple[str, Serving] | None = None
         stream: ChunkStream | None = None
+        engine_started: float | None = None
         try:
             request = parse_request(body)
             operation = operation_of(request)
@@ -227,6 +228,7 @@ class RequestProcessor:
             if serving[1].cancel_requested:
                 raise WorkCancelled("", 0, 0)
             serving[1].stage = "in_engine"
+            engine_started = time.perf_counter()
             with (
                 self._tracer.start_as_current_span("opstream.generate") as span,
                 self._in_flight(request.operation),
@@ -268,6 +270,8 @@ class RequestProcessor:
         except WorkCancelled as exc:
             # What it generated until the cancel is what it cost: charged and counted.
             outcome.input_tokens, outcome.output_tokens = exc.input_tokens, exc.output_tokens
+            if engine_started is not None:
+                outcome.execution_ms = (time.perf_counter() - engine_started) * 1000
             outcome.model = self._engine.info.model if exc.input_tokens else None
             self._settle(outcome, exc.input_tokens, exc.output_tokens, RequestCancelled.code)
             stopped = RequestCancelled("the request was cancelled by its tenant")

@@ -695,6 +695,7 @@ async def test_cancelling_a_running_request_answers_both_and_counts_what_ran() -
     assert cancelled.error is not None and cancelled.error.code == "cancelled"
     assert (cancelled.error.http_status, cancelled.error.retryable) == (499, False)
     assert cancelled.meta.output_tokens == 1
+    assert cancelled.meta.execution_time_ms > 0  # it ran until the cancel
 
 
 async def test_a_cancel_for_nothing_open_is_acknowledged_harmlessly() -> None:
