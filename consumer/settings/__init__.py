@@ -43,8 +43,14 @@ class LlamaCppSettings(BaseModel):
         le=64,
         description="Sequences decoded together in one batch per step. Unset: 4 per core, 4 to 16.",
     )
-    n_threads: int | None = Field(default=None, ge=1)
+    n_threads: int | None = Field(default=None, ge=1, description="Unset: every core.")
     n_batch: int = Field(default=512, ge=8)
+    prefill_chunk_tokens: int = Field(
+        default=128,
+        ge=1,
+        description="Prompt tokens one decode step takes at most (chunked prefill): bounds "
+        "how long a step, and so every running sequence's next token, can take.",
+    )
     seed: int = 0
     repack_weights: bool = Field(
         default=False,
@@ -69,6 +75,12 @@ class SchedulerSettings(BaseModel):
         gt=0,
         le=100,
         description="Fairness: a generated token counts this many prompt tokens.",
+    )
+    fair_preemption: bool = Field(
+        default=True,
+        description="When every slot is busy, a tenant below its fair share of the slots "
+        "pauses the latest work of the tenant most above it (backends that can resume work: "
+        "llama.cpp). Off: newcomers wait for a slot to free.",
     )
 
 

@@ -577,3 +577,26 @@ def test_encoding_from_other_threads_while_the_backend_steps(backend: LlamaCppBa
         for worker in workers:
             worker.join()
     assert results and all(r == expected for r in results)
+
+
+def test_a_prefill_chunk_bounds_the_prompt_tokens_of_a_step(
+    backend: LlamaCppBackend, model_path: Path
+) -> None:
+    chunked = LlamaCppBackend(
+        model_path, slots=2, n_ctx=512, n_threads=2, n_batch=512, seed=0, prefill_chunk=8
+    )
+    try:
+        job = generate_job(chunked, PROMPTS[0])
+        steps_to_first_token = 0
+
+        def count(n: int) -> None:
+            nonlocal steps_to_first_token
+            if not outcome(job).new_tokens:
+                steps_to_first_token = n + 1
+
+        drive(chunked, [job], before_step=count)
+        got = outcome(job)
+    finally:
+        chunked.close()
+    assert steps_to_first_token >= -(-len(job.prompt_ids) // 8)
+    assert got.tokens == alone(backend, PROMPTS[0]).tokens  # same output, prompt in pieces

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consumer.engine.scheduler.policy import Policy, QueueFull, Work
+from consumer.engine.scheduler.policy import MAX_PREEMPTIONS, Plan, Policy, QueueFull, Work
 
 
 def work(
@@ -91,6 +91,50 @@ def test_without_preemption_interactive_work_waits_for_a_free_slot() -> None:
     assert policy.schedule().start == ()
     policy.finish(batch)
     assert [w.tenant for w in policy.schedule().start] == ["b"]
+
+
+def test_a_tenant_below_its_fair_share_takes_slots_from_the_one_above_it() -> None:
+    policy = Policy(slots=4, max_queued=100)
+    flood = [work("a") for _ in range(10)]
+    for w in flood:
+        policy.admit(w)
+    policy.schedule()  # a runs 4: every slot
+    newcomers = [work("b"), work("b"), work("b")]
+    for w in newcomers:
+        policy.admit(w)
+    plan = policy.schedule()
+    # Two tenants: a fair share is 2 slots each; b gets 2 now, the latest two of a's pause.
+    assert plan.start == tuple(newcomers[:2])
+    assert plan.preempt == (flood[3], flood[2])
+    assert {w.tenant for w in policy.running} == {"a", "b"}
+    assert policy.schedule() == Plan()  # at its share: nothing more moves
+    # The paused ones resume first when a's turn comes (front of a's queue).
+    policy.finish(newcomers[0])
+    policy.finish(newcomers[1])
+    assert set(policy.schedule().start) <= {flood[2], flood[3], newcomers[2]}
+
+
+def test_fair_share_preemption_needs_a_backend_that_can_resume() -> None:
+    for policy in (
+        Policy(slots=2, max_queued=100, can_preempt=False),
+        Policy(slots=2, max_queued=100, fair_preemption=False),
+    ):
+        for _ in range(4):
+            policy.admit(work("a"))
+        policy.schedule()
+        policy.admit(work("b"))
+        assert policy.schedule() == Plan()
+
+
+def test_work_paused_too_often_is_not_paused_again() -> None:
+    policy = Policy(slots=2, max_queued=100)
+    first, second = work("a"), work("a")
+    policy.admit(first)
+    policy.admit(second)
+    policy.schedule()
+    second.preemptions = first.preemptions = MAX_PREEMPTIONS
+    policy.admit(work("b"))
+    assert policy.schedule() == Plan()
 
 
 def test_queued_work_past_its_deadline_expires_without_running() -> None:

@@ -105,7 +105,12 @@ class LlamaCppBackend:
         seed: int = 0,
         repack_weights: bool = False,
         flash_attn: bool = True,
+        prefill_chunk: int | None = None,
     ) -> None:
+        """`prefill_chunk`: prompt (and label) tokens one step takes at most, besides one
+        token per generating sequence (None: as many as `n_batch` holds). Prefill is
+        compute-bound: a step holding 512 prompt tokens takes ~2 s on 2 cores, and every
+        running sequence, and every request waiting for a slot, waits for it."""
         if slots < 1:
             raise ValueError("slots must be at least 1")
         if n_batch < slots:
@@ -115,6 +120,7 @@ class LlamaCppBackend:
         started = time.perf_counter()
         self.model = model_path.stem
         self.slots = slots
+        self._prefill_chunk = prefill_chunk or n_batch
         self.n_ctx = n_ctx
         self._seed = seed
         self._jobs = count()
@@ -290,10 +296,12 @@ class LlamaCppBackend:
                 position = len(s.job.prompt_ids) + len(s.state.generated) - 1
                 batch.generating.append((s, len(batch.tokens)))
                 batch.tokens.append(Token(s.state.generated[-1], position, s.seq, True))
+        budget = self._prefill_chunk
         for s in live:
-            room = self._context.capacity - len(batch.tokens)
+            room = min(self._context.capacity - len(batch.tokens), budget)
             if room <= 0:
                 break
+            budget -= room  # what this sequence may take; given back below if it takes less
             if s.prefilling:
                 end = min(len(s.feed), s.fed + room)
                 # A finished prompt's last logits: the first token, or every candidate's first
@@ -305,6 +313,7 @@ class LlamaCppBackend:
                     row = wants_row and position == end - 1
                     batch.tokens.append(Token(s.feed[position], position, s.seq, row))
                 batch.prompts.append((s, end, len(batch.tokens) - 1 if wants_row else None))
+                budget += room - (end - s.fed)
             elif isinstance(s.state, _Scoring):
                 # One candidate at a time after the prompt, every token's logits read; the
                 # candidate's last token (the end of turn) is only predicted, never decoded.
@@ -314,6 +323,9 @@ class LlamaCppBackend:
                 offset = len(s.job.prompt_ids)
                 for i in range(s.state.cursor, end):
                     batch.tokens.append(Token(body[i], offset + i, s.seq, True))
+                budget += room - (end - s.state.cursor)
+            else:
+                budget += room  # generating: its token is already in
         return batch
 
     def _resume_generating(self, job: Job) -> _Generating:

@@ -154,6 +154,7 @@ class SchedulerLoop(threading.Thread):
         *,
         max_queued: int,
         output_weight: float = 2.0,
+        fair_preemption: bool = True,
         on_fatal: FatalHandler | None = None,
         clock: Callable[[], float] = time.time,
         name: str = "engine-scheduler",
@@ -166,6 +167,7 @@ class SchedulerLoop(threading.Thread):
         self._make_backend = make_backend
         self._max_queued = max_queued
         self._output_weight = output_weight
+        self._fair_preemption = fair_preemption
         self._clock = clock
         self._inbox: queue.Queue[object] = queue.Queue()
         self._inbox_lock = threading.Lock()
@@ -220,6 +222,7 @@ class SchedulerLoop(threading.Thread):
             slots=backend.slots,
             max_queued=self._max_queued,
             can_preempt=backend.can_preempt,
+            fair_preemption=self._fair_preemption,
             output_weight=self._output_weight,
         )
         self._policy = policy

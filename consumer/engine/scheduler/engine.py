@@ -187,12 +187,17 @@ def start_scheduled_engine(
     *,
     max_queued: int,
     output_weight: float = 2.0,
+    fair_preemption: bool = True,
     on_fatal: Callable[[str], None] | None = None,
 ) -> ScheduledEngine:
     """Start the scheduler thread, build the backend on it and wait until it is ready
     (blocking: call it off the event loop)."""
     scheduler = SchedulerLoop(
-        make_backend, max_queued=max_queued, output_weight=output_weight, on_fatal=on_fatal
+        make_backend,
+        max_queued=max_queued,
+        output_weight=output_weight,
+        fair_preemption=fair_preemption,
+        on_fatal=on_fatal,
     )
     scheduler.start()
     scheduler.ready.result()

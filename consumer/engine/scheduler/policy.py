@@ -33,6 +33,9 @@ PRIORITIES: tuple[Priority, ...] = ("interactive", "batch")
 WorkState = Literal["queued", "running", "done"]
 
 
+MAX_PREEMPTIONS = 3  # a work paused this often is never taken again: it must finish
+
+
 class QueueFull(Exception):
     """The queue holds `max_queued` requests already; try again later."""
 
@@ -96,6 +99,7 @@ class Policy:
         slots: int,
         max_queued: int,
         can_preempt: bool = True,
+        fair_preemption: bool = True,
         prompt_weight: float = 1.0,
         output_weight: float = 2.0,
     ) -> None:
@@ -104,6 +108,7 @@ class Policy:
         self.slots = slots
         self.max_queued = max_queued
         self.can_preempt = can_preempt
+        self.fair_preemption = fair_preemption
         self._prompt_weight = prompt_weight
         self._output_weight = output_weight
         # priority -> tenant -> that tenant's queue, oldest (or preempted) first
@@ -223,7 +228,57 @@ class Policy:
             self._begin(work)
             start.append(work)
             free -= 1
+        if self.can_preempt and self.fair_preemption:
+            # Slots are full: a tenant below its fair share takes one from a tenant above it.
+            # (`fits` is not asked: it counts the slots still held by the work paused here,
+            # and a backend that can pause work takes any work in any slot.)
+            while (swap := self._share_swap(passed)) is not None:
+                work, victim = swap
+                passed.add(id(work))
+                self.requeue(victim)
+                passed.add(id(victim))
+                preempt.append(victim)
+                self._begin(work)
+                start.append(work)
         return Plan(start=tuple(start), preempt=tuple(preempt))
+
+    def _share_swap(self, passed: set[int]) -> tuple[Work, Work] | None:
+        """(waiting work of a tenant below its fair share, running work of the tenant most
+        above it) of the most urgent priority with waiting work, or None.
+
+        A fair share is the slots over the tenants with work of that priority. Only work of the
+        same priority is taken, the latest started first, and never work already paused
+        `MAX_PREEMPTIONS` times (it must get somewhere).
+        """
+        for priority in PRIORITIES:
+            queues = self._queues[priority]
+            if not queues:
+                continue
+            running: dict[str, list[Work]] = {}
+            for w in self._running:
+                if w.priority == priority:
+                    running.setdefault(w.tenant, []).append(w)
+            share = max(1, self.slots // len(set(queues) | set(running)))
+            over = [
+                (len(works), self._counters.get(tenant, 0.0), tenant)
+                for tenant, works in running.items()
+                if len(works) > share and any(w.preemptions < MAX_PREEMPTIONS for w in works)
+            ]
+            if not over:
+                return None
+            for tenant in sorted(queues, key=lambda t: self._counters.get(t, 0.0)):
+                if len(running.get(tenant, ())) >= share:
+                    continue
+                head = next((w for w in queues[tenant] if id(w) not in passed), None)
+                if head is None:
+                    continue
+                victim_tenant = max(over)[2]
+                victim = next(
+                    w for w in reversed(running[victim_tenant]) if w.preemptions < MAX_PREEMPTIONS
+                )
+                return head, victim
+            return None
+        return None
 
     # -- what the policy reports --------------------------------------------------------
 
