@@ -31,3 +31,23 @@ def test_readme_lists_exactly_the_dead_letter_headers_the_consumer_sends() -> No
     documented = documented_dlq_headers()
     assert len(documented) == len(set(documented)), documented
     assert sorted(documented) == sorted(sent)
+
+
+def test_the_readme_lists_every_setting() -> None:
+    from pydantic import BaseModel
+
+    from consumer.settings import Settings
+
+    def names(model: type[BaseModel], prefix: str) -> list[str]:
+        found = []
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                found += names(annotation, f"{prefix}{name.upper()}__")
+            else:
+                found.append(f"{prefix}{name.upper()}")
+        return found
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = [n for n in names(Settings, "OPSTREAM_") if f"| `{n}` |" not in readme]
+    assert not missing, f"README's 'Every setting' table lacks {missing}"
