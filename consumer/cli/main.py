@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -66,6 +67,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args, settings)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`opstream request ... --stream | head`): no traceback, and
+        # nothing more written to the closed pipe at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports it
 
 
 if __name__ == "__main__":

@@ -138,3 +138,23 @@ def test_priority_goes_into_the_body_and_stream_is_a_flag() -> None:
     assert args.stream is True
     with pytest.raises(SystemExit):  # classification has nothing to stream
         build_parser().parse_args(["request", "classify", "--tenant", "a", "--stream"])
+
+
+def test_a_closed_pipe_ends_the_command_quietly(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    import os
+
+    import consumer.cli.core as core
+
+    def reader_went_away(args: Any, settings: Any) -> int:
+        raise BrokenPipeError
+
+    monkeypatch.setattr(core, "cmd_schema", reader_went_away)
+    saved = os.dup(1)
+    try:
+        assert main(["schema", "--out", "/nonexistent"]) == 141
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+    assert "Traceback" not in capfd.readouterr().err
