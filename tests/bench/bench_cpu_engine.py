@@ -24,8 +24,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +42,7 @@ from tests.support.harness import (  # noqa: E402
     ensure_test_topics,
     merge,
 )
+from tests.support.plain_llama import repacking_off  # noqa: E402
 from tests.support.waiting import wait_until  # noqa: E402
 
 PROMPTS = [
@@ -66,25 +65,6 @@ def chat(tenant: str, prompt: str, max_tokens: int) -> dict[str, Any]:
         "max_tokens": max_tokens,
         "temperature": 0.0,
     }
-
-
-@contextmanager
-def repacking_off() -> Iterator[None]:
-    """llama.cpp's weight repacking SIGILLs on VMs that advertise AMX (as the consumer does)."""
-    import llama_cpp.llama_cpp as native
-
-    original = native.llama_model_default_params
-
-    def adjusted() -> Any:
-        params = original()
-        params.use_extra_bufts = False
-        return params
-
-    native.llama_model_default_params = adjusted
-    try:
-        yield
-    finally:
-        native.llama_model_default_params = original
 
 
 def direct_sequential(

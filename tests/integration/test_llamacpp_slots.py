@@ -10,7 +10,6 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from consumer.engine.base import (
 )
 from consumer.engine.models import packaged_smollm2
 from consumer.engine.scheduler.driver import Job
+from tests.support.plain_llama import repacking_off
 
 pytestmark = pytest.mark.integration
 
@@ -337,29 +337,10 @@ def test_a_preempted_score_job_resumes(backend: LlamaCppBackend) -> None:
 # -- (e) scoring ---------------------------------------------------------------------------
 
 
-@contextmanager
-def _no_weight_repacking() -> Iterator[None]:
-    """Llama() with llama.cpp's weight repacking off (it SIGILLs on these VMs), as the old
-    engine loaded it."""
-    native = llama_cpp.llama_cpp
-    original = native.llama_model_default_params
-
-    def adjusted() -> Any:
-        params = original()
-        params.use_extra_bufts = False
-        return params
-
-    native.llama_model_default_params = adjusted
-    try:
-        yield
-    finally:
-        native.llama_model_default_params = original
-
-
 def old_engine_scores(model_path: Path, labels: tuple[str, ...]) -> tuple[float, ...]:
     """The scores of the engine this backend replaces (its `_score_sync`, one request on a
     `Llama` context: the prompt once, then each candidate with logits for every token)."""
-    with _no_weight_repacking():
+    with repacking_off():
         llama = llama_cpp.Llama(
             model_path=str(model_path), n_ctx=512, n_threads=2, n_batch=512, verbose=False
         )
