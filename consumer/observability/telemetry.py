@@ -171,36 +171,13 @@ class Metrics:
         )
 
         # The scheduler's capacity signals (what an autoscaler reads: queued tokens).
-        self.queued_requests = meter.create_observable_gauge(
-            "opstream.scheduler.queued_requests",
-            callbacks=[self._observe_queued_requests],
-            unit="{request}",
-            description="Requests admitted to the engine's scheduler and waiting for a slot.",
-        )
-        self.queued_tokens = meter.create_observable_gauge(
-            "opstream.scheduler.queued_tokens",
-            callbacks=[self._observe_queued_tokens],
-            unit="{token}",
-            description="Prompt + remaining output tokens of the queued requests.",
-        )
-        self.running = meter.create_observable_gauge(
-            "opstream.scheduler.running",
-            callbacks=[self._observe_running],
-            unit="{sequence}",
-            description="Sequences in the running batch.",
-        )
-        self.slots = meter.create_observable_gauge(
-            "opstream.scheduler.slots",
-            callbacks=[self._observe_slots],
-            unit="{sequence}",
-            description="Sequences the engine can run at once.",
-        )
-        self.slot_occupancy = meter.create_observable_gauge(
-            "opstream.scheduler.slot_occupancy",
-            callbacks=[self._observe_occupancy],
-            unit="1",
-            description="Running sequences over slots (0 to 1).",
-        )
+        for name, unit, description, read in _SCHEDULER_GAUGES:
+            meter.create_observable_gauge(
+                f"opstream.scheduler.{name}",
+                callbacks=[self._scheduler_callback(read)],
+                unit=unit,
+                description=description,
+            )
 
     def count_request(self, operation: str, status: str, code: str | None = None) -> None:
         """One answered request; `status` is ok|error, `code` the error code when there is one."""
@@ -278,31 +255,14 @@ class Metrics:
         source = self._engine_info
         return scheduler_state(source() if source is not None else None)
 
-    def _observe_queued_requests(self, options: CallbackOptions) -> Iterable[Observation]:
-        state = self._scheduler()
-        if state is None:
-            return []
-        return [Observation(n, {"priority": p}) for p, n in state.queued_requests.items()]
+    def _scheduler_callback(
+        self, read: Callable[[SchedulerState], list[Observation]]
+    ) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            state = self._scheduler()
+            return [] if state is None else read(state)
 
-    def _observe_queued_tokens(self, options: CallbackOptions) -> Iterable[Observation]:
-        state = self._scheduler()
-        if state is None:
-            return []
-        return [Observation(n, {"priority": p}) for p, n in state.queued_tokens.items()]
-
-    def _observe_running(self, options: CallbackOptions) -> Iterable[Observation]:
-        state = self._scheduler()
-        return [] if state is None else [Observation(state.running)]
-
-    def _observe_slots(self, options: CallbackOptions) -> Iterable[Observation]:
-        state = self._scheduler()
-        return [] if state is None else [Observation(state.slots)]
-
-    def _observe_occupancy(self, options: CallbackOptions) -> Iterable[Observation]:
-        state = self._scheduler()
-        if state is None or not state.slots:
-            return []
-        return [Observation(state.running / state.slots)]
+        return observe
 
     def _gpus(self) -> list[GpuMemory]:
         source = self._engine_info
@@ -330,6 +290,47 @@ def scheduler_state(info: EngineInfo | None) -> SchedulerState | None:
         queued_requests=dict(state.get("queued_requests", {})),
         queued_tokens=dict(state.get("queued_tokens", {})),
     )
+
+
+def _per_priority(counts: dict[str, int]) -> list[Observation]:
+    return [Observation(n, {"priority": p}) for p, n in counts.items()]
+
+
+# (name, unit, description, what to observe) of each scheduler gauge.
+_SCHEDULER_GAUGES: tuple[
+    tuple[str, str, str, Callable[[SchedulerState], list[Observation]]], ...
+] = (
+    (
+        "queued_requests",
+        "{request}",
+        "Requests admitted to the engine's scheduler and waiting for a slot.",
+        lambda s: _per_priority(s.queued_requests),
+    ),
+    (
+        "queued_tokens",
+        "{token}",
+        "Prompt + remaining output tokens of the queued requests.",
+        lambda s: _per_priority(s.queued_tokens),
+    ),
+    (
+        "running",
+        "{sequence}",
+        "Sequences in the running batch.",
+        lambda s: [Observation(s.running)],
+    ),
+    (
+        "slots",
+        "{sequence}",
+        "Sequences the engine can run at once.",
+        lambda s: [Observation(s.slots)],
+    ),
+    (
+        "slot_occupancy",
+        "1",
+        "Running sequences over slots (0 to 1).",
+        lambda s: [Observation(s.running / s.slots)] if s.slots else [],
+    ),
+)
 
 
 @dataclass(frozen=True, slots=True)
