@@ -93,6 +93,9 @@ class RequestProcessor:
     ) -> None:
         """`keyring` None turns authentication off (dev profile only); `quota` None: no quotas."""
         self._engine = engine
+        # Read once: `info` builds health details (GPU memory queries on exllamav2), too much
+        # for every request, and an engine's model never changes.
+        self._model_name = engine.info.model
         self._topics = topics
         self._limits = limits
         self._keyring = keyring
@@ -272,7 +275,7 @@ class RequestProcessor:
             outcome.input_tokens, outcome.output_tokens = exc.input_tokens, exc.output_tokens
             if engine_started is not None:
                 outcome.execution_ms = (time.perf_counter() - engine_started) * 1000
-            outcome.model = self._engine.info.model if exc.input_tokens else None
+            outcome.model = self._model_name if exc.input_tokens else None
             self._settle(outcome, exc.input_tokens, exc.output_tokens, RequestCancelled.code)
             stopped = RequestCancelled("the request was cancelled by its tenant")
             return error_reply(stopped, outcome, self._clock())
@@ -305,7 +308,7 @@ class RequestProcessor:
                 # Every chunk is acknowledged before the final reply is published.
                 await stream.close()
         outcome.status = "ok"
-        outcome.model = self._engine.info.model
+        outcome.model = self._model_name
         outcome.input_tokens = served.input_tokens
         outcome.output_tokens = served.output_tokens
         outcome.execution_ms = served.execution_ms
