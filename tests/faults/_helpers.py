@@ -7,7 +7,6 @@ duplicates) so a test can count every reply a correlation id received.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import uuid
 from collections import defaultdict
@@ -193,18 +192,6 @@ def wait_usage(
 
     wait_until_blocking(finished, timeout_s, interval_s=0.2, raise_on_timeout=False)
     return last[0]
-
-
-async def start_consumer(process: ConsumerProcess, timeout_s: float = 90.0) -> ConsumerProcess:
-    """Start a consumer process and wait (off the event loop) until it is ready."""
-    process.start()
-    try:
-        await asyncio.to_thread(process.wait_ready, timeout_s)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            process.kill()
-        raise
-    return process
 
 
 def log_tail(path: Path, chars: int = 4000) -> str:

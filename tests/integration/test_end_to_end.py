@@ -32,8 +32,10 @@ from tests.support.harness import (
     ConsumerProcess,
     TopicSet,
     base_settings,
+    client_for,
     merge,
     new_topics,
+    start_consumer,
     wait_requests_finished,
 )
 from tests.support.waiting import wait_until
@@ -115,26 +117,6 @@ async def wait_for_records(
 
 def with_header(name: str, value: str) -> Callable[[Record], bool]:
     return lambda record: record.headers.get(name) == value
-
-
-async def start_consumer(process: ConsumerProcess, timeout_s: float = 90.0) -> ConsumerProcess:
-    process.start()
-    try:
-        await asyncio.to_thread(process.wait_ready, timeout_s)
-    except BaseException:
-        process.kill()
-        raise
-    return process
-
-
-def client_for(broker: Broker, topics: TopicSet) -> OperationsClient:
-    return OperationsClient(
-        broker.bootstrap,
-        request_topic=topics.requests,
-        reply_topic=topics.replies,
-        timeout_s=REQUEST_TIMEOUT_S,
-        fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
-    )
 
 
 @dataclass

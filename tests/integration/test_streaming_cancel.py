@@ -22,13 +22,14 @@ import pytest_asyncio
 from consumer.bus.records import CHUNK_SEQ, CONTENT_TYPE, CORRELATION_ID, JSON, REPLY_TO
 from consumer.client import OperationsClient
 from tests.support.harness import (
-    FETCH_MAX_WAIT_MS,
     Broker,
     ConsumerProcess,
     TopicSet,
     base_settings,
+    client_for,
     merge,
     new_topics,
+    start_consumer,
 )
 from tests.support.rdkafka import RdkafkaRequester
 from tests.support.waiting import wait_until, wait_until_blocking
@@ -61,16 +62,9 @@ async def live(broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> Asyn
         },
     )
     consumer = ConsumerProcess(settings, fake_engine=False, log_path=tmp / "consumer.log")
-    consumer.start()
+    await start_consumer(consumer, timeout_s=120.0)
+    client = client_for(broker, topics, timeout_s=120.0)
     try:
-        await asyncio.to_thread(consumer.wait_ready, 120.0)
-        client = OperationsClient(
-            broker.bootstrap,
-            request_topic=topics.requests,
-            reply_topic=topics.replies,
-            timeout_s=120.0,
-            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
-        )
         await client.start()
     except BaseException:
         consumer.kill()
@@ -238,3 +232,78 @@ async def usage_rows(directory: Path, tenant: str) -> list[dict[str, Any]]:
 
     await wait_until(lambda: asyncio.to_thread(read), 30, interval_s=0.3, what="the usage rows")
     return found
+
+
+@pytest.mark.flaky(reruns=1)  # kills a consumer mid-rebalance-prone Tansu (see tests/conftest.py)
+async def test_a_consumer_killed_mid_stream_streams_again_and_answers_once(
+    fresh_broker: Broker, tmp_path: Path
+) -> None:
+    """A stranger's librdkafka requester; the consumer is SIGKILLed while it streams. The next
+    consumer runs the request again from its committed offset: chunks start again at seq 1
+    (the same greedy text), dropping seqs already seen leaves the final text, there is one
+    final reply, and the tenant is charged once."""
+    topics = await new_topics(fresh_broker)
+    settings = merge(
+        base_settings(fresh_broker, topics, tmp_path),
+        {
+            "engine": {"backend": "llamacpp", "llamacpp": {"n_ctx": 1024}},
+            "streaming": {"chunk_tokens": 2, "chunk_ms": 1000},
+            "quota": {"operation_defaults": {"chat": {"requests": 1}}},
+        },
+    )
+    tenant = "killed-mid-stream"
+    first = ConsumerProcess(settings, fake_engine=False, log_path=tmp_path / "first.log")
+    await start_consumer(first, timeout_s=120.0)
+    requester = RdkafkaRequester(fresh_broker.bootstrap, topics.requests, topics.replies)
+    correlation = uuid.uuid4().hex.encode()
+
+    def headers(cid: bytes) -> list[tuple[str, bytes]]:
+        return [(CORRELATION_ID, cid), (REPLY_TO, topics.replies.encode())]
+
+    def arrived(cid: bytes, *, chunks: int = 0, final: bool = False) -> bool:
+        requester.poll()
+        answers = requester.answers(cid)
+        if final:
+            return any(a.get("status") != "chunk" for a in answers)
+        return sum(a.get("status") == "chunk" for a in answers) >= chunks
+
+    second = ConsumerProcess(settings, fake_engine=False, log_path=tmp_path / "second.log")
+    try:
+        requester.read_from_start(topics.partitions)
+        body = chat(tenant, "Count from 1 to 100, one number per line.", 160, stream=True)
+        requester.send(body, key=tenant.encode(), headers=headers(correlation))
+        requester.flush()
+        await asyncio.to_thread(
+            wait_until_blocking, lambda: arrived(correlation, chunks=3), 120, interval_s=0
+        )
+        first.kill()
+        await start_consumer(second, timeout_s=120.0)
+        await asyncio.to_thread(
+            wait_until_blocking, lambda: arrived(correlation, final=True), 180, interval_s=0
+        )
+        # The tenant's limit is one chat a day: the rerun was not a second charge.
+        again = uuid.uuid4().hex.encode()
+        requester.send(chat(tenant, "Say hi.", 4), key=tenant.encode(), headers=headers(again))
+        requester.flush()
+        await asyncio.to_thread(
+            wait_until_blocking, lambda: arrived(again, final=True), 120, interval_s=0
+        )
+        await asyncio.to_thread(requester.drain)  # late duplicates, if any
+    finally:
+        requester.close()
+        first.kill()
+        second.stop()
+
+    answers = requester.answers(correlation)
+    finals = [a for a in answers if a["status"] != "chunk"]
+    assert [f["status"] for f in finals] == ["ok"], finals
+    chunks = [a for a in answers if a["status"] == "chunk"]
+    seen: dict[int, str] = {}
+    for chunk in chunks:
+        seen.setdefault(chunk["seq"], chunk["delta"])
+    assert len(chunks) > len(seen), "the rerun sent its chunks again from seq 1"
+    assert sorted(seen) == list(range(1, len(seen) + 1))
+    text = "".join(seen[seq] for seq in sorted(seen))
+    assert text == finals[0]["result"]["message"]["content"]
+    (refused,) = requester.answers(again)
+    assert refused["error"]["code"] == "quota_exceeded"

@@ -20,10 +20,13 @@ import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from consumer.bus.devbroker import LocalBroker, free_port, start_local_broker
 from tests.support.waiting import wait_until, wait_until_blocking
+
+if TYPE_CHECKING:
+    from consumer.client import OperationsClient
 
 REPO = Path(__file__).resolve().parents[2]
 # Tansu answers a fetch only after the whole fetch_max_wait_ms (DESIGN.md): keep it small.
@@ -413,3 +416,28 @@ async def probe_partitions(bootstrap: str, topic: str, timeout_s: float = 6.0) -
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.gather(producer.stop(), consumer.stop()), timeout_s)
     return f"\n--- probe of {topic}: {report}"
+
+
+async def start_consumer(process: ConsumerProcess, timeout_s: float = 90.0) -> ConsumerProcess:
+    """Start a consumer process and wait (off the event loop) until it is ready."""
+    process.start()
+    try:
+        await asyncio.to_thread(process.wait_ready, timeout_s)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            process.kill()
+        raise
+    return process
+
+
+def client_for(broker: Broker, topics: TopicSet, timeout_s: float = 60.0) -> OperationsClient:
+    """An OperationsClient (not started) for `topics`, polling at the tests' fetch wait."""
+    from consumer.client import OperationsClient
+
+    return OperationsClient(
+        broker.bootstrap,
+        request_topic=topics.requests,
+        reply_topic=topics.replies,
+        timeout_s=timeout_s,
+        fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+    )
