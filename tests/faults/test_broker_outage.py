@@ -22,12 +22,18 @@ from tests.faults._helpers import (
     TopicReader,
     log_tail,
     query_usage,
-    start_consumer,
     summarize_body,
     unique_ids,
     wait_usage,
 )
-from tests.support.harness import Broker, ConsumerProcess, base_settings, merge, new_topics
+from tests.support.harness import (
+    Broker,
+    ConsumerProcess,
+    base_settings,
+    merge,
+    new_topics,
+    start_consumer,
+)
 
 BEFORE, AFTER = 100, 30
 SESSION_TIMEOUT_MS = 6000

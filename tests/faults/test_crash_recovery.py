@@ -19,7 +19,6 @@ from tests.faults._helpers import (
     admin_get,
     broker_diagnosis,
     log_tail,
-    start_consumer,
     summarize_body,
     unique_ids,
     wait_usage,
@@ -31,6 +30,7 @@ from tests.support.harness import (
     ends_of,
     merge,
     new_topics,
+    start_consumer,
     wait_committed,
 )
 

@@ -39,7 +39,6 @@ from tests.faults._helpers import (
     TopicReader,
     header,
     log_tail,
-    start_consumer,
     summarize_body,
     wait_usage,
 )
@@ -50,6 +49,7 @@ from tests.support.harness import (
     base_settings,
     ends_of,
     new_topics,
+    start_consumer,
     wait_committed,
 )
 

@@ -16,12 +16,18 @@ from tests.faults._helpers import (
     RawProducer,
     TopicReader,
     log_tail,
-    start_consumer,
     summarize_body,
     unique_ids,
     wait_usage,
 )
-from tests.support.harness import Broker, ConsumerProcess, base_settings, merge, new_topics
+from tests.support.harness import (
+    Broker,
+    ConsumerProcess,
+    base_settings,
+    merge,
+    new_topics,
+    start_consumer,
+)
 from tests.support.waiting import wait_until
 
 # A broker of its own, and one rerun on a fresh one when Tansu wedges (tests/conftest.py).

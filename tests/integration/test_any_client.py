@@ -20,7 +20,6 @@ import pytest
 import pytest_asyncio
 from aiokafka.partitioner import murmur2
 
-from tests.faults._helpers import start_consumer
 from tests.support.harness import (
     Broker,
     ConsumerProcess,
@@ -28,6 +27,7 @@ from tests.support.harness import (
     base_settings,
     ensure_test_topics,
     merge,
+    start_consumer,
 )
 from tests.support.rdkafka import RdkafkaRequester, crc32_partition, sign_v1, sign_v2
 

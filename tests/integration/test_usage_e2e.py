@@ -25,7 +25,6 @@ from tests.faults._helpers import (
     dumps,
     log_tail,
     query_usage,
-    start_consumer,
     summarize_body,
     wait_usage,
 )
@@ -36,6 +35,7 @@ from tests.support.harness import (
     base_settings,
     ensure_test_topics,
     merge,
+    start_consumer,
 )
 
 MARKER = "PROMPT-TEXT-MUST-NOT-BE-LOGGED"
