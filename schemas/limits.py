@@ -128,6 +128,12 @@ class QuotaCharge(_Wire):
     outcome: str | None = Field(
         default=None, max_length=64, description='"ok" or the error code; null while running'
     )
+    counted: bool = Field(
+        default=True,
+        description="false: it ended without running the model (deadline expired in the "
+        "queue, overloaded, cancelled or failed before it started); it keeps its request id "
+        "but counts no request and no tokens",
+    )
 
 
 def charge_key(tenant_id: str, day: date, request_id: str) -> bytes:

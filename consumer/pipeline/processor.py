@@ -267,8 +267,9 @@ class RequestProcessor:
                     outcome.operation or "unknown", str(exc.details.get("limit_name") or "")
                 )
             return error_reply(exc, outcome, self._clock())
+        # What never reached the model is released (README, Quotas); what did is charged.
         except OpstreamError as exc:
-            self._settle(outcome, 0, 0, exc.code)
+            self._settle(outcome, 0, 0, exc.code, ran=engine_started is not None)
             return error_reply(exc, outcome, self._clock())
         except WorkCancelled as exc:
             # What it generated until the cancel is what it cost: charged and counted.
@@ -276,14 +277,17 @@ class RequestProcessor:
             if engine_started is not None:
                 outcome.execution_ms = (time.perf_counter() - engine_started) * 1000
             outcome.model = self._model_name if exc.input_tokens else None
-            self._settle(outcome, exc.input_tokens, exc.output_tokens, RequestCancelled.code)
+            ran = exc.input_tokens + exc.output_tokens > 0  # else cancelled before it started
+            self._settle(
+                outcome, exc.input_tokens, exc.output_tokens, RequestCancelled.code, ran=ran
+            )
             stopped = RequestCancelled("the request was cancelled by its tenant")
             return error_reply(stopped, outcome, self._clock())
         except WorkExpired as exc:
-            self._settle(outcome, 0, 0, DeadlineExceeded.code)
+            self._settle(outcome, 0, 0, DeadlineExceeded.code, ran=False)
             return error_reply(DeadlineExceeded(str(exc)), outcome, self._clock())
         except EngineOverloaded:
-            self._settle(outcome, 0, 0, Overloaded.code)
+            self._settle(outcome, 0, 0, Overloaded.code, ran=False)
             busy = Overloaded("the engine's queue is full; retry later")
             return error_reply(busy, outcome, self._clock())
         except EngineError as exc:
@@ -291,13 +295,13 @@ class RequestProcessor:
                 "engine_failed",
                 extra={"request_id": outcome.request_id, "error": type(exc).__name__},
             )
-            self._settle(outcome, 0, 0, "internal")
+            self._settle(outcome, 0, 0, "internal", ran=engine_started is not None)
             failure = InternalError(str(exc), retryable=exc.retryable)
             return error_reply(failure, outcome, self._clock())
         except Exception:
             # A bug, not the request's fault: answer it (retryable) rather than block the partition.
             log.exception("request_failed", extra={"request_id": outcome.request_id})
-            self._settle(outcome, 0, 0, "internal")
+            self._settle(outcome, 0, 0, "internal", ran=engine_started is not None)
             failure = InternalError("internal error while serving the request", retryable=True)
             return error_reply(failure, outcome, self._clock())
         finally:
@@ -314,7 +318,7 @@ class RequestProcessor:
         outcome.execution_ms = served.execution_ms
         outcome.first_token_ms = served.first_token_ms
         outcome.finished_at = self._clock()
-        self._settle(outcome, served.input_tokens, served.output_tokens, "ok")
+        self._settle(outcome, served.input_tokens, served.output_tokens, "ok", ran=True)
         return OperationReply(
             status="ok", result=served.result, meta=meta_of(outcome, self._clock())
         )
@@ -402,10 +406,12 @@ class RequestProcessor:
         text_tokens += sum(count(c) for c in prompt.candidates)
         return text_tokens + _TEMPLATE_TOKENS_BASE + _TEMPLATE_TOKENS_PER_MESSAGE * len(messages)
 
-    def _settle(self, outcome: Outcome, input_tokens: int, output_tokens: int, code: str) -> None:
-        # A reservation is lowered to what was really used (nothing, when it failed).
+    def _settle(
+        self, outcome: Outcome, input_tokens: int, output_tokens: int, code: str, *, ran: bool
+    ) -> None:
+        # A reservation is lowered to what ran; released when the model never worked on it.
         if self._quota is not None and outcome.reservation is not None:
-            self._quota.settle(outcome.reservation, input_tokens, output_tokens, code)
+            self._quota.settle(outcome.reservation, input_tokens, output_tokens, code, ran=ran)
 
     def _in_flight(self, operation: str) -> AbstractContextManager[None]:
         if self._telemetry is None:

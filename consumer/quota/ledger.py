@@ -27,6 +27,8 @@ class Charge:
     """Digest of that record's value and headers: tells a verbatim copy from a new request."""
     outcome: str | None = None
     """"ok" or the error code it ended with; None while it runs."""
+    counted: bool = True
+    """False once it ended without running the model: it keeps the id, counts nothing."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +49,27 @@ class Reservation:
 # A request that failed this way was charged no tokens and may be sent again, under the
 # same request_id, as a new record: the new attempt replaces the old charge.
 RETRYABLE_OUTCOMES = frozenset({"internal", "overloaded"})
+
+
+def settled_charge(charge: Charge, outcome: str, *, ran: bool, tokens: int) -> Charge:
+    """A charge once its request ended `outcome` ("ok" or an error code).
+
+    `ran`: the model worked on it (an "ok" always did). What ran is charged: one request
+    and the real token count, capped at what was reserved (a settle never raises a charge,
+    because the freed tokens may already be granted to others). What never ran (deadline
+    expired in the queue, overloaded, cancelled or failed before it started) is released:
+    no request, no tokens, the id still remembered. A record that ran before and did not
+    run this time (a redelivery) keeps its first charge and outcome.
+    """
+    if tokens < 0:
+        raise ValueError("token counts must not be negative")
+    if not charge.counted:
+        return charge  # released already: counting it again would raise the charge
+    if ran or outcome == "ok":
+        return replace(charge, tokens=min(charge.tokens, tokens), settled=True, outcome=outcome)
+    if charge.settled:
+        return charge
+    return replace(charge, tokens=0, settled=True, outcome=outcome, counted=False)
 
 
 class RepeatedRecord(Exception):
@@ -88,9 +111,10 @@ class TenantDay:
         return Usage(found.requests, found.tokens) if found else Usage()
 
     def _count(self, charge: Charge, sign: int) -> None:
+        requests = 1 if charge.counted else 0
         for scope in (charge.operation, TOTAL):
             usage = self._usage.setdefault((charge.epoch, scope), Usage())
-            usage.requests += sign
+            usage.requests += sign * requests
             usage.tokens += sign * charge.tokens
 
 
@@ -133,6 +157,11 @@ class QuotaLedger:
         id is refused: `RepeatedRecord` when it is a verbatim copy (same `fingerprint`),
         `DuplicateRequest` otherwise, except that a new attempt may replace a charge that
         ended in a retryable failure. Without `origin` any repeat counts as a redelivery.
+
+        An id whose request never ran (its charge released) holds no work: any record
+        under it is decided again and charged like a new request, except a verbatim copy
+        at another offset of one that is not retryable (deadline expired, cancelled): its
+        original answer stands (`RepeatedRecord`).
         """
         if operation == TOTAL:
             raise ValueError("a request's operation cannot be the total scope")
@@ -146,7 +175,17 @@ class QuotaLedger:
             charge = earlier.charges.get(request_id) if earlier else None
             if charge is None:
                 continue
-            if origin is None or charge.origin is None or charge.origin == origin:
+            same_record = origin is None or charge.origin is None or charge.origin == origin
+            if not charge.counted:
+                if (
+                    not same_record
+                    and charge.outcome not in RETRYABLE_OUTCOMES
+                    and fingerprint is not None
+                    and charge.fingerprint == fingerprint
+                ):
+                    raise RepeatedRecord(charge_status(charge))
+                break  # nothing of it ran or counts: decided again, as a new request
+            if same_record:
                 # The same record again (a crash or rebalance redelivery): run, don't charge.
                 return Reservation(
                     partition=self.partition,
@@ -217,13 +256,16 @@ class QuotaLedger:
         input_tokens: int,
         output_tokens: int,
         outcome: str = "ok",
+        *,
+        ran: bool = True,
     ) -> None:
-        """Lower the charge from the reserved budget to the real count and note the outcome.
+        """Lower the charge from the reserved budget to what ran and note the outcome; a
+        request that never ran (`ran` False, outcome not "ok") is released.
 
         A settle never raises a charge: a real count above what is charged (more input
         tokens than estimated, or a redelivered request that generated more the second
         time) is capped, because the freed tokens may already be granted to others.
-        So repeats are harmless, and the token limits hold exactly.
+        So repeats are harmless, and the token limits hold exactly (`settled_charge`).
         """
         if input_tokens < 0 or output_tokens < 0:
             raise ValueError("token counts must not be negative")
@@ -231,12 +273,7 @@ class QuotaLedger:
         charge = tenant_day.charges.get(reservation.request_id) if tenant_day else None
         if tenant_day is None or charge is None:
             return  # its day has rolled off: nothing left to correct
-        settled = replace(
-            charge,
-            tokens=min(charge.tokens, input_tokens + output_tokens),
-            settled=True,
-            outcome=outcome,
-        )
+        settled = settled_charge(charge, outcome, ran=ran, tokens=input_tokens + output_tokens)
         if settled != charge:
             tenant_day.put(reservation.request_id, settled)
             self._dirty.add((reservation.tenant_id, reservation.day, reservation.request_id))
@@ -259,6 +296,7 @@ class QuotaLedger:
                 origin=record.origin,
                 fingerprint=record.fingerprint,
                 outcome=record.outcome,
+                counted=record.counted,
             ),
         )
 
@@ -300,6 +338,7 @@ class QuotaLedger:
             origin=charge.origin,
             fingerprint=charge.fingerprint,
             outcome=charge.outcome,
+            counted=charge.counted,
         )
 
     # views

@@ -232,12 +232,15 @@ class QuotaStore:
         input_tokens: int,
         output_tokens: int,
         outcome: str = "ok",
+        *,
+        ran: bool = True,
     ) -> None:
         """Lower a reservation to the real token count (never raises it; never below zero)
-        and note how the request ended ("ok" or its error code)."""
+        and note how the request ended ("ok" or its error code); release it when the model
+        never ran it (`ran` False)."""
         ledger = self._ledgers.get(reservation.partition)
         if ledger is not None:
-            ledger.settle(reservation, input_tokens, output_tokens, outcome)
+            ledger.settle(reservation, input_tokens, output_tokens, outcome, ran=ran)
 
     async def persist(self, partition: int) -> None:
         """Write the partition's changed charges and return once the broker acknowledged them

@@ -24,7 +24,7 @@ from consumer.bus.records import (
     REPLY_TO,
     InboundRecord,
 )
-from consumer.engine.base import EngineOverloaded, WorkExpired
+from consumer.engine.base import EngineError, EngineOverloaded, WorkCancelled, WorkExpired
 from consumer.pipeline import RequestProcessor
 from consumer.settings import OperationLimits, StreamSettings
 from schemas.replies import CancelResult, OperationReply, StreamChunk
@@ -590,6 +590,29 @@ async def test_the_same_record_redelivered_is_answered_again() -> None:
     assert [
         OperationReply.model_validate_json(s.value).status for s in publisher.to(TOPICS.replies)
     ] == ["ok", "ok"]
+
+
+@pytest.mark.parametrize(
+    ("failure", "code", "counts"),
+    [
+        (WorkExpired("the deadline passed in the queue"), "deadline_exceeded", False),
+        (EngineOverloaded("the queue is full"), "overloaded", False),
+        (WorkCancelled("", 0, 0), "cancelled", False),  # cancelled before it started
+        (WorkCancelled("some", 12, 3), "cancelled", True),  # cancelled while it ran
+        (EngineError("the backend failed", retryable=True), "internal", True),
+    ],
+)
+async def test_work_that_never_ran_leaves_the_quota_untouched_and_work_that_ran_counts(
+    failure: Exception, code: str, counts: bool
+) -> None:
+    processor, publisher = quota_processor(requests_per_day=1)
+    engine = processor._engine
+    assert isinstance(engine, FakeEngine)
+    engine.raise_next = failure  # type: ignore[assignment]
+    first = await processor.process(keyed("acme", {**BODIES["chat"], "request_id": "first"}))
+    assert first.error_code == code
+    second = await processor.process(keyed("acme", {**BODIES["chat"], "request_id": "second"}))
+    assert second.error_code == ("quota_exceeded" if counts else None)
 
 
 async def test_a_request_counts_as_in_flight_while_the_engine_runs_it() -> None:

@@ -28,6 +28,7 @@ from consumer.quota.limits import (
 from consumer.quota.partitions import partition_for_tenant
 from consumer.settings.quota import QuotaSettings
 from schemas.limits import QuotaCharge
+from schemas.replies import HTTP_STATUS
 
 UTC_ZONE = ZoneInfo("UTC")
 NOON = datetime(2025, 3, 10, 12, 0, tzinfo=UTC)
@@ -510,3 +511,127 @@ def test_settle_never_goes_negative_and_sums_stay_exact(
         used = led.usage("acme", "chat", NOON)
         assert used.tokens == expected >= 0
         assert used.requests >= 0
+
+
+# ── which outcomes count ──
+
+NEVER_RAN = ("deadline_exceeded", "overloaded", "cancelled", "internal")
+
+
+@pytest.mark.parametrize("code", NEVER_RAN)
+def test_an_outcome_that_never_ran_the_model_leaves_the_quota_untouched(code: str) -> None:
+    led = ledger(book(requests=3, tokens=1000))
+    for n in range(4):
+        res = led.reserve("acme", "chat", f"gone-{n}", 100, 200, NOON)
+        led.settle(res, 0, 0, code, ran=False)
+    assert led.usage("acme", "chat", NOON) == Usage(0, 0)
+    for n in range(3):
+        led.reserve("acme", "chat", f"r{n}", 100, 200, NOON)  # the whole limit is still there
+    with pytest.raises(QuotaExceeded):
+        led.reserve("acme", "chat", "r3", 0, 0, NOON)
+
+
+def test_a_cancel_after_it_started_charges_what_it_generated() -> None:
+    led = ledger(book(requests=None))
+    res = led.reserve("acme", "chat", "r1", 100, 200, NOON)
+    led.settle(res, 100, 7, "cancelled", ran=True)
+    assert led.usage("acme", "chat", NOON) == Usage(1, 107)
+
+
+def test_a_released_charge_is_restored_released() -> None:
+    b = book(requests=None)
+    led = ledger(b)
+    res = led.reserve("acme", "chat", "r1", 10, 100, NOON)
+    led.settle(res, 0, 0, "overloaded", ran=False)
+    copy = ledger(b)
+    for _, _, value in led.take_dirty():
+        copy.load(QuotaCharge.model_validate_json(value), NOON)
+    assert copy.charges() == led.charges()
+    assert copy.usage("acme", "*", NOON) == Usage(0, 0)
+
+
+def test_a_redelivery_that_does_not_run_keeps_the_first_runs_charge() -> None:
+    led = ledger(book(requests=None))
+    first = led.reserve("acme", "chat", "r1", 10, 100, NOON, origin="t/0/5")
+    led.settle(first, 10, 20, "ok")
+    again = led.reserve("acme", "chat", "r1", 10, 100, NOON, origin="t/0/5")
+    assert again.duplicate
+    led.settle(again, 0, 0, "deadline_exceeded", ran=False)  # expired this time
+    assert led.usage("acme", "chat", NOON) == Usage(1, 30)
+    assert led.charges()[("acme", NOON.date(), "r1")].outcome == "ok"
+
+
+def test_a_redelivery_of_a_request_that_never_ran_is_charged_when_it_runs() -> None:
+    led = ledger(book(requests=1))
+    first = led.reserve("acme", "chat", "r1", 10, 100, NOON, origin="t/0/5")
+    led.settle(first, 0, 0, "overloaded", ran=False)
+    again = led.reserve("acme", "chat", "r1", 10, 100, NOON, origin="t/0/5")
+    assert not again.duplicate  # decided again: nothing of it was charged
+    assert led.usage("acme", "chat", NOON) == Usage(1, 110)
+    with pytest.raises(QuotaExceeded):
+        led.reserve("acme", "chat", "r2", 0, 0, NOON)
+
+
+@dataclass(frozen=True)
+class Ended:
+    outcome: str
+    ran: bool
+    input_tokens: int
+    output_tokens: int
+
+
+OUTCOMES = ("ok", *sorted(HTTP_STATUS))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    op_requests=st.none() | st.integers(0, 6),
+    op_tokens=st.none() | st.integers(0, 400),
+    requests=st.lists(
+        st.tuples(
+            st.integers(0, 40),  # reserved input tokens
+            st.integers(0, 60),  # max_tokens
+            st.none()  # still running
+            | st.builds(
+                Ended,
+                st.sampled_from(OUTCOMES),
+                st.booleans(),
+                st.integers(0, 80),
+                st.integers(0, 120),
+            ),
+        ),
+        max_size=12,
+    ),
+)
+def test_every_outcome_charges_what_ran_and_releases_what_never_ran(
+    op_requests: int | None,
+    op_tokens: int | None,
+    requests: list[tuple[int, int, Ended | None]],
+) -> None:
+    """Over every outcome code: a request that ran (every "ok", and any failure the model
+    worked on) counts one request and its real tokens capped at the reservation; one that
+    never ran counts nothing; an unfinished one counts its reservation; limits hold."""
+    led = ledger(book(requests=op_requests, tokens=op_tokens))
+    expected = Usage()
+    for n, (input_tokens, max_tokens, ended) in enumerate(requests):
+        try:
+            res = led.reserve("acme", "chat", f"r{n}", input_tokens, max_tokens, NOON)
+        except QuotaExceeded:
+            continue
+        reserved = input_tokens + max_tokens
+        if ended is None:
+            expected.requests += 1
+            expected.tokens += reserved
+        else:
+            led.settle(res, ended.input_tokens, ended.output_tokens, ended.outcome, ran=ended.ran)
+            if ended.ran or ended.outcome == "ok":
+                expected.requests += 1
+                expected.tokens += min(reserved, ended.input_tokens + ended.output_tokens)
+        assert led.usage("acme", "chat", NOON) == expected
+        assert led.usage("acme", "*", NOON) == expected
+        if op_requests is not None:
+            assert expected.requests <= op_requests
+        if op_tokens is not None:
+            assert expected.tokens <= op_tokens
+    charges = led.charges().values()
+    assert all(c.counted or (c.tokens == 0 and c.settled) for c in charges)

@@ -83,6 +83,30 @@ def test_a_failure_that_is_not_retryable_keeps_the_id_taken() -> None:
         reserve(led, "r1", "t/0/8", "f2")
 
 
+def test_a_new_attempt_after_a_request_that_never_ran_runs_and_is_charged_once() -> None:
+    led = ledger(requests=1)
+    expired = reserve(led, "r1", "t/0/5", "f1")
+    led.settle(expired, 0, 0, "deadline_exceeded", ran=False)
+    assert led.usage("acme", "chat", NOON).requests == 0
+    retry = reserve(led, "r1", "t/0/8", "f2")  # sent again with a longer timeout
+    assert not retry.duplicate
+    assert led.usage("acme", "chat", NOON).requests == 1
+    with pytest.raises(QuotaExceeded):
+        reserve(led, "r2", "t/0/9", "f3")
+
+
+def test_a_verbatim_copy_of_an_expired_request_is_a_repeat_of_an_overloaded_one_a_retry() -> None:
+    led = ledger()
+    expired = reserve(led, "r1", "t/0/5", "f1")
+    led.settle(expired, 0, 0, "deadline_exceeded", ran=False)
+    with pytest.raises(RepeatedRecord):
+        reserve(led, "r1", "t/0/9", "f1")  # its answer stands
+    busy = reserve(led, "r2", "t/0/6", "f2")
+    led.settle(busy, 0, 0, "overloaded", ran=False)
+    assert not reserve(led, "r2", "t/0/10", "f2").duplicate  # a producer's retry runs
+    assert led.usage("acme", "chat", NOON).requests == 1
+
+
 def test_an_id_charged_yesterday_is_still_taken_today() -> None:
     led = ledger()
     reserve(led, "r1", "t/0/5", "f1", now=NOON - timedelta(days=1))
@@ -124,3 +148,46 @@ def test_no_sequence_of_records_runs_more_requests_than_the_limit(
             taken.append((rid, origin, fp))
     assert runs_charged <= limit
     assert led.usage("acme", "chat", NOON).requests == runs_charged
+
+
+endings = st.sampled_from(["ok", "ran-and-failed", "never-ran", "running"])
+
+
+@given(st.lists(st.tuples(record_kinds, endings), min_size=1, max_size=40), st.integers(0, 5))
+def test_no_sequence_of_records_and_outcomes_counts_more_than_what_ran(
+    steps: list[tuple[str, str]], limit: int
+) -> None:
+    """Records of every kind ending every way: the requests counted are exactly the charged
+    runs that ran (or still run), never more than the limit."""
+    led = ledger(requests=limit)
+    taken: list[tuple[str, str, str]] = []
+    state: dict[str, str] = {}  # request_id -> "running" | "ran" | "released"
+    for offset, (kind, ending) in enumerate(steps):
+        origin = f"t/0/{offset}"
+        if kind == "new" or not taken:
+            rid, fp = f"r{offset}", f"f{offset}"
+        elif kind == "same-id-new-body":
+            rid, fp = taken[-1][0], f"f{offset}"
+        elif kind == "verbatim-copy":
+            rid, _, fp = taken[-1]
+        else:
+            rid, origin, fp = taken[-1]
+        try:
+            reservation = reserve(led, rid, origin, fp)
+        except (QuotaExceeded, DuplicateRequest, RepeatedRecord):
+            continue
+        if not reservation.duplicate:
+            state[rid] = "running"
+            taken.append((rid, origin, fp))
+        if ending == "ok":
+            led.settle(reservation, 10, 5, "ok")
+            state[rid] = "ran"
+        elif ending == "ran-and-failed":
+            led.settle(reservation, 10, 5, "internal", ran=True)
+            state[rid] = "ran"
+        elif ending == "never-ran":
+            led.settle(reservation, 0, 0, "overloaded", ran=False)
+            if state[rid] == "running":  # a run that ran before keeps its charge
+                state[rid] = "released"
+        counts = sum(s != "released" for s in state.values())
+        assert led.usage("acme", "chat", NOON).requests == counts <= limit
