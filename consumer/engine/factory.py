@@ -69,6 +69,7 @@ def load_engine(settings: Settings) -> Engine:
         max_queued=queue_limit(settings, slots),
         output_weight=scheduler.output_weight,
         fair_preemption=scheduler.fair_preemption,
+        stall_after_s=scheduler.stall_after_s,
     )
 
 

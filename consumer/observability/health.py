@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Literal
 
 import psutil
@@ -26,6 +26,8 @@ HealthStatus = Literal["healthy", "degraded", "unhealthy"]
 EngineInfoSource = Callable[[], EngineInfo | None]
 BrokerStatusSource = Callable[[], tuple[bool, str]]
 PartitionsSource = Callable[[], Collection[tuple[str, int]]]
+# Batches that hold a partition up because they cannot be read (`consumer.bus.unreadable`).
+UnreadableSource = Callable[[], Sequence[Mapping[str, Any]]]
 
 _MB = 1024 * 1024
 
@@ -36,7 +38,9 @@ class HealthReporter:
     `engine_info` returns the engine's info, or None before an engine exists; an engine whose
     `details` has an `error` entry failed to load. `broker_status` returns (connected, detail).
     `assigned_partitions` returns the (topic, partition) pairs this consumer owns now (aiokafka
-    `TopicPartition`s qualify). `started_at` is the process start in unix seconds.
+    `TopicPartition`s qualify). `unreadable_batches` returns the batches that hold a
+    partition up (each names its partition, error and what to do). `started_at` is the
+    process start in unix seconds.
     """
 
     def __init__(
@@ -47,9 +51,11 @@ class HealthReporter:
         broker_status: BrokerStatusSource,
         assigned_partitions: PartitionsSource,
         require_partitions: bool = True,
+        unreadable_batches: UnreadableSource = lambda: (),
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.started_at = started_at
+        self._unreadable_batches = unreadable_batches
         self._engine_info = engine_info
         self._broker_status = broker_status
         self._assigned_partitions = assigned_partitions
@@ -64,16 +70,22 @@ class HealthReporter:
         """The original platform's health fields plus `gpu` and `broker`.
 
         `status` is `unhealthy` when a probe failed or the engine reports an error,
-        `degraded` while the model is not loaded or the broker is unreachable, else `healthy`.
+        `degraded` while the model is not loaded, the broker is unreachable, the engine is
+        stalled (open work making no progress: `engine_stalled` says how) or a batch that
+        cannot be read holds a partition up (`unreadable_batches` names it), else `healthy`.
         """
         problems: list[str] = []
         info = self._probe("engine", self._engine_info, problems)
         broker = self._probe("broker", self._broker_status, problems)
+        unreadable = self._probe("unreadable_batches", self._unreadable_batches, problems) or ()
 
         status: HealthStatus = "healthy"
         if problems or (info is not None and info.details.get("error")):
             status = "unhealthy"
-        elif info is None or not info.loaded or broker is None or not broker[0]:
+        elif info is None or not info.loaded or broker is None or not broker[0] or unreadable:
+            status = "degraded"
+        stalled = engine_stall(info)
+        if stalled is not None and status == "healthy":
             status = "degraded"
 
         memory = self._process.memory_info()
@@ -97,7 +109,11 @@ class HealthReporter:
                 "connected": bool(broker and broker[0]),
                 "detail": broker[1] if broker else "unknown",
             },
+            # Partitions held up by a batch this instance cannot read, and what to do.
+            "unreadable_batches": [dict(batch) for batch in unreadable],
         }
+        if stalled is not None:
+            body["engine_stalled"] = stalled
         if problems:
             body["problems"] = problems
         elif info is not None and info.details.get("error"):
@@ -134,6 +150,17 @@ class HealthReporter:
             logger.warning("health_probe_failed", extra={"probe": name}, exc_info=True)
             problems.append(f"{name}: {type(exc).__name__}")
             return None
+
+
+def engine_stall(info: EngineInfo | None) -> str | None:
+    """Why the engine is degraded by a stall (open work, no progress), or None."""
+    scheduler = info.details.get("scheduler") if info is not None else None
+    if not isinstance(scheduler, dict) or scheduler.get("stalled_s") is None:
+        return None
+    return (
+        f"no progress for {scheduler['stalled_s']} s with {scheduler.get('running', 0)} running "
+        f"and {sum(scheduler.get('queued_requests', {}).values())} queued"
+    )
 
 
 def _model_entry(info: EngineInfo) -> dict[str, Any]:

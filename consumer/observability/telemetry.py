@@ -143,10 +143,22 @@ class Metrics:
             description="Requests the engine ran together in one batch.",
             explicit_bucket_boundaries_advisory=BATCH_SIZE_BUCKETS,
         )
+        self.abandoned = meter.create_counter(
+            "opstream.intake.abandoned",
+            unit="{record}",
+            description="Records a revocation or shutdown gave up on when the grace ran out: "
+            "left uncommitted, run again by the next owner.",
+        )
         self.quota_rejections = meter.create_counter(
             "opstream.quota.rejections",
             unit="{request}",
             description="Requests refused because a daily limit was used up.",
+        )
+        self.unreadable_batches = meter.create_counter(
+            "opstream.unreadable_batches",
+            unit="{batch}",
+            description="Fetched record batches that could not be read (codec missing, "
+            "corrupt); each one pauses its partition on this instance.",
         )
         self._lag_source: LagSource | None = None
         self.consumer_lag = meter.create_observable_gauge(
@@ -178,6 +190,20 @@ class Metrics:
                 unit=unit,
                 description=description,
             )
+        for name, unit, description in _SCHEDULER_COUNTERS:
+            meter.create_observable_counter(
+                f"opstream.scheduler.{name}",
+                callbacks=[self._scheduler_count(name)],
+                unit=unit,
+                description=description,
+            )
+
+    def _scheduler_count(self, name: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            state = self._scheduler()
+            return [] if state is None else [Observation(state.counts.get(name, 0))]
+
+        return observe
 
     def count_request(self, operation: str, status: str, code: str | None = None) -> None:
         """One answered request; `status` is ok|error, `code` the error code when there is one."""
@@ -224,9 +250,24 @@ class Metrics:
         """An `Engine.on_batch` hook that records each batch of `backend` (thread-safe)."""
         return lambda size: self.observe_batch_size(size, backend)
 
+    def count_abandoned(self, count: int, reason: str) -> None:
+        """Records a drain abandoned unfinished; `reason` is revoke|shutdown."""
+        self.abandoned.add(count, {"reason": reason})
+
     def count_quota_rejection(self, operation: str, limit: str) -> None:
         """A request refused by a quota; `limit` names it (requests, tokens, …)."""
         self.quota_rejections.add(1, {"operation": operation, "limit": limit})
+
+    def count_unreadable_batch(self, topic: str | None, partition: int | None, error: str) -> None:
+        """A fetched batch that could not be read; `error` is aiokafka's exception class name."""
+        self.unreadable_batches.add(
+            1,
+            {
+                "topic": topic or "unknown",
+                "partition": "unknown" if partition is None else str(partition),
+                "error": error,
+            },
+        )
 
     def set_lag_source(self, source: LagSource | None) -> None:
         """Register the callable that reports lag per (topic, partition) at each scrape."""
@@ -277,6 +318,7 @@ class SchedulerState:
     running: int
     queued_requests: dict[str, int]
     queued_tokens: dict[str, int]
+    counts: dict[str, int]  # the scheduler's monotonic counters (`_SCHEDULER_COUNTERS`)
 
 
 def scheduler_state(info: EngineInfo | None) -> SchedulerState | None:
@@ -289,6 +331,7 @@ def scheduler_state(info: EngineInfo | None) -> SchedulerState | None:
         running=int(state.get("running", 0)),
         queued_requests=dict(state.get("queued_requests", {})),
         queued_tokens=dict(state.get("queued_tokens", {})),
+        counts={name: int(state.get(name) or 0) for name, _, _ in _SCHEDULER_COUNTERS},
     )
 
 
@@ -330,6 +373,20 @@ _SCHEDULER_GAUGES: tuple[
         "Running sequences over slots (0 to 1).",
         lambda s: [Observation(s.running / s.slots)] if s.slots else [],
     ),
+)
+
+
+# (name, unit, description) of each counter the scheduler keeps (engine details["scheduler"]).
+_SCHEDULER_COUNTERS: tuple[tuple[str, str, str], ...] = (
+    ("preemptions", "{request}", "Running work paused for other work (it resumes later)."),
+    ("reprefill_tokens", "{token}", "Tokens prefilled again when paused work resumed."),
+    ("refused_starts", "{request}", "Starts the backend refused (requeued, never answered)."),
+    (
+        "disagreements",
+        "{request}",
+        "Running work the backend no longer advanced (answered retryable).",
+    ),
+    ("stalls", "{stall}", "Times open work made no progress for engine.scheduler.stall_after_s."),
 )
 
 

@@ -65,6 +65,9 @@ class ScriptedBackend:
     def fits(self, job: Job, chosen: list[Job]) -> bool:
         return True
 
+    def live(self) -> int:
+        return len(self.running)
+
     def start(self, job: Job) -> None:
         done = job.backend_state or 0
         self.running[job] = done
@@ -327,3 +330,55 @@ async def test_first_token_time_counts_from_the_start_not_from_the_queue(make_en
     await first
     assert second.timings["queued_ms"] >= 100  # it waited for the first one's slot
     assert second.first_token_ms is not None and second.first_token_ms < 50  # one step
+
+
+class LeakyBackend(ScriptedBackend):
+    """Slots held by something the scheduler never started: it can start nothing."""
+
+    def free_slots(self) -> int:
+        return 0
+
+
+class ForgetfulBackend(ScriptedBackend):
+    """Accepts a start and then does not run it (live 0): the policy and it disagree."""
+
+    def start(self, job: Job) -> None:
+        self.log.append(("start", label(job)))
+
+    def live(self) -> int:
+        return 0
+
+
+async def test_work_that_cannot_start_stalls_without_spinning_and_is_reported(
+    make_engine: Any,
+) -> None:
+    backend = LeakyBackend(slots=2)
+    engine = await make_engine(backend, stall_after_s=0.3)
+    waiting = asyncio.create_task(engine.generate(request(key="t/1")))
+    await wait_until(lambda: engine.info.details["scheduler"]["stalled_s"] is not None)
+    scheduler = engine.info.details["scheduler"]
+    assert scheduler["stalls"] == 1 and scheduler["queued_requests"]["interactive"] == 1
+    assert backend.steps == 0  # nothing to step: the loop waited instead of spinning
+    # Closing a stalled engine ends at once and answers what waited, retryably.
+    started = time.perf_counter()
+    await engine.close()
+    assert time.perf_counter() - started < 2.0
+    with pytest.raises(EngineError) as ended:
+        await waiting
+    assert ended.value.retryable
+
+
+async def test_running_work_the_backend_does_not_advance_is_answered_not_stepped_forever(
+    make_engine: Any,
+) -> None:
+    backend = ForgetfulBackend(slots=2)
+    engine = await make_engine(backend)
+    with pytest.raises(EngineError) as lost:
+        await asyncio.wait_for(engine.generate(request(key="t/1")), 5)
+    assert lost.value.retryable and "lost track" in str(lost.value)
+    assert backend.steps <= 1
+    assert engine.info.details["scheduler"]["disagreements"] == 1
+    # The slot is the policy's again: later work is planned (and answered) too.
+    with pytest.raises(EngineError):
+        await asyncio.wait_for(engine.generate(request(key="t/2")), 5)
+    assert engine.load().running == 0

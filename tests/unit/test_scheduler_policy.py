@@ -98,7 +98,8 @@ def test_a_tenant_below_its_fair_share_takes_slots_from_the_one_above_it() -> No
     flood = [work("a") for _ in range(10)]
     for w in flood:
         policy.admit(w)
-    policy.schedule()  # a runs 4: every slot
+    for running in policy.schedule().start:  # a runs 4: every slot
+        policy.charge(running, policy.min_run_tokens)  # progress enough to be paused
     newcomers = [work("b"), work("b"), work("b")]
     for w in newcomers:
         policy.admit(w)
@@ -127,7 +128,7 @@ def test_fair_share_preemption_needs_a_backend_that_can_resume() -> None:
 
 
 def test_work_paused_too_often_is_not_paused_again() -> None:
-    policy = Policy(slots=2, max_queued=100)
+    policy = Policy(slots=2, max_queued=100, min_run_tokens=0)
     first, second = work("a"), work("a")
     policy.admit(first)
     policy.admit(second)

@@ -57,6 +57,9 @@ class PagedBackend(Exl2Backend):
     # can never free (the generator's own max_batch_size keeps the next job waiting meanwhile,
     # and the steps for that job advance the stray one).
 
+    def live(self) -> int:
+        return len(self._running) + (1 if self._score is not None else 0)
+
     def free_slots(self) -> int:
         rows = max(self.slots - len(self._running), 0)
         return rows + (1 if self._score is None else 0)

@@ -45,6 +45,11 @@ class StaticBackend(Exl2Backend):
         batch = self._batch
         return 0 if batch is None else batch.size
 
+    def live(self) -> int:
+        batch = self._batch
+        rows = 0 if batch is None else sum(1 for row in batch.rows if not row.done)
+        return len(self._forming) + rows + (1 if self._score is not None else 0)
+
     def free_slots(self) -> int:
         rows = 0 if self._batch is not None else self.slots - len(self._forming)
         return rows + (1 if self._score is None else 0)

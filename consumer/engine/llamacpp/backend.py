@@ -28,7 +28,7 @@ from consumer.engine.base import (
 from consumer.engine.llamacpp.native import Context, Model, Token
 from consumer.engine.llamacpp.sampling import Sampler, derive_seed, token_logprob
 from consumer.engine.llamacpp.text import TextStream
-from consumer.engine.scheduler.driver import Job, StepEvent
+from consumer.engine.scheduler.driver import Job, SlotUnavailable, StepEvent
 
 log = logging.getLogger(__name__)
 
@@ -207,14 +207,18 @@ class LlamaCppBackend:
         return len(self._free)
 
     def fits(self, job: Job, chosen: list[Job]) -> bool:
-        # Every job fits a free slot: check_* refused those longer than a slot's context.
-        return len(chosen) < len(self._free)
+        # Every job fits any slot (check_* refused those longer than a slot's context); how
+        # many slots are free is the scheduler's count.
+        return True
+
+    def live(self) -> int:
+        return sum(1 for s in self._running.values() if not s.done)
 
     def start(self, job: Job) -> None:
         if job in self._running:
             raise EngineError("the job is running already", retryable=False)
         if not self._free:
-            raise EngineError("no free slot", retryable=True)
+            raise SlotUnavailable(f"no free slot ({len(self._running)} of {self.slots} held)")
         seq = self._free.pop(0)
         try:
             # A slot whose stop failed may still hold cells.

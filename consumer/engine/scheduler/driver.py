@@ -74,6 +74,25 @@ class StepEvent:
     error: EngineError | None = None
 
 
+class SlotUnavailable(EngineError):
+    """The backend has no slot for a job now: the scheduler requeues it (never answered)."""
+
+    def __init__(self, message: str = "no free slot") -> None:
+        super().__init__(message, retryable=True)
+
+
+@dataclass
+class SchedulerStats:
+    """What the loop counted since it started (monotonic), and whether it is stalled now."""
+
+    preemptions: int = 0  # running work paused for other work (it resumes later)
+    reprefill_tokens: int = 0  # tokens prefilled again when paused work resumed
+    refused_starts: int = 0  # starts the backend refused (requeued, never answered)
+    disagreements: int = 0  # running work the backend no longer advanced (answered retryable)
+    stalls: int = 0  # times open work made no progress for `stall_after_s`
+    stalled_since: float | None = None  # monotonic time progress stopped, while stalled
+
+
 class BackendLost(Exception):
     """The backend can no longer run anything in this process (e.g. a sticky CUDA error)."""
 
@@ -101,15 +120,22 @@ class Backend(Protocol):
     def check_score(self, prompt_ids: list[int], candidates: list[list[int]]) -> None: ...
 
     def free_slots(self) -> int:
-        """How many more jobs it could start now."""
+        """How many more jobs it could start now (the policy plans no more than this, plus
+        one per job the same plan preempts)."""
         ...
 
     def fits(self, job: Job, chosen: list[Job]) -> bool:
-        """Whether `job` can start now alongside `chosen` (already picked for this step)."""
+        """Whether the backend's shape limits let `job` start beside `chosen` (already picked
+        for this step); the count of free slots is not its business."""
         ...
 
     def start(self, job: Job) -> None:
-        """Take `job` into a free slot (resuming it when it was preempted)."""
+        """Take `job` into a free slot (resuming it when it was preempted); SlotUnavailable
+        when there is none (the job goes back to the queue, unanswered)."""
+
+    def live(self) -> int:
+        """Started jobs the next step advances (not finished, not stopped)."""
+        ...
 
     def step(self) -> list[StepEvent]:
         """Advance every started job by one step (prefill or one token)."""
@@ -157,8 +183,12 @@ class SchedulerLoop(threading.Thread):
         fair_preemption: bool = True,
         on_fatal: FatalHandler | None = None,
         clock: Callable[[], float] = time.time,
+        stall_after_s: float = 30.0,
+        idle_wait_s: float = 0.5,
         name: str = "engine-scheduler",
     ) -> None:
+        """`idle_wait_s`: how long one cycle waits for new work when there is nothing to do
+        (a tenth of it when open work cannot move); tests that drive `cycle` pass 0."""
         super().__init__(name=name, daemon=True)
         self.ready: concurrent.futures.Future[Backend] = concurrent.futures.Future()
         self.on_batch: BatchObserver | None = None
@@ -175,6 +205,10 @@ class SchedulerLoop(threading.Thread):
         self._policy: Policy | None = None
         self._load: Load | None = None
         self._open: set[Job] = set()  # admitted and not yet answered
+        self._stall_after_s = stall_after_s
+        self._idle_wait_s = idle_wait_s
+        self._last_progress = time.monotonic()
+        self.stats = SchedulerStats()
 
     # -- callers' side (any thread) -----------------------------------------------------
 
@@ -218,18 +252,11 @@ class SchedulerLoop(threading.Thread):
         except BaseException as exc:
             self.ready.set_exception(exc)
             return
-        policy = Policy(
-            slots=backend.slots,
-            max_queued=self._max_queued,
-            can_preempt=backend.can_preempt,
-            fair_preemption=self._fair_preemption,
-            output_weight=self._output_weight,
-        )
-        self._policy = policy
-        self._load = policy.load()
+        policy = self.bind(backend)
         self.ready.set_result(backend)
         try:
-            self._serve(backend, policy)
+            while self.cycle(backend, policy):
+                pass
         except BackendLost as lost:
             self._die(str(lost))
         except Exception as exc:
@@ -241,43 +268,133 @@ class SchedulerLoop(threading.Thread):
             except Exception:
                 log.exception("backend_close_failed")
 
-    def _serve(self, backend: Backend, policy: Policy) -> None:
-        while True:
-            idle = not policy.running and policy.queued == 0
-            if not self._take_inbox(backend, policy, block=idle):
-                self._stop_accepting(EngineError("engine is shutting down", retryable=True))
-                return
-            for work in policy.expire(self._clock()):
-                job = work.payload
-                self._answer(
-                    job, WorkExpired("the deadline passed while the request waited to run")
-                )
-            self._start_planned(backend, policy)
-            self._load = policy.load()
-            if not policy.running:
-                continue
-            self._report_batch(len(policy.running))
-            try:
-                events = backend.step()
-            except BackendLost:
-                raise
-            except Exception as exc:
-                log.exception("engine_step_failed", extra={"running": len(policy.running)})
-                error = exc if isinstance(exc, EngineError) else None
-                for work in policy.running:
-                    self._end_running(backend, policy, work, error or _step_error(exc))
-                continue
-            for event in events:
-                self._apply(backend, policy, event)
-            self._load = policy.load()
+    def bind(self, backend: Backend) -> Policy:
+        """The policy for `backend`'s slots (called once, by `run`, before the first cycle)."""
+        policy = Policy(
+            slots=backend.slots,
+            max_queued=self._max_queued,
+            can_preempt=backend.can_preempt,
+            fair_preemption=self._fair_preemption,
+            output_weight=self._output_weight,
+        )
+        self._policy = policy
+        self._load = policy.load()
+        return policy
 
-    def _take_inbox(self, backend: Backend, policy: Policy, *, block: bool) -> bool:
-        """Admit new jobs and apply cancels; False once close() was called."""
+    def cycle(self, backend: Backend, policy: Policy) -> bool:
+        """One turn of the loop, in the order a person thinks: take new work and cancels,
+        expire what waited too long, stop what the plan preempts and start what it starts,
+        step the backend and apply what it did. False once closed (all open work answered).
+
+        `run` calls it until then; tests drive it directly.
+        """
+        idle = not policy.running and policy.queued == 0
+        took = self._take_inbox(backend, policy, block=idle and self._idle_wait_s > 0)
+        if took is None:
+            self._stop_accepting(EngineError("engine is shutting down", retryable=True))
+            return False
+        progressed = took
+        for work in policy.expire(self._clock()):
+            job = work.payload
+            self._answer(job, WorkExpired("the deadline passed while the request waited to run"))
+            progressed = True
+        progressed |= self._start_planned(backend, policy)
+        self._load = policy.load()
+        if policy.running:
+            progressed |= self._step(backend, policy)
+            self._load = policy.load()
+        if progressed or (not policy.running and policy.queued == 0):
+            self._progressed()
+            return True
+        # Nothing can move now (every slot held, nothing to step): wait for the inbox instead
+        # of spinning, and report it if it lasts.
+        self._no_progress(policy)
+        if not self._wait_inbox(self._idle_wait_s / 10):
+            self._stop_accepting(EngineError("engine is shutting down", retryable=True))
+            return False
+        return True
+
+    def _step(self, backend: Backend, policy: Policy) -> bool:
+        """One backend step; whether anything moved."""
+        live = backend.live()
+        self._report_batch(len(policy.running))
         try:
-            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            events = backend.step()
+        except BackendLost:
+            raise
+        except Exception as exc:
+            log.exception("engine_step_failed", extra={"running": len(policy.running)})
+            error = exc if isinstance(exc, EngineError) else None
+            for work in policy.running:
+                self._end_running(backend, policy, work, error or _step_error(exc))
+            return True
+        for event in events:
+            self._apply(backend, policy, event)
+        if events or live:
+            return True
+        # The policy has running work that the backend does not advance: they disagree. Free
+        # the slots and answer retryably rather than step forever on nothing.
+        self.stats.disagreements += len(policy.running)
+        log.error(
+            "scheduler_backend_disagree",
+            extra={"running": len(policy.running), "backend_free": backend.free_slots()},
+        )
+        for work in policy.running:
+            self._end_running(
+                backend,
+                policy,
+                work,
+                EngineError("the engine lost track of this request", retryable=True),
+            )
+        return True
+
+    def _progressed(self) -> None:
+        self._last_progress = time.monotonic()
+        if self.stats.stalled_since is not None:
+            log.warning(
+                "engine_progress_resumed",
+                extra={"stalled_s": round(time.monotonic() - self.stats.stalled_since, 3)},
+            )
+            self.stats.stalled_since = None
+
+    def _no_progress(self, policy: Policy) -> None:
+        if self.stats.stalled_since is not None:
+            return
+        if time.monotonic() - self._last_progress < self._stall_after_s:
+            return
+        self.stats.stalls += 1
+        self.stats.stalled_since = self._last_progress
+        log.error(
+            "engine_stalled",
+            extra={
+                "queued": policy.queued,
+                "running": len(policy.running),
+                "no_progress_s": round(time.monotonic() - self._last_progress, 3),
+            },
+        )
+
+    def _wait_inbox(self, timeout_s: float) -> bool:
+        """Block until something arrives in the inbox or `timeout_s` passes (it stays there);
+        False once close() was called."""
+        try:
+            item = self._inbox.get(timeout=timeout_s) if timeout_s > 0 else self._inbox.get_nowait()
+        except queue.Empty:
+            return True
+        if item is _CLOSE:
+            return False
+        self._inbox.put(item)  # order within the inbox does not matter to the policy
+        return True
+
+    def _take_inbox(self, backend: Backend, policy: Policy, *, block: bool) -> bool | None:
+        """Admit new jobs and apply cancels; whether there were any; None once close() was
+        called."""
+        took = False
+        try:
+            item = self._inbox.get(timeout=self._idle_wait_s) if block else self._inbox.get_nowait()
             while True:
                 if item is _CLOSE:
-                    return False
+                    return None
+                took = True
                 if isinstance(item, Job):
                     self._admit(policy, item)
                 elif isinstance(item, _Cancel):
@@ -286,7 +403,7 @@ class SchedulerLoop(threading.Thread):
                     self._drop(backend, policy, item.job)
                 item = self._inbox.get_nowait()
         except queue.Empty:
-            return True
+            return took
 
     def _admit(self, policy: Policy, job: Job) -> None:
         work = Work(
@@ -330,31 +447,53 @@ class SchedulerLoop(threading.Thread):
             self._halt(backend, job)
         self._open.discard(job)
 
-    def _start_planned(self, backend: Backend, policy: Policy) -> None:
+    def _start_planned(self, backend: Backend, policy: Policy) -> bool:
+        """Stop what the plan preempts, then start what it starts; whether it did anything."""
+
         def fits(work: Work, chosen: list[Work]) -> bool:
             return backend.fits(work.payload, [w.payload for w in chosen])
 
         plan = policy.schedule(backend.free_slots(), fits)
         for work in plan.preempt:
+            self.stats.preemptions += 1
             self._halt(backend, work.payload, preempted=True)
+        started = False
         for work in plan.start:
             job: Job = work.payload
             try:
                 backend.start(job)
             except BackendLost:
                 raise
+            except SlotUnavailable as refused:
+                # The policy counted a slot the backend does not have: the job waits for the
+                # next one, unanswered (never `internal` for the scheduler's own mistake).
+                policy.unstart(work)
+                self.stats.refused_starts += 1
+                log.warning(
+                    "engine_start_refused",
+                    extra={"kind": job.kind, "reason": str(refused), "free": backend.free_slots()},
+                )
+                continue
             except Exception as exc:
                 log.exception("engine_start_failed", extra={"kind": job.kind})
-                policy.finish(work)
-                self._answer(job, exc if isinstance(exc, EngineError) else _step_error(exc))
+                self._end_running(
+                    backend, policy, work, exc if isinstance(exc, EngineError) else _step_error(exc)
+                )
                 continue
+            started = True
+            if work.preemptions and job.backend_state is not None:
+                self.stats.reprefill_tokens += len(job.prompt_ids) + job.output_tokens
             if job.started_at is None:
                 job.started_at = time.perf_counter()
+        return started or bool(plan.preempt)
 
     def _apply(self, backend: Backend, policy: Policy, event: StepEvent) -> None:
         job = event.job
         work = job.work
         if work is None or job not in self._open:
+            # Answered already (cancelled, failed): it must not hold its slot on.
+            if event.result is not None or event.error is not None:
+                self._halt(backend, job)
             return
         if event.new_tokens:
             policy.charge(work, event.new_tokens)

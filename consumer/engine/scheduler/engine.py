@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -81,6 +82,8 @@ class ScheduledEngine:
     @property
     def info(self) -> EngineInfo:
         load = self._scheduler.load
+        stats = self._scheduler.stats
+        stalled = stats.stalled_since
         details: dict[str, object] = {
             **self._backend.details(),
             "scheduler": {
@@ -88,6 +91,13 @@ class ScheduledEngine:
                 "running": load.running,
                 "queued_requests": dict(load.queued_requests),
                 "queued_tokens": dict(load.queued_tokens),
+                "preemptions": stats.preemptions,
+                "reprefill_tokens": stats.reprefill_tokens,
+                "refused_starts": stats.refused_starts,
+                "disagreements": stats.disagreements,
+                "stalls": stats.stalls,
+                # Seconds since open work last made progress, while stalled (else None).
+                "stalled_s": None if stalled is None else round(time.monotonic() - stalled, 1),
             },
         }
         fatal = self._scheduler.fatal_error
@@ -189,6 +199,7 @@ def start_scheduled_engine(
     output_weight: float = 2.0,
     fair_preemption: bool = True,
     on_fatal: Callable[[str], None] | None = None,
+    stall_after_s: float = 30.0,
 ) -> ScheduledEngine:
     """Start the scheduler thread, build the backend on it and wait until it is ready
     (blocking: call it off the event loop)."""
@@ -198,6 +209,7 @@ def start_scheduled_engine(
         output_weight=output_weight,
         fair_preemption=fair_preemption,
         on_fatal=on_fatal,
+        stall_after_s=stall_after_s,
     )
     scheduler.start()
     scheduler.ready.result()

@@ -18,6 +18,14 @@ Priority: `interactive` work always starts before `batch` work. When interactive
 waiting and no slot is free, the policy preempts running batch work (latest started first) if
 the backend can resume it, so batch work never holds interactive work back by more than the
 step in progress.
+
+A plan is consistent by construction, so a backend is never asked for what it cannot do: the
+slots a plan fills are the backend's free slots plus one per preemption in the same plan
+(the driver stops the preempted work before it starts anything), work started in a plan is
+never preempted by it, and work preempted by a plan is never started by it. Fair-share
+preemption only pauses work that has made progress since it last started
+(`min_run_tokens`), so a paused request always gets somewhere before it can be paused again
+(at most `MAX_PREEMPTIONS` times).
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ class Work:
     payload: Any = None  # the driver's own state (future, backend sequence, ...)
     state: WorkState = "queued"
     served_tokens: int = 0  # generated so far (survives preemption)
+    served_at_start: int = 0  # served_tokens when it last started (progress since then)
     preemptions: int = 0
     seq: int = field(default=0)  # arrival order, set by admit
 
@@ -62,7 +71,9 @@ class Work:
         return self.prompt_tokens + max(0, self.max_tokens - self.served_tokens)
 
 
-# fits(work, chosen so far in this plan) -> whether the backend can take `work` now
+# fits(work, chosen so far in this plan) -> whether the backend's shape limits (a padded
+# batch, a score-only slot) let `work` start beside `chosen`; how many slots are free is the
+# policy's count (`schedule(free_slots)` plus what the plan preempts), not `fits`'s.
 Fits = Callable[[Work, list[Work]], bool]
 
 
@@ -102,6 +113,7 @@ class Policy:
         fair_preemption: bool = True,
         prompt_weight: float = 1.0,
         output_weight: float = 2.0,
+        min_run_tokens: int = 16,
     ) -> None:
         if slots < 1 or max_queued < 1:
             raise ValueError("slots and max_queued must be at least 1")
@@ -111,6 +123,7 @@ class Policy:
         self.fair_preemption = fair_preemption
         self._prompt_weight = prompt_weight
         self._output_weight = output_weight
+        self.min_run_tokens = min_run_tokens
         # priority -> tenant -> that tenant's queue, oldest (or preempted) first
         self._queues: dict[Priority, dict[str, deque[Work]]] = {p: {} for p in PRIORITIES}
         self._running: list[Work] = []  # in start order
@@ -196,28 +209,42 @@ class Policy:
         work.state = "queued"
         self._enqueue(work, front=True)
 
+    def unstart(self, work: Work) -> None:
+        """The backend refused to start `work` this plan started: back to the front of its
+        queue as if never started (no preemption counted, its prompt not charged twice)."""
+        if work.state != "running":
+            return
+        self._running.remove(work)
+        if work.preemptions == 0 or work.served_tokens == 0:
+            self._counters[work.tenant] -= work.prompt_tokens * self._prompt_weight
+        work.state = "queued"
+        self._enqueue(work, front=True)
+
     # -- what the policy decides --------------------------------------------------------
 
     def schedule(self, free_slots: int | None = None, fits: Fits | None = None) -> Plan:
         """What starts (and what is preempted for it) before the next step.
 
-        `free_slots` defaults to the slots not running work. `fits(work, chosen)` lets a
-        backend with shape limits (a padded batch, a score-only slot) pass over work it cannot
-        take now; the next work in policy order is considered instead, and the passed-over
-        work keeps its place.
+        `free_slots` (the backend's own count; default: the slots not running work) plus one
+        per preemption in the plan is how many works the plan starts at most. `fits(work,
+        chosen)` lets a backend with shape limits pass over work it cannot take now; the next
+        work in policy order is considered instead, and the passed-over work keeps its place.
+        Only work running before this call is preempted, and preempted work is not started
+        again by the same plan.
         """
         free = self.slots - len(self._running) if free_slots is None else free_slots
         preempt: list[Work] = []
+        passed: set[int] = set()  # not to start in this plan (refused by fits, or preempted)
         if self.can_preempt:
             waiting = self._count("interactive")
             batch_running = [w for w in reversed(self._running) if w.priority == "batch"]
             while waiting > free and batch_running:
                 victim = batch_running.pop(0)
                 self.requeue(victim)
+                passed.add(id(victim))
                 preempt.append(victim)
                 free += 1
         start: list[Work] = []
-        passed: set[int] = set()
         while free > 0:
             work = self._next(passed)
             if work is None:
@@ -230,25 +257,30 @@ class Policy:
             free -= 1
         if self.can_preempt and self.fair_preemption:
             # Slots are full: a tenant below its fair share takes one from a tenant above it.
-            # (`fits` is not asked: it counts the slots still held by the work paused here,
-            # and a backend that can pause work takes any work in any slot.)
-            while (swap := self._share_swap(passed)) is not None:
+            # The victim's slot is the newcomer's: one out, one in, the count stays right.
+            fresh = {id(w) for w in start}
+            while (swap := self._share_swap(passed, fresh)) is not None:
                 work, victim = swap
-                passed.add(id(work))
+                if fits is not None and not fits(work, start):
+                    passed.add(id(work))
+                    continue
                 self.requeue(victim)
                 passed.add(id(victim))
                 preempt.append(victim)
                 self._begin(work)
+                passed.add(id(work))
+                fresh.add(id(work))
                 start.append(work)
         return Plan(start=tuple(start), preempt=tuple(preempt))
 
-    def _share_swap(self, passed: set[int]) -> tuple[Work, Work] | None:
+    def _share_swap(self, passed: set[int], fresh: set[int]) -> tuple[Work, Work] | None:
         """(waiting work of a tenant below its fair share, running work of the tenant most
         above it) of the most urgent priority with waiting work, or None.
 
         A fair share is the slots over the tenants with work of that priority. Only work of the
-        same priority is taken, the latest started first, and never work already paused
-        `MAX_PREEMPTIONS` times (it must get somewhere).
+        same priority is taken, the latest started first, and only work that `_pausable`
+        (not started in this plan, `fresh`; progressed since it started; paused fewer than
+        `MAX_PREEMPTIONS` times).
         """
         for priority in PRIORITIES:
             queues = self._queues[priority]
@@ -262,7 +294,7 @@ class Policy:
             over = [
                 (len(works), self._counters.get(tenant, 0.0), tenant)
                 for tenant, works in running.items()
-                if len(works) > share and any(w.preemptions < MAX_PREEMPTIONS for w in works)
+                if len(works) > share and any(self._pausable(w, fresh) for w in works)
             ]
             if not over:
                 return None
@@ -274,11 +306,18 @@ class Policy:
                     continue
                 victim_tenant = max(over)[2]
                 victim = next(
-                    w for w in reversed(running[victim_tenant]) if w.preemptions < MAX_PREEMPTIONS
+                    w for w in reversed(running[victim_tenant]) if self._pausable(w, fresh)
                 )
                 return head, victim
             return None
         return None
+
+    def _pausable(self, work: Work, fresh: set[int]) -> bool:
+        return (
+            id(work) not in fresh
+            and work.preemptions < MAX_PREEMPTIONS
+            and work.served_tokens - work.served_at_start >= self.min_run_tokens
+        )
 
     # -- what the policy reports --------------------------------------------------------
 
@@ -320,6 +359,7 @@ class Policy:
     def _begin(self, work: Work) -> None:
         self._dequeue(work)
         work.state = "running"
+        work.served_at_start = work.served_tokens
         self._running.append(work)
         if work.preemptions == 0 or work.served_tokens == 0:
             self._counters[work.tenant] = self._counters.get(work.tenant, 0.0) + (
