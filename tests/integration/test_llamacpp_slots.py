@@ -26,7 +26,7 @@ from consumer.engine.base import (
     WorkTag,
 )
 from consumer.engine.models import packaged_smollm2
-from consumer.engine.scheduler.driver import Job
+from consumer.engine.scheduler.driver import Job, SlotUnavailable
 from tests.support.plain_llama import repacking_off
 
 pytestmark = pytest.mark.integration
@@ -255,10 +255,11 @@ def test_a_finished_sequence_frees_its_slot_for_the_next_job(backend: LlamaCppBa
     def fill_the_freed_slot(step: int) -> None:
         if outcome(short).result is not None and not freed:
             assert backend.free_slots() == 1
-            assert backend.fits(late, []) and not backend.fits(late, [short])
             freed.append(step)
             backend.start(late)
             assert backend.free_slots() == 0
+            with pytest.raises(SlotUnavailable):  # the scheduler requeues, never answers it
+                backend.start(generate_job(backend, PROMPTS[4]))
 
     assert backend.free_slots() == 8
     drive(backend, [short, *rest], before_step=fill_the_freed_slot)
