@@ -19,6 +19,7 @@ from consumer.auth.keys import KeyRing, auth_required
 from consumer.bus.publisher import KafkaRecordPublisher
 from consumer.bus.records import InboundRecord, as_headers, is_utf8
 from consumer.bus.security import aiokafka_security_kwargs, faststream_security
+from consumer.bus.unreadable import UnreadableBatches
 from consumer.engine.base import Engine, EngineInfo
 from consumer.engine.factory import load_engine
 from consumer.engine.scheduler.policy import Load
@@ -77,6 +78,8 @@ class Service:
             self.usage = UsageWriter(settings.usage, settings.instance_id)
         self.intake: Intake | None = None
         self.offsets = GroupOffsets()
+        # A batch that cannot be read pauses its partition, not the whole consume loop.
+        self.unreadable = UnreadableBatches(self.telemetry.metrics)
         self.owner = PartitionOwner(
             requests_topic=settings.topics.requests,
             state=self.quota.store if self.quota is not None else None,
@@ -87,6 +90,7 @@ class Service:
             engine_info=self.engine_info,
             broker_status=lambda: self.publisher.connected,
             assigned_partitions=lambda: self.assigned,
+            unreadable_batches=self.unreadable.health_entries,
         )
 
     @property
@@ -169,8 +173,10 @@ class Service:
         log.info("service_stopped", extra={"instance_id": self.settings.instance_id})
 
     def bind_subscriber(self, subscriber: Any) -> None:
-        """Commits go through the subscriber's own aiokafka consumer (built when it starts)."""
+        """Commits go through the subscriber's own aiokafka consumer (built when it starts);
+        its fetches go through `unreadable.guard` (FastStream's loop calls `get_msg`)."""
         self._subscriber = subscriber
+        subscriber.get_msg = self.unreadable.guard(subscriber.get_msg)
 
     async def after_broker_started(self) -> None:
         self.offsets.consumer = self._subscriber.consumer

@@ -87,17 +87,21 @@ class Reply:
 
 @dataclass
 class RdkafkaRequester:
-    """Produces requests with librdkafka's defaults and collects the replies of a topic."""
+    """Produces requests with librdkafka's defaults and collects the replies of a topic.
+
+    `producer_config` adds librdkafka producer properties (e.g. `compression.type`).
+    """
 
     bootstrap: str
     request_topic: str
     reply_topic: str
+    producer_config: dict[str, Any] = field(default_factory=dict)
     producer: Producer = field(init=False)
     replies: list[Reply] = field(default_factory=list)
     _consumer: Consumer | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
-        self.producer = Producer({"bootstrap.servers": self.bootstrap})
+        self.producer = Producer({"bootstrap.servers": self.bootstrap, **self.producer_config})
 
     def send(
         self,
