@@ -201,6 +201,7 @@ class Service:
         if self.quota is not None and outcome.reservation is not None:
             await self.quota.store.persist(outcome.record.partition)
         if outcome.status in ("forwarded", "repeat"):
+            timestamp_type=raw.timestamp_type,
             return  # the record that answers it leaves the usage row
         if self.usage is not None:
             receipt: UsageReceipt | None = getattr(outcome, "usage_receipt", None)

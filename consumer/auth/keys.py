@@ -25,9 +25,25 @@ from consumer.auth.signature import (
     compute_signature,
 )
 from consumer.errors import Unauthorized
-from consumer.settings.auth import TENANT_KEYS, AuthSettings, TenantKey, TenantKeys
+from consumer.settings.auth import (
+    MAX_SKEW_S,
+    TENANT_KEYS,
+    AuthSettings,
+    TenantKey,
+    TenantKeys,
+)
 
 MIN_SECRET_CHARS = 16
+
+# The request-id ledger (consumer/quota/ledger.py) keeps a charge, with the record's digest,
+# for the quota day it was taken and the next: at least 23 h (24 h, less the hour a day
+# loses to daylight saving). A signed record is accepted only while a verbatim copy of it
+# would still be recognised there (see `KeyRing.verify`).
+REPLAY_MEMORY_S = 23 * 3600
+
+# aiokafka's ConsumerRecord.timestamp_type: who set the record's timestamp.
+CREATE_TIME = 0
+LOG_APPEND_TIME = 1
 
 
 class SettingsWithAuth(Protocol):
@@ -143,7 +159,13 @@ class KeyRing:
         max_skew_s: int = 300,
         accept_v1: bool = True,
     ) -> None:
+        if not 1 <= max_skew_s <= MAX_SKEW_S:
+            raise ValueError(f"max_skew_s must be between 1 and {MAX_SKEW_S} s")
         self.max_skew_s = max_skew_s
+        # How old (by the consumer's clock) a signature may be: a copy of a record signed
+        # this long ago, first taken at most max_skew_s before its signed time, is still
+        # within the ledger's memory.
+        self.max_age_s = REPLAY_MEMORY_S - max_skew_s
         self.accept_v1 = accept_v1
         self._keys: dict[str, tuple[str, SecretStr]] = {}
         for tenant_id, tenant_keys in keys.items():
@@ -191,12 +213,22 @@ class KeyRing:
         tenant_id: str,
         now: float,
         routing: Routing = (b"", "", ""),
+        *,
+        record_timestamp_ms: int,
+        timestamp_type: int = CREATE_TIME,
     ) -> str:
         """The id of the key that signed `body` for `tenant_id`, or `Unauthorized` saying why.
 
         `headers` are the Kafka message's headers, `body` its exact value bytes, `tenant_id`
         the tenant the decoded request claims, `now` the consumer's clock (unix seconds),
-        `routing` the record's reply route as v2 signs it (`records.signed_routing`).
+        `routing` the record's reply route as v2 signs it (`records.signed_routing`),
+        `record_timestamp_ms`/`timestamp_type` the record's own Kafka timestamp and who set it.
+
+        Freshness is measured against the record's timestamp, not against when it is
+        processed: a backlog of any age is judged as it was produced, and a redelivery
+        gets the verdict its first delivery got. Replays are the request-id ledger's to
+        refuse; the two checks on the consumer's clock (not signed ahead of it, not older
+        than the ledger remembers) keep every accepted record inside that ledger's window.
         """
         values = _signature_headers(headers)
         if not values:
@@ -263,15 +295,44 @@ class KeyRing:
                 key_id=key_id,
             )
         # Checked after the MAC, so only a genuine producer learns that its clock is off.
-        skew = now - int(timestamp)
+        self._check_fresh(int(timestamp), record_timestamp_ms, timestamp_type, now, key_id)
+        return key_id
+
+    def _check_fresh(
+        self, signed_at: int, record_timestamp_ms: int, timestamp_type: int, now: float, key_id: str
+    ) -> None:
+        """`Unauthorized` (stale) unless the signature was made when the record was produced,
+        is not ahead of the consumer's clock, and is young enough for the replay guard."""
+        if timestamp_type == LOG_APPEND_TIME:
+            kind = "LogAppendTime (the broker's clock when it appended the record)"
+            hint = "the producer's clock is off"
+        else:
+            kind = "CreateTime (the producer's clock when it sent the record)"
+            hint = "sign when you produce and let the client set the record timestamp"
+        skew = signed_at - record_timestamp_ms / 1000
         if abs(skew) > self.max_skew_s:
             raise Unauthorized(
-                f"signature timestamp is {skew:+.0f} s from the consumer's clock "
-                f"(allowed ±{self.max_skew_s} s)",
+                f"signature timestamp is {skew:+.0f} s from the record's {kind} "
+                f"(allowed ±{self.max_skew_s} s): {hint}",
                 reason="stale",
                 key_id=key_id,
             )
-        return key_id
+        ahead = signed_at - now
+        if ahead > self.max_skew_s:
+            raise Unauthorized(
+                f"signature timestamp is {ahead:.0f} s ahead of the consumer's clock "
+                f"(allowed {self.max_skew_s} s): the producer's clock is off",
+                reason="stale",
+                key_id=key_id,
+            )
+        age = now - signed_at
+        if age > self.max_age_s:
+            raise Unauthorized(
+                f"request was signed {age:.0f} s ago; older than {self.max_age_s} s is refused, "
+                "because a replay of it could no longer be recognised",
+                reason="stale",
+                key_id=key_id,
+            )
 
 
 def _signature_headers(headers: Sequence[tuple[str, bytes]]) -> dict[str, str]:

@@ -40,6 +40,8 @@ class InboundRecord:
     headers: Headers
     timestamp_ms: int
     received_at: float  # unix seconds when this instance dequeued it
+    # Who set `timestamp_ms`: 0 the producer (CreateTime), 1 the broker (LogAppendTime).
+    timestamp_type: int = 0
 
     def header(self, name: str) -> str | None:
         """The last value of header `name` as text (None when absent or not UTF-8)."""

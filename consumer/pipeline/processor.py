@@ -338,6 +338,8 @@ class RequestProcessor:
                     cancel.tenant_id,
                     self._clock(),
                     signed_routing(record),
+                    record_timestamp_ms=record.timestamp_ms,
+                    timestamp_type=record.timestamp_type,
                 )
         except OpstreamError as exc:
             return error_reply(exc, outcome, self._clock())
@@ -374,6 +376,8 @@ class RequestProcessor:
             request.tenant_id,
             self._clock(),
             signed_routing(record),
+            record_timestamp_ms=record.timestamp_ms,
+            timestamp_type=record.timestamp_type,
         )
 
     async def _reserve(

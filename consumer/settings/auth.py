@@ -8,6 +8,10 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter
 
+# Twelve hours: so a signature may age half a day, by the consumer's clock, before it
+# outlives the replay guard (`consumer.auth.keys.REPLAY_MEMORY_S`).
+MAX_SKEW_S = 12 * 3600
+
 IdStr = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
 
 
@@ -45,7 +49,11 @@ class AuthSettings(BaseModel):
     )
     keys: TenantKeys = Field(default_factory=dict)
     max_skew_s: int = Field(
-        default=300, ge=1, le=86_400, description="Accepted clock difference, ± seconds."
+        default=300,
+        ge=1,
+        le=MAX_SKEW_S,
+        description="Accepted difference, ± seconds, between a request's signature timestamp "
+        "and its record's Kafka timestamp (and how far ahead of the consumer's clock it may be).",
     )
     accept_v1_signatures: bool = Field(
         default=True,
