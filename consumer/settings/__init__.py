@@ -82,6 +82,13 @@ class SchedulerSettings(BaseModel):
         "pauses the latest work of the tenant most above it (backends that can resume work: "
         "llama.cpp). Off: newcomers wait for a slot to free.",
     )
+    stall_after_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="Open work that makes no progress this long is a stall: /health says "
+        "degraded and opstream_scheduler_stalls counts it.",
+    )
 
 
 class EngineSettings(BaseModel):
