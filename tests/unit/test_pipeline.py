@@ -605,7 +605,7 @@ async def test_the_same_record_redelivered_is_answered_again() -> None:
 async def test_work_that_never_ran_leaves_the_quota_untouched_and_work_that_ran_counts(
     failure: Exception, code: str, counts: bool
 ) -> None:
-    processor, publisher = quota_processor(requests_per_day=1)
+    processor, _publisher = quota_processor(requests_per_day=1)
     engine = processor._engine
     assert isinstance(engine, FakeEngine)
     engine.raise_next = failure  # type: ignore[assignment]
