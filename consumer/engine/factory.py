@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 from pathlib import Path
 
 from consumer.engine.base import Engine
@@ -79,8 +78,9 @@ def cpu_slots(settings: Settings) -> int:
     configured = settings.engine.llamacpp.slots
     if configured is not None:
         return configured
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return min(16, max(4, 4 * (cores or 1)))
+    from consumer.engine.llamacpp.native import usable_cores
+
+    return min(16, max(4, 4 * usable_cores()))
 
 
 def queue_limit(settings: Settings, slots: int) -> int:

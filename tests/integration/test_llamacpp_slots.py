@@ -531,7 +531,14 @@ def test_details_and_identity(backend: LlamaCppBackend) -> None:
     assert backend.name == "llamacpp"
     assert backend.model == "SmolLM2-135M-Instruct.Q4_1"
     assert backend.can_preempt is True
-    assert backend.details() == {"n_ctx": 512, "slots": 8, "device": "cpu", "flash_attn": True}
+    assert backend.details() == {
+        "n_ctx": 512,
+        "slots": 8,
+        "device": "cpu",
+        "flash_attn": True,
+        "threads": 2,
+        "thread_choices": [2],
+    }
     assert backend.encode_text("<|im_end|>") != [backend.end_of_turn_id]
     assert backend.encode_prompt((ChatMessage("user", "hi"),))[-1] != backend.end_of_turn_id
 

@@ -28,6 +28,7 @@ from consumer.engine.base import (
 from consumer.engine.llamacpp.native import Context, Model, Token
 from consumer.engine.llamacpp.sampling import Sampler, derive_seed, token_logprob
 from consumer.engine.llamacpp.text import TextStream
+from consumer.engine.llamacpp.threads import ThreadTuner, thread_choices
 from consumer.engine.scheduler.driver import Job, SlotUnavailable, StepEvent
 
 log = logging.getLogger(__name__)
@@ -153,6 +154,10 @@ class LlamaCppBackend:
             raise
         self._free = list(range(slots))
         self._running: dict[Job, _Sequence] = {}  # in start order
+        # Unset n_threads: the count that measures fastest on this (maybe shared) CPU.
+        self._threads = ThreadTuner(
+            (n_threads,) if n_threads else thread_choices(self._context.threads)
+        )
         log.info(
             "engine_loaded",
             extra={
@@ -199,6 +204,8 @@ class LlamaCppBackend:
             "slots": self.slots,
             "device": "cpu",
             "flash_attn": self._context.flash_attn,
+            "threads": self._threads.current,
+            "thread_choices": list(self._threads.choices),
         }
 
     # -- the scheduler's thread ---------------------------------------------------------
@@ -240,7 +247,10 @@ class LlamaCppBackend:
     def step(self) -> list[StepEvent]:
         batch = self._plan()
         if batch.tokens:
+            started = time.perf_counter()
             self._context.decode(batch.tokens)
+            threads = self._threads.observe(time.perf_counter() - started, len(batch.tokens))
+            self._context.set_threads(threads)
         events: list[StepEvent] = []
         for s, row in batch.generating:
             self._collect(events, s, self._take_token, row)

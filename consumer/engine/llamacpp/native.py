@@ -39,6 +39,12 @@ def _native() -> Any:
     return native
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, e.g. a container's cpuset)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return cores or os.cpu_count() or 1
+
+
 def model_params(*, repack_weights: bool) -> Any:
     """llama.cpp's default model params, with weight repacking ("extra buffer types") on or off.
 
@@ -157,12 +163,11 @@ class Context:
         params.kv_unified = False  # split: each sequence gets n_ctx / n_seq_max cells
         params.n_batch = n_batch
         params.n_ubatch = n_batch
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-        cores = cores or os.cpu_count() or 1
         # Every core for one token as for a batch (llama-cpp-python's `Llama` uses half the
-        # cores for one token: measured here, 2 threads decode one sequence ~1.35x faster).
-        params.n_threads = n_threads or cores
-        params.n_threads_batch = n_threads or cores
+        # cores for one token: measured here, 2 threads decode one sequence ~1.35x faster);
+        # `set_threads` changes it between decodes (see `threads.ThreadTuner`).
+        params.n_threads = n_threads or usable_cores()
+        params.n_threads_batch = params.n_threads
         params.flash_attn_type = (
             native.LLAMA_FLASH_ATTN_TYPE_ENABLED
             if flash_attn
@@ -177,6 +182,7 @@ class Context:
         self.n_seq: int = native.llama_n_seq_max(handle)
         self.n_ctx_seq: int = native.llama_n_ctx_seq(handle)
         self.flash_attn = flash_attn
+        self.threads: int = params.n_threads
         self.capacity = n_batch
         self._memory: Any = native.llama_get_memory(handle)
         self._batch: Any = native.llama_batch_init(n_batch, 0, 1)
@@ -204,6 +210,12 @@ class Context:
         status = self._native.llama_decode(self.handle, batch)
         if status != 0:
             raise EngineError(f"llama_decode failed with status {status}", retryable=True)
+
+    def set_threads(self, threads: int) -> None:
+        """Decode with `threads` threads from the next `decode` on (prompt and generation)."""
+        if threads != self.threads:
+            self._native.llama_set_n_threads(self.handle, threads, threads)
+            self.threads = threads
 
     def logits(self, index: int) -> npt.NDArray[np.float32]:
         """The logits of the `index`-th token of the last batch (a view: read it before the
