@@ -23,6 +23,7 @@ from consumer.bus.unreadable import UnreadableBatches
 from consumer.engine.base import Engine, EngineInfo
 from consumer.engine.factory import load_engine
 from consumer.engine.scheduler.policy import Load
+from consumer.intake.admission import DrainBoundEngine, drain_budget
 from consumer.intake.assignment import GroupOffsets, PartitionOwner
 from consumer.intake.flow import Intake
 from consumer.intake.offsets import Partition
@@ -117,8 +118,14 @@ class Service:
             await self.quota.start()
         if self.usage is not None:
             await self.usage.start()
+        # The engine takes no more than it can finish within the shutdown grace (README,
+        # Flow control): the rest is answered `overloaded`, so a revoked partition drains.
+        load = self.engine.load()
+        bounded = DrainBoundEngine(
+            self.engine, drain_budget(load, self.settings.intake.shutdown_grace_s)
+        )
         processor = RequestProcessor(
-            engine=self.engine,
+            engine=bounded,
             publisher=self.publisher,
             topics=self.settings.topics,
             limits=self.settings.limits,
@@ -131,12 +138,13 @@ class Service:
         self.intake = Intake(
             processor.process,
             self.offsets.commit,
-            max_in_flight=in_flight_bound(self.settings, self.engine.load()),
+            max_in_flight=in_flight_bound(self.settings, load),
             commit_interval_s=self.settings.intake.commit_interval_ms / 1000,
             make_durable=self._make_durable,
             flush=self.usage.flush if self.usage is not None else None,
         )
         self.owner.intake = self.intake
+        self.intake.on_abandoned.append(self.telemetry.metrics.count_abandoned)
         if self.settings.logging.format == "console":
             # A person is watching: one line per request. JSON logs leave this to the
             # usage rows and metrics, which already carry it.
@@ -193,6 +201,7 @@ class Service:
             headers=as_headers(raw.headers or ()),
             timestamp_ms=raw.timestamp,
             received_at=time.time(),
+            timestamp_type=raw.timestamp_type,
         )
         await self.intake.submit(record)
 
@@ -201,7 +210,6 @@ class Service:
         if self.quota is not None and outcome.reservation is not None:
             await self.quota.store.persist(outcome.record.partition)
         if outcome.status in ("forwarded", "repeat"):
-            timestamp_type=raw.timestamp_type,
             return  # the record that answers it leaves the usage row
         if self.usage is not None:
             receipt: UsageReceipt | None = getattr(outcome, "usage_receipt", None)
@@ -238,8 +246,9 @@ def log_request_finished(outcome: Outcome) -> None:
 def in_flight_bound(settings: Settings, load: Load) -> int:
     """`intake.max_in_flight`, or what the engine's scheduler holds: its slots + its queue.
 
-    The intake then never hands the scheduler more than it can queue (no `overloaded`
-    under load), and stops fetching when the scheduler is full: the backlog waits in Kafka.
+    The intake then never hands the scheduler more than it can queue, and stops fetching
+    when that many records are unfinished: the backlog waits in Kafka. What the engine may
+    hold is bounded tighter by the drain time (`DrainBoundEngine`): beyond it, `overloaded`.
     """
     if settings.intake.max_in_flight is not None:
         return settings.intake.max_in_flight

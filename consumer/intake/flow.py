@@ -60,6 +60,8 @@ class Intake:
         self._generation: dict[Partition, int] = {}
         self._changed = asyncio.Event()  # replaced after each wake-up (see `_wake`)
         self.on_outcome: list[Callable[[Outcome], None]] = []
+        # Told how many records a drain gave up on, and why ("revoke" | "shutdown").
+        self.on_abandoned: list[Callable[[int, str], None]] = []
 
     def start(self) -> None:
         self._committer = asyncio.create_task(self._commit_loop(), name="opstream-committer")
@@ -170,10 +172,11 @@ class Intake:
                 return
             self._tracker.mark_committed(positions)
 
-    async def drain(self, partitions: set[Partition] | None, timeout_s: float) -> bool:
-        """Wait for in-flight work (of `partitions`, or all) to finish, then commit it."""
+    async def drain(self, partitions: set[Partition] | None, timeout_s: float) -> int:
+        """Wait for in-flight work (of `partitions`, or all) to finish, then commit it; the
+        number of records still unfinished after `timeout_s` and abandoned (0: drained)."""
         tasks = [t for t, p in self._tasks.items() if partitions is None or p in partitions]
-        done = True
+        pending: set[asyncio.Task[None]] = set()
         if tasks:
             loop = asyncio.get_running_loop()
             give_up_at = loop.time() + timeout_s
@@ -185,11 +188,10 @@ class Intake:
                 if left <= 0:
                     break
                 _, pending = await asyncio.wait(pending, timeout=min(left, 0.05))
-            done = not pending
             for task in pending:
                 task.cancel()  # abandoned: uncommitted, so the next owner redoes it
         await self.commit_now()
-        return done
+        return len(pending)
 
     async def revoke(self, partitions: set[Partition], timeout_s: float) -> None:
         """Rebalance: take no more records of `partitions`, finish (or abandon) their
@@ -198,17 +200,32 @@ class Intake:
         for partition in partitions:
             self._generation[partition] = self._generation.get(partition, 0) + 1
         self._wake()
-        finished = await self.drain(partitions, timeout_s)
+        started = asyncio.get_running_loop().time()
+        abandoned = await self.drain(partitions, timeout_s)
         self._tracker.forget(partitions)
         log.info(
             "partitions_revoked",
-            extra={"partitions": sorted(p for _, p in partitions), "drained": finished},
+            extra={
+                "partitions": sorted(p for _, p in partitions),
+                "drained": not abandoned,
+                "abandoned": abandoned,
+                "drain_ms": round((asyncio.get_running_loop().time() - started) * 1000),
+            },
         )
+        self._tell_abandoned(abandoned, "revoke")
 
     async def close(self, timeout_s: float) -> None:
         """Graceful shutdown: take no more records, finish in-flight ones, commit."""
         self._closing = True
         self._wake()
-        await self.drain(None, timeout_s)
+        abandoned = await self.drain(None, timeout_s)
+        if abandoned:
+            log.warning("shutdown_abandoned", extra={"abandoned": abandoned})
+        self._tell_abandoned(abandoned, "shutdown")
         if self._committer is not None:
             self._committer.cancel()
+
+    def _tell_abandoned(self, count: int, reason: str) -> None:
+        if count:
+            for listener in self.on_abandoned:
+                listener(count, reason)

@@ -156,7 +156,10 @@ class ConsumerProcess:
         delay_s: float = 0.0,
         log_path: Path | None = None,
         instance_id: str | None = None,
+        stepped: tuple[int, float, int] | None = None,
     ) -> None:
+        """`stepped` (slots, step seconds, tokens per request): the real scheduler over a
+        model-free backend (`tests.support.stepped_backend`) instead of the fake engine."""
         self.port = free_port()
         self.instance_id = instance_id or f"test-{uuid.uuid4().hex[:6]}"
         full = merge(
@@ -165,7 +168,9 @@ class ConsumerProcess:
         )
         self.env = {**os.environ, **env_of(full), "PYTHONPATH": str(REPO)}
         self.args = [sys.executable, "-m", "tests.support.consumer_main"]
-        if fake_engine:
+        if stepped is not None:
+            self.args += ["--stepped", ",".join(str(part) for part in stepped)]
+        elif fake_engine:
             self.args += ["--fake-engine", "--delay", str(delay_s)]
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None

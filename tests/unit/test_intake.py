@@ -207,7 +207,7 @@ async def test_drain_waits_for_in_flight_work_then_commits() -> None:
     for offset in range(3):
         await intake.submit(rec(offset))
     asyncio.get_running_loop().call_later(0.05, lambda: [process.open(o) for o in range(3)])
-    assert await intake.drain(None, 2.0) is True
+    assert await intake.drain(None, 2.0) == 0  # nothing abandoned
     assert commits.last(P0) == 3
     await intake.close(0.1)
 
@@ -223,7 +223,7 @@ async def test_drain_abandons_work_past_its_timeout_uncommitted() -> None:
     await intake.submit(rec(0))
     await intake.submit(rec(1))
     process.open(0)
-    assert await intake.drain(None, 0.2) is False  # offset 1 never finishes
+    assert await intake.drain(None, 0.2) == 1  # offset 1 never finishes
     assert commits.last(P0) == 1
     assert flushed >= 1
     await wait_until(lambda: intake.in_flight == 0)  # the stuck one was cancelled
@@ -244,11 +244,15 @@ async def test_revoke_commits_the_revoked_partition_and_forgets_it() -> None:
     assert commits.last(P1) == 1
 
 
-async def test_revoke_abandons_unfinished_work_without_committing_it() -> None:
+async def test_revoke_abandons_unfinished_work_without_committing_it_and_counts_it() -> None:
     intake, _, commits = make(commit_interval_s=60.0)
+    abandoned: list[tuple[int, str]] = []
+    intake.on_abandoned.append(lambda count, reason: abandoned.append((count, reason)))
     await intake.submit(rec(7))
+    await intake.submit(rec(8))
     await intake.revoke({P0}, 0.05)
     assert commits.calls == []
+    assert abandoned == [(2, "revoke")]
     await wait_until(lambda: intake.in_flight == 0)
 
 
