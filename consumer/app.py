@@ -23,7 +23,6 @@ from consumer.bus.unreadable import UnreadableBatches
 from consumer.engine.base import Engine, EngineInfo
 from consumer.engine.factory import load_engine
 from consumer.engine.scheduler.policy import Load
-from consumer.intake.admission import DrainBoundEngine, drain_budget
 from consumer.intake.assignment import GroupOffsets, PartitionOwner
 from consumer.intake.flow import Intake
 from consumer.intake.offsets import Partition
@@ -118,14 +117,9 @@ class Service:
             await self.quota.start()
         if self.usage is not None:
             await self.usage.start()
-        # The engine takes no more than it can finish within the shutdown grace (README,
-        # Flow control): the rest is answered `overloaded`, so a revoked partition drains.
-        load = self.engine.load()
-        bounded = DrainBoundEngine(
-            self.engine, drain_budget(load, self.settings.intake.shutdown_grace_s)
-        )
+        engine = self.engine
         processor = RequestProcessor(
-            engine=bounded,
+            engine=engine,
             publisher=self.publisher,
             topics=self.settings.topics,
             limits=self.settings.limits,
@@ -138,10 +132,11 @@ class Service:
         self.intake = Intake(
             processor.process,
             self.offsets.commit,
-            max_in_flight=in_flight_bound(self.settings, load),
+            max_in_flight=in_flight_bound(self.settings, engine.load()),
             commit_interval_s=self.settings.intake.commit_interval_ms / 1000,
             make_durable=self._make_durable,
             flush=self.usage.flush if self.usage is not None else None,
+            queued=engine.queued_callers,
         )
         self.owner.intake = self.intake
         self.intake.on_abandoned.append(self.telemetry.metrics.count_abandoned)
@@ -244,15 +239,18 @@ def log_request_finished(outcome: Outcome) -> None:
 
 
 def in_flight_bound(settings: Settings, load: Load) -> int:
-    """`intake.max_in_flight`, or what the engine's scheduler holds: its slots + its queue.
+    """`intake.max_in_flight`, or twice what the engine's scheduler holds (slots + queue).
 
-    The intake then never hands the scheduler more than it can queue, and stops fetching
-    when that many records are unfinished: the backlog waits in Kafka. What the engine may
-    hold is bounded tighter by the drain time (`DrainBoundEngine`): beyond it, `overloaded`.
+    Up to slots + queue records wait in the scheduler, ordered fairly between tenants; the
+    intake takes as many again, which the full queue answers `overloaded` at once (retryable,
+    not charged), so a flood learns it is one instead of waiting unseen; past the bound the
+    fetch stops and the rest waits in Kafka. A revoke or shutdown hands every record whose
+    work has not started back to Kafka at once and waits only for running work (`Intake`),
+    so a deep queue never holds a drain beyond the grace.
     """
     if settings.intake.max_in_flight is not None:
         return settings.intake.max_in_flight
-    return max(1, load.slots + load.queue_limit)
+    return max(1, 2 * (load.slots + load.queue_limit))
 
 
 async def _lenient_headers(record: Any, original: Callable[[Any], Awaitable[Any]]) -> Any:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from consumer.engine.scheduler.policy import Load, Priority
 
@@ -159,6 +160,11 @@ class Engine(Protocol):
 
     def load(self) -> Load:
         """Queued requests and tokens per priority, running sequences and slots."""
+        ...
+
+    def queued_callers(self) -> set[asyncio.Task[Any]]:
+        """The tasks waiting on work that has not started yet (none of its tokens computed):
+        what a revoke or shutdown can hand to the next owner at no cost (cancel the task)."""
         ...
 
     async def close(self) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from consumer.bus.records import InboundRecord
 from consumer.intake.offsets import OffsetTracker, Partition
@@ -19,6 +20,14 @@ _R = TypeVar("_R")
 Process = Callable[[InboundRecord], Awaitable[Outcome]]
 Durable = Callable[[Outcome], Awaitable[None]]
 Commit = Callable[[dict[Partition, int]], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Drained:
+    """What a drain did with the in-flight records it was given."""
+
+    handed_over: int  # not started in the engine: left uncommitted for the next owner at once
+    abandoned: int  # still running when the grace ran out: left uncommitted, run again
 
 
 class Intake:
@@ -39,12 +48,18 @@ class Intake:
         commit_interval_s: float,
         make_durable: Durable | None = None,
         flush: Callable[[], Awaitable[None]] | None = None,
+        queued: Callable[[], set[asyncio.Task[Any]]] | None = None,
         retry_backoff_s: float = 1.0,
     ) -> None:
+        """`queued`: the tasks whose engine work has not started (`Engine.queued_callers`);
+        a revoke or shutdown hands their records to the next owner at once instead of
+        waiting for them (uncommitted: the next owner, or this instance's next start, runs
+        them), so only work the model already started has to finish within the grace."""
         self._process = process
         self._commit = commit
         self._make_durable = make_durable
         self._flush = flush
+        self._queued = queued
         self._slots = asyncio.Semaphore(max_in_flight)
         self._tracker = OffsetTracker()
         self._tasks: dict[asyncio.Task[None], Partition] = {}
@@ -172,15 +187,17 @@ class Intake:
                 return
             self._tracker.mark_committed(positions)
 
-    async def drain(self, partitions: set[Partition] | None, timeout_s: float) -> int:
-        """Wait for in-flight work (of `partitions`, or all) to finish, then commit it; the
-        number of records still unfinished after `timeout_s` and abandoned (0: drained)."""
-        tasks = [t for t, p in self._tasks.items() if partitions is None or p in partitions]
-        pending: set[asyncio.Task[None]] = set()
-        if tasks:
+    async def drain(self, partitions: set[Partition] | None, timeout_s: float) -> Drained:
+        """Hand over the in-flight records (of `partitions`, or all) whose engine work has not
+        started, wait up to `timeout_s` for the rest to finish, then commit what finished."""
+        tasks = {t for t, p in self._tasks.items() if partitions is None or p in partitions}
+        handed = tasks & self._queued() if self._queued is not None else set()
+        for task in handed:
+            task.cancel()  # uncommitted: the next owner runs it (nothing of it ran here)
+        pending = tasks - handed
+        if pending:
             loop = asyncio.get_running_loop()
             give_up_at = loop.time() + timeout_s
-            pending = set(tasks)
             while pending:
                 if self._flush is not None:
                     await self._flush()  # finished requests wait on their usage rows
@@ -190,38 +207,44 @@ class Intake:
                 _, pending = await asyncio.wait(pending, timeout=min(left, 0.05))
             for task in pending:
                 task.cancel()  # abandoned: uncommitted, so the next owner redoes it
+        if handed:
+            await asyncio.wait(handed)  # their offsets must not be committed past
         await self.commit_now()
-        return len(pending)
+        return Drained(handed_over=len(handed), abandoned=len(pending))
 
     async def revoke(self, partitions: set[Partition], timeout_s: float) -> None:
-        """Rebalance: take no more records of `partitions`, finish (or abandon) their
-        in-flight work, commit it, forget them."""
+        """Rebalance: take no more records of `partitions`, hand over what has not started in
+        the engine, finish (or abandon) the rest, commit it, forget them."""
         self._open -= partitions
         for partition in partitions:
             self._generation[partition] = self._generation.get(partition, 0) + 1
         self._wake()
         started = asyncio.get_running_loop().time()
-        abandoned = await self.drain(partitions, timeout_s)
+        drained = await self.drain(partitions, timeout_s)
         self._tracker.forget(partitions)
         log.info(
             "partitions_revoked",
             extra={
                 "partitions": sorted(p for _, p in partitions),
-                "drained": not abandoned,
-                "abandoned": abandoned,
+                "drained": not drained.abandoned,
+                "handed_over": drained.handed_over,
+                "abandoned": drained.abandoned,
                 "drain_ms": round((asyncio.get_running_loop().time() - started) * 1000),
             },
         )
-        self._tell_abandoned(abandoned, "revoke")
+        self._tell_abandoned(drained.abandoned, "revoke")
 
     async def close(self, timeout_s: float) -> None:
-        """Graceful shutdown: take no more records, finish in-flight ones, commit."""
+        """Graceful shutdown: take no more records, hand over what has not started in the
+        engine, finish the rest, commit."""
         self._closing = True
         self._wake()
-        abandoned = await self.drain(None, timeout_s)
-        if abandoned:
-            log.warning("shutdown_abandoned", extra={"abandoned": abandoned})
-        self._tell_abandoned(abandoned, "shutdown")
+        drained = await self.drain(None, timeout_s)
+        log.info(
+            "intake_closed",
+            extra={"handed_over": drained.handed_over, "abandoned": drained.abandoned},
+        )
+        self._tell_abandoned(drained.abandoned, "shutdown")
         if self._committer is not None:
             self._committer.cancel()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from typing import Any
@@ -56,7 +57,7 @@ from consumer.pipeline.decode import (
 from consumer.pipeline.outcome import BrokerUnavailable, Outcome, RecordPublisher
 from consumer.pipeline.respond import Responder, UnixClock, error_reply, meta_of
 from consumer.pipeline.stream import ChunkStream
-from consumer.quota.ledger import RepeatedRecord, Reservation
+from consumer.quota.ledger import AnsweredBefore, RepeatedRecord, Reservation
 from consumer.quota.store import QuotaStore
 from consumer.settings import OperationLimits, StreamSettings
 from schemas.replies import CancelResult, OperationReply
@@ -68,6 +69,16 @@ log = logging.getLogger(__name__)
 # Template and role markers a chat template adds per message, on top of the text's tokens.
 _TEMPLATE_TOKENS_PER_MESSAGE = 8
 _TEMPLATE_TOKENS_BASE = 16
+
+
+# What a record answered without running the model is answered again when redelivered.
+_UNRUN_ANSWERS: dict[str, Callable[[], OpstreamError]] = {
+    "overloaded": lambda: Overloaded("the engine's queue is full; retry later"),
+    "deadline_exceeded": lambda: DeadlineExceeded(
+        "the deadline passed while the request waited to run"
+    ),
+    "cancelled": lambda: RequestCancelled("the request was cancelled by its tenant"),
+}
 
 
 class RequestProcessor:
@@ -258,6 +269,10 @@ class RequestProcessor:
                 },
             )
             return None
+        except AnsweredBefore as exc:
+            # A redelivery (rebalance, crash) of a record answered without running: the same
+            # answer again (the requester drops the duplicate), never a different one.
+            return error_reply(_UNRUN_ANSWERS[exc.outcome](), outcome, self._clock())
         except DuplicateRequest as exc:
             outcome.request_id = None  # its usage row must not stand in for the original's
             return error_reply(exc, outcome, self._clock())

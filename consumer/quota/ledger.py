@@ -72,6 +72,19 @@ def settled_charge(charge: Charge, outcome: str, *, ran: bool, tokens: int) -> C
     return replace(charge, tokens=0, settled=True, outcome=outcome, counted=False)
 
 
+# Outcomes answered without running the model: the same record delivered again (a rebalance
+# or crash before its commit) gets the same answer again, never a different one.
+ANSWERED_UNRUN = frozenset({"overloaded", "deadline_exceeded", "cancelled"})
+
+
+class AnsweredBefore(Exception):
+    """The same record again, answered before without running (`outcome`): answer it alike."""
+
+    def __init__(self, outcome: str) -> None:
+        super().__init__(f"this record was answered {outcome} before")
+        self.outcome = outcome
+
+
 class RepeatedRecord(Exception):
     """A verbatim copy of a charged record at another offset (a producer retry, a replay, a
     second forward): it is not run again; the original's reply is the answer."""
@@ -159,9 +172,11 @@ class QuotaLedger:
         ended in a retryable failure. Without `origin` any repeat counts as a redelivery.
 
         An id whose request never ran (its charge released) holds no work: any record
-        under it is decided again and charged like a new request, except a verbatim copy
-        at another offset of one that is not retryable (deadline expired, cancelled): its
-        original answer stands (`RepeatedRecord`).
+        under it is decided again and charged like a new request, except the same record
+        delivered again after it was answered without running (`AnsweredBefore`: answered
+        alike, so a redelivery never changes an answer) and a verbatim copy at another
+        offset of one that is not retryable (deadline expired, cancelled): its original
+        answer stands (`RepeatedRecord`).
         """
         if operation == TOTAL:
             raise ValueError("a request's operation cannot be the total scope")
@@ -177,6 +192,8 @@ class QuotaLedger:
                 continue
             same_record = origin is None or charge.origin is None or charge.origin == origin
             if not charge.counted:
+                if same_record and origin is not None and charge.outcome in ANSWERED_UNRUN:
+                    raise AnsweredBefore(charge.outcome)
                 if (
                     not same_record
                     and charge.outcome not in RETRYABLE_OUTCOMES

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from typing import Any
 
 from consumer.engine.base import (
     BatchObserver,
@@ -47,9 +48,11 @@ class FakeEngine:
 
     def load(self) -> Load:
         idle = {"interactive": 0, "batch": 0}
-        # It runs any number of calls at once: 32 "slots" and no queue, so the intake holds
-        # 32 records and the drain bound never refuses (it admits at least the slots).
+        # It runs any number of calls at once: 32 "slots" and no queue.
         return Load(dict(idle), dict(idle), running=0, slots=32, queue_limit=0)
+
+    def queued_callers(self) -> set[asyncio.Task[Any]]:
+        return set()  # every call runs at once: nothing waits for a slot
 
     async def cancel(self, key: str) -> bool:
         if key not in self._running:

@@ -22,8 +22,8 @@ def _load(slots: int, queue_limit: int) -> Load:
 @pytest.mark.parametrize(
     ("configured", "slots", "queue_limit", "expected"),
     [
-        (None, 8, 32, 40),  # the scheduler's slots + its queue: it never overflows
-        (None, 16, 64, 80),
+        (None, 8, 32, 80),  # twice the scheduler's slots + queue: a flood reaches overloaded
+        (None, 16, 64, 160),
         (7, 16, 64, 7),  # an explicit setting wins
     ],
 )

@@ -207,7 +207,7 @@ async def test_drain_waits_for_in_flight_work_then_commits() -> None:
     for offset in range(3):
         await intake.submit(rec(offset))
     asyncio.get_running_loop().call_later(0.05, lambda: [process.open(o) for o in range(3)])
-    assert await intake.drain(None, 2.0) == 0  # nothing abandoned
+    assert (await intake.drain(None, 2.0)).abandoned == 0  # nothing abandoned
     assert commits.last(P0) == 3
     await intake.close(0.1)
 
@@ -223,7 +223,7 @@ async def test_drain_abandons_work_past_its_timeout_uncommitted() -> None:
     await intake.submit(rec(0))
     await intake.submit(rec(1))
     process.open(0)
-    assert await intake.drain(None, 0.2) == 1  # offset 1 never finishes
+    assert (await intake.drain(None, 0.2)).abandoned == 1  # offset 1 never finishes
     assert commits.last(P0) == 1
     assert flushed >= 1
     await wait_until(lambda: intake.in_flight == 0)  # the stuck one was cancelled
@@ -253,6 +253,29 @@ async def test_revoke_abandons_unfinished_work_without_committing_it_and_counts_
     await intake.revoke({P0}, 0.05)
     assert commits.calls == []
     assert abandoned == [(2, "revoke")]
+    await wait_until(lambda: intake.in_flight == 0)
+
+
+async def test_revoke_hands_over_work_not_started_in_the_engine_at_once() -> None:
+    """Records whose engine work is still queued are left uncommitted for the next owner at
+    once; only work the model started is waited for (so a deep queue drains in time)."""
+    queued_offsets = {2, 3}
+
+    def queued() -> set[asyncio.Task[object]]:
+        return {t for t in asyncio.all_tasks() if t.get_name() in {"opstream-0-2", "opstream-0-3"}}
+
+    intake, process, commits = make(commit_interval_s=60.0, queued=queued)
+    abandoned: list[tuple[int, str]] = []
+    intake.on_abandoned.append(lambda count, reason: abandoned.append((count, reason)))
+    for offset in range(4):
+        await intake.submit(rec(offset))
+    asyncio.get_running_loop().call_later(0.05, lambda: [process.open(o) for o in (0, 1)])
+    started = time.perf_counter()
+    await intake.revoke({P0}, 5.0)
+    assert time.perf_counter() - started < 1.0  # did not wait for the queued ones
+    assert commits.calls == [{P0: 2}]  # offsets 0 and 1 finished; 2 and 3 stay for the next
+    assert abandoned == []  # handed over is not abandoned
+    assert not queued_offsets & {o for _, o in process.started if process.gate(o).is_set()}
     await wait_until(lambda: intake.in_flight == 0)
 
 

@@ -562,9 +562,11 @@ def test_a_redelivery_that_does_not_run_keeps_the_first_runs_charge() -> None:
 
 
 def test_a_redelivery_of_a_request_that_never_ran_is_charged_when_it_runs() -> None:
+    """(One that failed before it ran; one answered overloaded, expired or cancelled is
+    answered alike instead: test_request_identity.)"""
     led = ledger(book(requests=1))
     first = led.reserve("acme", "chat", "r1", 10, 100, NOON, origin="t/0/5")
-    led.settle(first, 0, 0, "overloaded", ran=False)
+    led.settle(first, 0, 0, "internal", ran=False)
     again = led.reserve("acme", "chat", "r1", 10, 100, NOON, origin="t/0/5")
     assert not again.duplicate  # decided again: nothing of it was charged
     assert led.usage("acme", "chat", NOON) == Usage(1, 110)

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from consumer.errors import DuplicateRequest, QuotaExceeded
-from consumer.quota.ledger import QuotaLedger, RepeatedRecord
+from consumer.quota.ledger import AnsweredBefore, QuotaLedger, RepeatedRecord
 from consumer.quota.limits import DailyCap, LimitBook, LimitDefaults
 
 NOON = datetime(2025, 3, 10, 12, 0, tzinfo=UTC)
@@ -107,6 +107,29 @@ def test_a_verbatim_copy_of_an_expired_request_is_a_repeat_of_an_overloaded_one_
     assert led.usage("acme", "chat", NOON).requests == 1
 
 
+@pytest.mark.parametrize("outcome", ["overloaded", "deadline_exceeded", "cancelled"])
+def test_the_same_record_answered_without_running_is_answered_alike_when_redelivered(
+    outcome: str,
+) -> None:
+    """A rebalance or crash redelivers a record answered `overloaded` (or expired, or
+    cancelled before it started): the same answer again, not a run with another outcome."""
+    led = ledger()
+    first = reserve(led, "r1", "t/0/5", "f1")
+    led.settle(first, 0, 0, outcome, ran=False)
+    with pytest.raises(AnsweredBefore) as again:
+        reserve(led, "r1", "t/0/5", "f1")
+    assert again.value.outcome == outcome
+    assert led.usage("acme", "chat", NOON).requests == 0
+
+
+def test_the_same_record_that_failed_before_running_is_decided_again() -> None:
+    led = ledger()
+    first = reserve(led, "r1", "t/0/5", "f1")
+    led.settle(first, 0, 0, "internal", ran=False)
+    assert not reserve(led, "r1", "t/0/5", "f1").duplicate  # retried: it may succeed now
+    assert led.usage("acme", "chat", NOON).requests == 1
+
+
 def test_an_id_charged_yesterday_is_still_taken_today() -> None:
     led = ledger()
     reserve(led, "r1", "t/0/5", "f1", now=NOON - timedelta(days=1))
@@ -139,7 +162,7 @@ def test_no_sequence_of_records_runs_more_requests_than_the_limit(
             rid, origin, fp = taken[-1]
         try:
             reservation = reserve(led, rid, origin, fp)
-        except (QuotaExceeded, DuplicateRequest, RepeatedRecord):
+        except (QuotaExceeded, DuplicateRequest, RepeatedRecord, AnsweredBefore):
             continue
         if reservation.duplicate:
             assert (rid, origin, fp) in taken
@@ -174,7 +197,7 @@ def test_no_sequence_of_records_and_outcomes_counts_more_than_what_ran(
             rid, origin, fp = taken[-1]
         try:
             reservation = reserve(led, rid, origin, fp)
-        except (QuotaExceeded, DuplicateRequest, RepeatedRecord):
+        except (QuotaExceeded, DuplicateRequest, RepeatedRecord, AnsweredBefore):
             continue
         if not reservation.duplicate:
             state[rid] = "running"

@@ -58,6 +58,7 @@ class ScheduledEngine:
         self._scheduler = scheduler
         self._backend: Backend = scheduler.ready.result()
         self._closed = False
+        self._callers: dict[asyncio.Task[Any], Job] = {}  # whose job is open, by caller
 
     # -- Engine -------------------------------------------------------------------------
 
@@ -112,6 +113,11 @@ class ScheduledEngine:
 
     def load(self) -> Load:
         return self._scheduler.load
+
+    def queued_callers(self) -> set[asyncio.Task[Any]]:
+        # `started_at` is set on the scheduler's thread; one read a moment stale only means a
+        # job that just started is handed over too (its slot is freed when its task ends).
+        return {task for task, job in self._callers.items() if job.started_at is None}
 
     def count_tokens(self, text: str) -> int:
         return len(self._backend.encode_text(text))
@@ -178,11 +184,17 @@ class ScheduledEngine:
         if not self._scheduler.submit(job):
             self._check_open()
             raise EngineError("engine is not running", retryable=True)
+        caller = asyncio.current_task()
+        if caller is not None:
+            self._callers[caller] = job
         try:
             return await future
         except asyncio.CancelledError:
             self._scheduler.abandon(job)
             raise
+        finally:
+            if caller is not None:
+                self._callers.pop(caller, None)
 
     def _check_open(self) -> None:
         fatal = self._scheduler.fatal_error
