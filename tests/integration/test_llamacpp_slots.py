@@ -309,6 +309,38 @@ def test_a_preempted_job_resumes_to_the_uninterrupted_output(
     assert_consistent(got)  # nothing streamed twice across the preemption
 
 
+def test_a_slot_keeps_its_cache_for_the_next_job_with_the_same_prefix(
+    backend: LlamaCppBackend,
+) -> None:
+    """A repeated prompt computes only its last token again, a paused job resumed in its slot
+    nothing, and neither changes a token of the output."""
+    expected = alone(backend, PROMPTS[6], max_tokens=16)
+    first = run_alone(backend, generate_job(backend, PROMPTS[6], max_tokens=16))
+    before = backend.reused_tokens
+    again = generate_job(backend, PROMPTS[6], max_tokens=16)
+    repeated = run_alone(backend, again)
+    assert backend.reused_tokens - before == len(again.prompt_ids) - 1
+    assert first.tokens == repeated.tokens == expected.tokens
+
+    job = generate_job(backend, LONG_PROMPT, max_tokens=24)
+    reference = alone(backend, LONG_PROMPT, max_tokens=24)
+    paused_at: list[int] = []
+
+    def pause_and_resume(step: int) -> None:
+        if step == 8:
+            backend.stop(job, preempted=True)
+            paused_at.append(backend.reused_tokens)
+            backend.start(job)  # back in its own slot: every cell still there
+            state = job.backend_state
+            assert backend.reused_tokens - paused_at[0] == len(job.prompt_ids) + len(
+                state.generated[:-1]
+            )
+
+    drive(backend, [job], before_step=pause_and_resume)
+    assert paused_at
+    assert outcome(job).tokens == reference.tokens
+
+
 def _fields(generation: Generation) -> dict[str, Any]:
     return {
         "text": generation.text,
@@ -531,7 +563,9 @@ def test_details_and_identity(backend: LlamaCppBackend) -> None:
     assert backend.name == "llamacpp"
     assert backend.model == "SmolLM2-135M-Instruct.Q4_1"
     assert backend.can_preempt is True
-    assert backend.details() == {
+    details = backend.details()
+    assert isinstance(details.pop("reused_prompt_tokens"), int)
+    assert details == {
         "n_ctx": 512,
         "slots": 8,
         "device": "cpu",
