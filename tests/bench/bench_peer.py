@@ -305,15 +305,19 @@ def ask(engine: Any, tenant: str, i: int, tokens: int) -> Awaitable[Any]:
     )
 
 
-async def four_tenants(engine: Any, args: argparse.Namespace) -> tuple[float, float]:
-    """(aggregate tokens/s, the light tenant's median latency over its latency alone)."""
-    light = max(1, args.max_tokens // 4)
+async def load_and_light(
+    engine: Any, heavy_tenants: int, per_tenant: int, tokens: int
+) -> tuple[float, float]:
+    """Heavy tenants queue `per_tenant` requests of `tokens` each; a light tenant sends 4 of
+    a quarter that 1 s later: (aggregate tokens/s, the light tenant's median latency over
+    its latency alone)."""
+    light = max(1, tokens // 4)
     alone = await asyncio.gather(*(timed(ask(engine, "light", i, light)) for i in range(4)))
     started = time.perf_counter()
     heavy = [
-        asyncio.create_task(timed(ask(engine, f"heavy-{t}", i, args.max_tokens)))
-        for t in range(3)
-        for i in range(args.heavy)
+        asyncio.create_task(timed(ask(engine, f"heavy-{t}", i, tokens)))
+        for t in range(heavy_tenants)
+        for i in range(per_tenant)
     ]
     await asyncio.sleep(1.0)
     crowded = await asyncio.gather(*(timed(ask(engine, "light", 100 + i, light)) for i in range(4)))
@@ -329,34 +333,45 @@ async def fair_share(args: argparse.Namespace) -> None:
     from consumer.engine.scheduler.engine import start_scheduled_engine
 
     path = resolve_gguf(None, None, None)
-    print(
-        f"fair-share preemption, in process: 3 heavy tenants x {args.heavy} requests "
-        f"({args.max_tokens} tokens), 1 light tenant x 4 ({args.max_tokens // 4} tokens) 1 s later"
-    )
-    results: dict[bool, tuple[float, float]] = {}
-    for fair in (False, True):
-        engine = await asyncio.to_thread(
-            start_scheduled_engine,
-            lambda: LlamaCppBackend(path, slots=args.slots, prefill_chunk=128),
-            max_queued=1000,
-            fair_preemption=fair,
-        )
-        try:
-            results[fair] = await four_tenants(engine, args)
-            scheduler = engine.info.details["scheduler"]
-            rate, ratio = results[fair]
+    loads = {
+        f"3 heavy tenants x {args.heavy} ({args.max_tokens} tokens)": (
+            3,
+            args.heavy,
+            args.max_tokens,
+        ),
+        "1 tenant's flood of 64 (32 tokens)": (1, 64, 32),
+    }
+    print("fair-share preemption on vs off, in process; a light tenant sends 4 requests 1 s later")
+    for name, (tenants, per_tenant, tokens) in loads.items():
+        results: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
+        pauses = {False: 0, True: 0}
+        for _ in range(args.repeat):  # alternated, so drift on a shared machine hits both
+            for fair in (False, True):
+                engine = await asyncio.to_thread(
+                    start_scheduled_engine,
+                    lambda: LlamaCppBackend(path, slots=args.slots, prefill_chunk=128),
+                    max_queued=1000,
+                    fair_preemption=fair,
+                )
+                try:
+                    results[fair].append(await load_and_light(engine, tenants, per_tenant, tokens))
+                    pauses[fair] += engine.info.details["scheduler"]["preemptions"]  # type: ignore[index]
+                finally:
+                    await engine.close()
+        for fair in (False, True):
+            rate = statistics.median(r for r, _ in results[fair])
+            ratio = statistics.median(q for _, q in results[fair])
             print(
-                f"  fair_preemption={fair!s:<5} aggregate {rate:6.1f} tok/s, light tenant "
-                f"median latency {ratio:.2f}x alone; preemptions {scheduler['preemptions']}, "  # type: ignore[index]
-                f"re-prefilled tokens {scheduler['reprefill_tokens']}"  # type: ignore[index]
+                f"  {name}, fair_preemption={fair!s:<5}: aggregate {rate:6.1f} tok/s, light "
+                f"tenant median latency {ratio:.2f}x alone (medians of {args.repeat}); "
+                f"{pauses[fair]} pauses in all"
             )
-        finally:
-            await engine.close()
-    on, off = results[True], results[False]
-    print(
-        f"  on/off: aggregate throughput {on[0] / off[0]:.2f}x, light tenant latency "
-        f"{on[1]:.2f}x vs {off[1]:.2f}x alone"
-    )
+        ratios = [on[0] / off[0] for on, off in zip(results[True], results[False], strict=True)]
+        print(
+            f"  {name}: on/off aggregate throughput, per pair: "
+            + ", ".join(f"{r:.2f}x" for r in ratios)
+            + f" (median {statistics.median(ratios):.2f}x)"
+        )
 
 
 async def bench(args: argparse.Namespace) -> None:
@@ -375,6 +390,7 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--n-ctx", type=int, default=2048)
     parser.add_argument("--heavy", type=int, default=8, help="requests per heavy tenant")
+    parser.add_argument("--repeat", type=int, default=3, help="fair-share on/off pairs")
     parser.add_argument("--fetch-wait-ms", type=int, default=5)
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--skip-fair", action="store_true")

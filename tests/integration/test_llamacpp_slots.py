@@ -568,6 +568,7 @@ def test_details_and_identity(backend: LlamaCppBackend) -> None:
     assert details == {
         "n_ctx": 512,
         "slots": 8,
+        "sequences": 10,  # 2 spare: a paused job's cells wait there
         "device": "cpu",
         "flash_attn": True,
         "threads": 2,

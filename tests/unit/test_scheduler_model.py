@@ -176,6 +176,7 @@ def drive(
     policy: Policy = loop.bind(backend)
     # Fair-share pauses after a few tokens (or none), so short jobs get paused and resumed too.
     policy.min_run_tokens = min_run_tokens
+    policy.patience_tokens = min_run_tokens  # 0: pause on every imbalance, to exercise pauses
     outcomes: dict[Job, list[object]] = {}
     jobs: list[Job] = []
     abandoned: set[Job] = set()
@@ -276,7 +277,7 @@ def test_a_plan_never_preempts_work_it_starts() -> None:
     """The fair-share swap of a plan that also filled a free slot: the old policy paused the
     work it had just started (the latest started), so the backend was told to start it and
     the swapped-in work with one slot free ("no free slot", then "running already")."""
-    policy = Policy(slots=2, max_queued=100, min_run_tokens=0)
+    policy = Policy(slots=2, max_queued=100, min_run_tokens=0, patience_tokens=0)
     a1, a2, a3 = (Work("a", "interactive", 3, 50) for _ in range(3))
     for w in (a1, a2, a3):
         policy.admit(w)
@@ -294,7 +295,7 @@ def test_a_plan_never_preempts_work_it_starts() -> None:
 
 
 def test_work_that_has_not_progressed_since_it_resumed_is_not_paused_again() -> None:
-    policy = Policy(slots=2, max_queued=100, min_run_tokens=4)
+    policy = Policy(slots=2, max_queued=100, min_run_tokens=4, patience_tokens=0)
     a1, a2 = Work("a", "interactive", 3, 50), Work("a", "interactive", 3, 50)
     policy.admit(a1)
     policy.admit(a2)

@@ -95,12 +95,12 @@ def test_without_preemption_interactive_work_waits_for_a_free_slot() -> None:
 
 def test_a_tenant_below_its_fair_share_takes_slots_from_the_one_above_it() -> None:
     policy = Policy(slots=4, max_queued=100)
-    flood = [work("a") for _ in range(10)]
+    flood = [work("a", out=100) for _ in range(10)]
     for w in flood:
         policy.admit(w)
     for running in policy.schedule().start:  # a runs 4: every slot
         policy.charge(running, policy.min_run_tokens)  # progress enough to be paused
-    newcomers = [work("b"), work("b"), work("b")]
+    newcomers = [work("b", out=100), work("b", out=100), work("b", out=100)]
     for w in newcomers:
         policy.admit(w)
     plan = policy.schedule()
@@ -125,6 +125,19 @@ def test_fair_share_preemption_needs_a_backend_that_can_resume() -> None:
         policy.schedule()
         policy.admit(work("b"))
         assert policy.schedule() == Plan()
+
+
+def test_no_pause_when_a_slot_frees_within_a_few_steps_anyway() -> None:
+    policy = Policy(slots=2, max_queued=100, min_run_tokens=0, patience_tokens=8)
+    long, short = work("a", out=100), work("a", out=20)
+    policy.admit(long)
+    policy.admit(short)
+    policy.schedule()
+    policy.charge(short, 12)  # 8 tokens left: its slot frees soon
+    policy.admit(work("b"))
+    assert policy.schedule() == Plan()
+    policy.patience_tokens = 4
+    assert policy.schedule().preempt == (short,)  # 8 left is more than the patience now
 
 
 def test_work_paused_too_often_is_not_paused_again() -> None:

@@ -122,6 +122,7 @@ class LlamaCppBackend:
         repack_weights: bool = False,
         flash_attn: bool = True,
         prefill_chunk: int | None = None,
+        spare_sequences: int | None = None,
     ) -> None:
         """`prefill_chunk`: prompt (and label) tokens one step takes at most, besides one
         token per generating sequence (None: as many as `n_batch` holds). Prefill is
@@ -136,6 +137,10 @@ class LlamaCppBackend:
         started = time.perf_counter()
         self.model = model_path.stem
         self.slots = slots
+        # Sequences beyond the slots: a paused job's cells stay in its own sequence while the
+        # work that displaced it runs in a spare one, so resuming it computes nothing again
+        # (what makes fair-share pauses cheap). Each costs one sequence's KV cache.
+        spare = max(1, slots // 4) if spare_sequences is None else spare_sequences
         self._prefill_chunk = prefill_chunk or n_batch
         self.n_ctx = n_ctx
         self._seed = seed
@@ -159,7 +164,7 @@ class LlamaCppBackend:
             self._context = Context(
                 self._model,
                 n_ctx=n_ctx,
-                n_seq=slots,
+                n_seq=slots + spare,
                 n_batch=n_batch,
                 n_threads=n_threads,
                 flash_attn=flash_attn,
@@ -167,10 +172,11 @@ class LlamaCppBackend:
         except BaseException:
             self._model.close()
             raise
-        self._free = list(range(slots))
+        self._free = list(range(slots + spare))  # sequences, not slots: see `spare`
         self._running: dict[Job, _Sequence] = {}  # in start order
         # Per slot: the tokens its cells hold from position 0 (a prefix of what is there).
-        self._cached: list[list[int]] = [[] for _ in range(slots)]
+        self._cached: list[list[int]] = [[] for _ in range(slots + spare)]
+        self._paused: set[int] = set()  # sequences whose cells a paused job will resume from
         self.reused_tokens = 0  # prompt tokens not computed again thanks to a slot's cache
         # Unset n_threads: the count that measures fastest on this (maybe shared) CPU.
         self._threads = ThreadTuner(
@@ -220,6 +226,7 @@ class LlamaCppBackend:
         return {
             "n_ctx": self.n_ctx,
             "slots": self.slots,
+            "sequences": len(self._cached),
             "device": "cpu",
             "flash_attn": self._context.flash_attn,
             "threads": self._threads.current,
@@ -230,7 +237,7 @@ class LlamaCppBackend:
     # -- the scheduler's thread ---------------------------------------------------------
 
     def free_slots(self) -> int:
-        return len(self._free)
+        return min(len(self._free), self.slots - len(self._running))
 
     def fits(self, job: Job, chosen: list[Job]) -> bool:
         # Every job fits any slot (check_* refused those longer than a slot's context); how
@@ -246,7 +253,7 @@ class LlamaCppBackend:
         system prompt, a repeated prompt, or all of a paused request resumed in its slot."""
         if job in self._running:
             raise EngineError("the job is running already", retryable=False)
-        if not self._free:
+        if not self.free_slots():
             raise SlotUnavailable(f"no free slot ({len(self._running)} of {self.slots} held)")
         if job.kind == "generate":
             generating = self._resume_generating(job)
@@ -259,10 +266,12 @@ class LlamaCppBackend:
             scoring = job.backend_state if isinstance(job.backend_state, _Scoring) else _Scoring()
             scoring.total, scoring.cursor = 0.0, 0
             feed, state, reusable = list(job.prompt_ids), scoring, len(job.prompt_ids) - 1
+        # Longest shared prefix first; on a tie, a sequence no paused job waits to resume in.
         seq, cached = max(
             ((seq, _common_prefix(self._cached[seq], feed)) for seq in self._free),
-            key=lambda found: (found[1], -found[0]),
+            key=lambda found: (found[1], found[0] not in self._paused, -found[0]),
         )
+        self._paused.discard(seq)
         cached = min(cached, reusable)
         # Cells from the first position that differs on (all of them for a dirty slot).
         self._context.forget(seq, cached)
@@ -298,6 +307,8 @@ class LlamaCppBackend:
         # Its cells stay for the next job that shares a prefix with them (see `start`).
         self._cached[sequence.seq] = sequence.cached()
         self._free.append(sequence.seq)
+        if preempted:
+            self._paused.add(sequence.seq)
         if not preempted:
             job.backend_state = None
 
