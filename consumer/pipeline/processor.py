@@ -343,6 +343,8 @@ class RequestProcessor:
     ) -> OperationReply:
         """A tenant's `cancel`: stop its request with that id if this instance serves it."""
         outcome.operation = "cancel"
+        # The cancel's own id (its body's request_id names the request it stops).
+        outcome.request_id = outcome.correlation_id
         try:
             cancel = parse_cancel(body)
             outcome.tenant_id = cancel.tenant_id

@@ -714,6 +714,8 @@ async def test_cancelling_a_running_request_answers_both_and_counts_what_ran() -
     by_cid = {r.headers[CORRELATION_ID]: r for r in publisher.to(TOPICS.replies)}
     cancel_reply = OperationReply.model_validate_json(by_cid["cid-cancel"].value)
     assert cancel_reply.result == CancelResult(request_id="r-1", cancelled=True)
+    # Its meta names the cancel itself (by its correlation id), as every reply's meta does.
+    assert (cancel_reply.meta.operation, cancel_reply.meta.request_id) == ("cancel", "cid-cancel")
     cancelled = OperationReply.model_validate_json(publisher.to(TOPICS.replies)[-1].value)
     assert cancelled.error is not None and cancelled.error.code == "cancelled"
     assert (cancelled.error.http_status, cancelled.error.retryable) == (499, False)
