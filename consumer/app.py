@@ -218,21 +218,20 @@ def log_request_finished(outcome: Outcome) -> None:
     """One console line per answered, rejected or dead-lettered request (never its text)."""
     if not outcome.leaves_usage_row:
         return  # forwarded or a repeat: the record that answers it logs the line
-    record = outcome.record
-    total_ms = (max(outcome.finished_at, record.received_at) - record.received_at) * 1000
+    ending = outcome.ending
     fields: dict[str, Any] = {
         "tenant": outcome.tenant_id,
         "operation": outcome.operation,
-        "status": outcome.status,
+        "status": ending.status,
     }
-    if outcome.error_code is not None:
-        fields["code"] = outcome.error_code
+    if ending.code is not None:
+        fields["code"] = ending.code
     fields["input_tokens"] = outcome.input_tokens
     fields["output_tokens"] = outcome.output_tokens
-    # As the usage row counts it: time in the topic before it was fetched, then here.
-    fields["total_ms"] = round(total_ms + outcome.queue_ms)
+    # As the usage row and reply meta count it: from the fetch to the reply.
+    fields["total_ms"] = round(outcome.stages.total_ms)
     log.log(
-        logging.INFO if outcome.status == "ok" else logging.WARNING,
+        logging.INFO if ending.status == "ok" else logging.WARNING,
         "request_finished",
         extra=fields,
     )

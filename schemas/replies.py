@@ -74,10 +74,33 @@ class Meta(_Strict):
     input_chars: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
-    queue_ms: float = 0.0
-    execution_time_ms: float = 0.0
+    queue_ms: float = Field(
+        default=0.0, description="From the fetch to the start of execution: admission + slot wait."
+    )
+    execution_time_ms: float = Field(
+        default=0.0, description="Time the engine ran the request: prefill + generation."
+    )
     request_id: str | None = None
     timestamp: datetime
+    # The stages of the request's life (ms), as the usage row's columns of the same names.
+    bus_ms: float | None = Field(
+        default=None, description="From the record's Kafka timestamp to the consumer's fetch."
+    )
+    admission_ms: float | None = Field(
+        default=None, description="From the fetch to the engine (checks, quota write)."
+    )
+    slot_wait_ms: float | None = Field(
+        default=None, description="Waiting in the scheduler for an engine slot."
+    )
+    prefill_ms: float | None = Field(
+        default=None, description="From taking a slot to the first token."
+    )
+    generation_ms: float | None = Field(
+        default=None, description="From the first token to the last."
+    )
+    total_ms: float | None = Field(
+        default=None, description="From the fetch to the reply (bus_ms not included)."
+    )
 
 
 class SummarizeResult(_Strict):

@@ -45,6 +45,13 @@ class UsageRow(BaseModel):
     instance_id: Identifier
     received_at: datetime
     finished_at: datetime
+    # The stages of the request's life, as reply `meta` names them (null in rows written
+    # before they existed, and where a request never reached the stage).
+    bus_ms: Millis | None = None
+    admission_ms: Millis | None = None
+    slot_wait_ms: Millis | None = None
+    prefill_ms: Millis | None = None
+    generation_ms: Millis | None = None
 
     @field_validator("received_at", "finished_at")
     @classmethod
@@ -86,6 +93,12 @@ USAGE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("instance_id", "VARCHAR"),
     ("received_at", "TIMESTAMP WITH TIME ZONE"),
     ("finished_at", "TIMESTAMP WITH TIME ZONE"),
+    # Added later: older segments lack them (the catalog reads both, by name).
+    ("bus_ms", "DOUBLE"),
+    ("admission_ms", "DOUBLE"),
+    ("slot_wait_ms", "DOUBLE"),
+    ("prefill_ms", "DOUBLE"),
+    ("generation_ms", "DOUBLE"),
 )
 
 

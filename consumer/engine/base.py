@@ -70,6 +70,7 @@ class Scores:
     logprobs: tuple[float, ...]
     input_tokens: int
     scored_tokens: int
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -117,19 +117,28 @@ class Metrics:
         self.queue_duration = meter.create_histogram(
             "opstream.queue.duration",
             unit="ms",
-            description="From the request's Kafka timestamp to the engine starting on it.",
+            description="From the fetch to the engine running the request (admission and "
+            "the wait for a slot; reply meta's queue_ms).",
             explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_MS,
         )
         self.first_token_duration = meter.create_histogram(
             "opstream.first_token.duration",
             unit="ms",
-            description="From the engine starting a request to its first generated token.",
+            description="From a slot taking the request to its first token (prefill).",
             explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_MS,
         )
         self.request_duration = meter.create_histogram(
             "opstream.request.duration",
             unit="ms",
-            description="From the request's Kafka timestamp to its reply being acknowledged.",
+            description="From the fetch to the reply (reply meta's and the usage row's "
+            "total_ms; the time on the bus before is the stage `bus`).",
+            explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_MS,
+        )
+        self.stage_duration = meter.create_histogram(
+            "opstream.stage.duration",
+            unit="ms",
+            description="Each stage of a request's life (bus, admission, slot_wait, prefill, "
+            "generation, total), as reply meta and usage rows name them.",
             explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_MS,
         )
         self.in_flight = meter.create_up_down_counter(
@@ -231,6 +240,21 @@ class Metrics:
             self.first_token_duration.record(max(first_token_ms, 0.0), attributes)
         if total_ms is not None:
             self.request_duration.record(max(total_ms, 0.0), attributes)
+
+    def observe_stages(self, operation: str, stages: Mapping[str, float | None]) -> None:
+        """Record a request's stages (`bus_ms` … `total_ms`, as `Stages.as_fields` names
+        them; None: not reached) and the queue / first-token / request latencies they make."""
+        for name, value in stages.items():
+            if value is not None and name.endswith("_ms"):
+                attributes = {"operation": operation, "stage": name.removesuffix("_ms")}
+                self.stage_duration.record(max(value, 0.0), attributes)
+        admission, slot_wait = stages.get("admission_ms"), stages.get("slot_wait_ms")
+        self.observe_latency(
+            operation,
+            queue_ms=None if admission is None else admission + (slot_wait or 0.0),
+            first_token_ms=stages.get("prefill_ms"),
+            total_ms=stages.get("total_ms"),
+        )
 
     @contextmanager
     def track_in_flight(self, operation: str) -> Iterator[None]:

@@ -47,8 +47,10 @@ class Served:
     result: Result
     input_tokens: int
     output_tokens: int
-    execution_ms: float
+    execution_ms: float  # handed to the engine → its answer (slot wait included)
     first_token_ms: float | None
+    # The scheduler's own measures (`queued_ms`: the wait for a slot), see `Stages`.
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 class Operation(Protocol):
@@ -87,6 +89,7 @@ async def generate(engine: Engine, prompt: Prompt, shape: Callable[[Generation],
         output_tokens=generation.output_tokens,
         execution_ms=(time.perf_counter() - started) * 1000,
         first_token_ms=generation.first_token_ms,
+        timings=generation.timings,
     )
 
 

@@ -65,4 +65,4 @@ class Classify:
             label=verdict.label, confidence=verdict.confidence, scores=verdict.scores
         )
         elapsed = (time.perf_counter() - started) * 1000
-        return Served(result, scores.input_tokens, 0, elapsed, None)
+        return Served(result, scores.input_tokens, 0, elapsed, None, scores.timings)

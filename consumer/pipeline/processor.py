@@ -138,21 +138,16 @@ class RequestProcessor:
         assert self._telemetry is not None
         metrics = self._telemetry.metrics
         operation = outcome.operation or "unknown"
-        status = outcome.status if outcome.status in ("ok", "forwarded", "repeat") else "error"
-        code = outcome.error_code if outcome.status != "dlq" else "dlq"
-        metrics.count_request(operation, status, code)
+        ending = outcome.ending
+        metrics.count_request(operation, ending.status, ending.code)
         metrics.count_tokens(operation, outcome.input_tokens, outcome.output_tokens)
-        metrics.observe_latency(
-            operation,
-            queue_ms=outcome.queue_ms,
-            first_token_ms=outcome.first_token_ms,
-            total_ms=max(0.0, outcome.finished_at * 1000 - outcome.record.timestamp_ms),
-        )
+        if outcome.leaves_usage_row:  # a forwarded copy's time is counted where it is answered
+            metrics.observe_stages(operation, outcome.stages.as_fields())
 
     async def handle(self, record: InboundRecord) -> Outcome:
         """DESIGN's flow for one record; raises only when the broker is unreachable."""
         outcome = Outcome(record=record, status="error")
-        outcome.queue_ms = max(0.0, record.received_at * 1000 - record.timestamp_ms)
+        outcome.stages.bus_ms = max(0.0, record.received_at * 1000 - record.timestamp_ms)
 
         # 0. A record on another partition than its tenant's moves there first (quotas and
         #    the replay guard count per partition).
@@ -243,23 +238,25 @@ class RequestProcessor:
                 raise WorkCancelled("", 0, 0)
             serving[1].stage = "in_engine"
             engine_started = time.perf_counter()
+            outcome.stages.admission_ms = max(0.0, (self._clock() - record.received_at) * 1000)
             with (
                 self._tracer.start_as_current_span("opstream.generate") as span,
                 self._in_flight(request.operation),
             ):
                 served = await operation.serve(self._engine, request, prompt.tagged(work))
+                outcome.stages.engine_ran(
+                    served.execution_ms, served.first_token_ms, served.timings
+                )
                 span.set_attribute("opstream.input_tokens", served.input_tokens)
                 span.set_attribute("opstream.output_tokens", served.output_tokens)
-                if served.first_token_ms is not None:
-                    span.set_attribute("opstream.prefill_ms", served.first_token_ms)
-                    span.set_attribute(
-                        "opstream.decode_ms", max(0.0, served.execution_ms - served.first_token_ms)
-                    )
+                for name, value in outcome.stages.as_fields().items():
+                    if value is not None and name not in ("bus_ms", "total_ms"):
+                        span.set_attribute(f"opstream.{name}", value)
         except BrokerUnavailable:
             raise
         except RepeatedRecord as exc:
             outcome.status = "repeat"
-            outcome.finished_at = self._clock()
+            outcome.finish(self._clock())
             log.info(
                 "request_repeat_ignored",
                 extra={
@@ -290,7 +287,8 @@ class RequestProcessor:
             # What it generated until the cancel is what it cost: charged and counted.
             outcome.input_tokens, outcome.output_tokens = exc.input_tokens, exc.output_tokens
             if engine_started is not None:
-                outcome.execution_ms = (time.perf_counter() - engine_started) * 1000
+                # How the time split between waiting and running is unknown here.
+                outcome.stages.engine_ms = (time.perf_counter() - engine_started) * 1000
             outcome.model = self._model_name if exc.input_tokens else None
             ran = exc.input_tokens + exc.output_tokens > 0  # else cancelled before it started
             self._settle(
@@ -330,9 +328,7 @@ class RequestProcessor:
         outcome.model = self._model_name
         outcome.input_tokens = served.input_tokens
         outcome.output_tokens = served.output_tokens
-        outcome.execution_ms = served.execution_ms
-        outcome.first_token_ms = served.first_token_ms
-        outcome.finished_at = self._clock()
+        outcome.finish(self._clock())
         self._settle(outcome, served.input_tokens, served.output_tokens, "ok", ran=True)
         return OperationReply(
             status="ok", result=served.result, meta=meta_of(outcome, self._clock())
@@ -370,7 +366,7 @@ class RequestProcessor:
             cancelled = await self._engine.cancel(key)
         log.info("cancel_requested", extra={"tenant": cancel.tenant_id, "found": cancelled})
         outcome.status = "ok"
-        outcome.finished_at = self._clock()
+        outcome.finish(self._clock())
         result = CancelResult(request_id=cancel.request_id, cancelled=cancelled)
         return OperationReply(status="ok", result=result, meta=meta_of(outcome, self._clock()))
 

@@ -35,7 +35,7 @@ def error_reply(exc: OpstreamError, outcome: Outcome, now: float) -> OperationRe
     """The error reply for `exc` (and the outcome's status/code/finish time set to match)."""
     outcome.status = "error"
     outcome.error_code = exc.code
-    outcome.finished_at = now
+    outcome.finish(now)
     details = {k: v for k, v in exc.details.items() if k in ErrorInfo.model_fields}
     error = ErrorInfo(
         code=exc.code,
@@ -55,10 +55,11 @@ def meta_of(outcome: Outcome, now: float) -> Meta:
         input_chars=outcome.input_chars,
         input_tokens=outcome.input_tokens,
         output_tokens=outcome.output_tokens,
-        queue_ms=round(outcome.queue_ms, 3),
-        execution_time_ms=round(outcome.execution_ms, 3),
+        queue_ms=round(outcome.stages.queue_ms, 3),
+        execution_time_ms=round(outcome.stages.execution_ms, 3),
         request_id=outcome.request_id,
         timestamp=datetime.fromtimestamp(outcome.finished_at or now, UTC),
+        **outcome.stages.as_fields(),
     )
 
 
@@ -115,7 +116,7 @@ class Responder:
         outcome.status = "dlq"
         outcome.dlq_reason = reason
         outcome.error_code = "validation"
-        outcome.finished_at = self._clock()
+        outcome.finish(self._clock())
         headers = [
             *record.headers,
             (DLQ_ORIGIN_TOPIC, record.topic.encode()),
@@ -150,7 +151,7 @@ class Responder:
             timestamp_ms=record.timestamp_ms,  # deadlines count from the producer's write
         )
         outcome.status = "forwarded"
-        outcome.finished_at = self._clock()
+        outcome.finish(self._clock())
         log.debug(
             "request_forwarded",
             extra={"partition": record.partition, "offset": record.offset, "to_partition": home},

@@ -55,7 +55,7 @@ def view_statements(root: Path) -> list[str]:
     return [
         "CREATE OR REPLACE VIEW usage_raw AS "
         "SELECT * EXCLUDE (instance) FROM read_parquet("
-        f"{glob}, hive_partitioning = true, "
+        f"{glob}, hive_partitioning = true, union_by_name = true, "
         "hive_types = {'date': DATE, 'hour': INTEGER, 'instance': VARCHAR})",
         "CREATE OR REPLACE VIEW usage AS SELECT * FROM usage_raw "
         f"QUALIFY row_number() OVER (PARTITION BY {DEDUP_KEY} ORDER BY {DEDUP_ORDER}) = 1",
@@ -97,14 +97,26 @@ def _current_fingerprint(path: Path) -> str | None:
 
 
 def ensure_schema_segment(root: Path, compression: str = "zstd") -> Path:
-    """Write the zero-row segment that lets the views bind before the first real row."""
+    """Write the zero-row segment that lets the views bind before the first real row.
+
+    It pins every column of today's row, so segments written before a column was added
+    (read by name, the missing column null) and after it read as one table.
+    """
     directory = layout.partition_dir(root, layout.SCHEMA_HOUR, layout.SCHEMA_INSTANCE)
     final_path = directory / f"{layout.PART_PREFIX}schema{layout.PART_SUFFIX}"
+    conn = duckdb.connect(":memory:")
     if final_path.exists():
-        return final_path
+        try:
+            described = conn.execute(
+                f"DESCRIBE SELECT * FROM read_parquet({layout.sql_string(final_path)})"
+            ).fetchall()
+        finally:
+            conn.close()
+        if [str(row[0]) for row in described] == [name for name, _ in USAGE_COLUMNS]:
+            return final_path
+        conn = duckdb.connect(":memory:")  # an older schema: written again, atomically
     ensure_dir(directory)
     columns = ", ".join(f"CAST(NULL AS {kind}) AS {name}" for name, kind in USAGE_COLUMNS)
-    conn = duckdb.connect(":memory:")
     try:
         copy_to_parquet_atomically(conn, f"SELECT {columns} WHERE false", final_path, compression)
     finally:

@@ -148,7 +148,7 @@ def _latency(rows: list[Row]) -> str:
         "milliseconds",
     )
     table = [[r["day"].isoformat(), r["requests"], r["p50_ms"], r["p95_ms"]] for r in rows]
-    note = "total_ms: from receipt on the bus to the reply, over every request of the day."
+    note = "total_ms: from the fetch to the reply, over every request of the day."
     return _section(
         "latency",
         "Latency per day (p50, p95)",

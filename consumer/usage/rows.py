@@ -11,24 +11,30 @@ IDENTIFIER_MAX_CHARS = 256  # schemas.usage.Identifier
 
 
 def usage_row(outcome: Outcome, instance_id: str) -> UsageRow:
-    """Counts and timings of `outcome` (never text); a dead letter is an `error` row `dlq`."""
+    """Counts and timings of `outcome` (never text), status and code from its `ending`."""
     record = outcome.record
     received = datetime.fromtimestamp(record.received_at, UTC)
     finished = datetime.fromtimestamp(max(outcome.finished_at, record.received_at), UTC)
-    ok = outcome.status == "ok"
-    error_code = None if ok else ("dlq" if outcome.status == "dlq" else outcome.error_code)
+    ending = outcome.ending
+    stages = outcome.stages
+    fields = stages.as_fields()
     return UsageRow(
         tenant_id=outcome.tenant_id,
         operation=outcome.operation,
         model=outcome.model,
-        status="ok" if ok else "error",
-        error_code=error_code or ("internal" if not ok else None),
+        status="ok" if ending.status == "ok" else "error",
+        error_code=ending.code,
         input_chars=outcome.input_chars,
         input_tokens=outcome.input_tokens,
         output_tokens=outcome.output_tokens,
-        queue_ms=outcome.queue_ms,
-        execution_ms=outcome.execution_ms,
-        total_ms=max(0.0, (finished - received).total_seconds() * 1000 + outcome.queue_ms),
+        queue_ms=round(stages.queue_ms, 3),
+        execution_ms=round(stages.execution_ms, 3),
+        total_ms=round(stages.total_ms, 3),
+        bus_ms=fields["bus_ms"],
+        admission_ms=fields["admission_ms"],
+        slot_wait_ms=fields["slot_wait_ms"],
+        prefill_ms=fields["prefill_ms"],
+        generation_ms=fields["generation_ms"],
         request_id=_identifier(outcome.request_id),
         correlation_id=_identifier(outcome.correlation_id),
         kafka_topic=record.topic,

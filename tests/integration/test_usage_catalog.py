@@ -169,3 +169,47 @@ def test_refresh_replaces_the_catalog_under_an_open_reader(tmp_path: Path) -> No
     assert count(fresh, "SELECT count(*) FROM usage") == 1
     reader.close()
     fresh.close()
+
+
+def test_segments_written_before_the_stage_columns_read_beside_new_ones(tmp_path: Path) -> None:
+    """An old tree (its schema segment and rows without `bus_ms` …) and new rows: the views
+    read both, by column name, the old rows' stages null."""
+    from consumer.usage import layout
+    from schemas.usage import USAGE_COLUMNS
+
+    stages = {"bus_ms", "admission_ms", "slot_wait_ms", "prefill_ms", "generation_ms"}
+    old_columns = [(name, kind) for name, kind in USAGE_COLUMNS if name not in stages]
+    conn = duckdb.connect()
+    old_schema = layout.partition_dir(tmp_path, layout.SCHEMA_HOUR, layout.SCHEMA_INSTANCE)
+    old_schema.mkdir(parents=True)
+    nulls = ", ".join(f"CAST(NULL AS {kind}) AS {name}" for name, kind in old_columns)
+    conn.execute(f"COPY (SELECT {nulls} WHERE false) TO '{old_schema}/part-schema.parquet'")
+    t = datetime(2025, 6, 1, 9, 0, tzinfo=UTC)
+    old_dir = tmp_path / "date=2025-06-01" / "hour=09" / "instance=old"
+    old_dir.mkdir(parents=True)
+    values = (
+        ", ".join(
+            {
+                "VARCHAR": "'old'",
+                "BIGINT": "1",
+                "INTEGER": "1",
+                "DOUBLE": "5.0",
+                "TIMESTAMP WITH TIME ZONE": f"TIMESTAMPTZ '{t.isoformat()}'",
+            }[kind]
+            + f" AS {name}"
+            for name, kind in old_columns
+        )
+        .replace("'old' AS status", "'ok' AS status")
+        .replace("'old' AS error_code", "NULL AS error_code")
+    )
+    conn.execute(f"COPY (SELECT {values}) TO '{old_dir}/part-1-old.parquet'")
+    conn.close()
+    new_row = make_row("r-new", offset=2, finished_at=t, instance_id="new")
+    write_rows(tmp_path, "new", [new_row.model_copy(update={"slot_wait_ms": 12.5})])
+
+    reader = connect_catalog(UsageSettings(directory=tmp_path))
+    rows = reader.execute(
+        "SELECT request_id, total_ms, slot_wait_ms FROM usage ORDER BY request_id"
+    ).fetchall()
+    reader.close()
+    assert rows == [("old", 5.0, None), ("r-new", new_row.total_ms, 12.5)]

@@ -9,7 +9,7 @@ import pytest
 from consumer.app import in_flight_bound
 from consumer.bus.records import InboundRecord
 from consumer.engine.scheduler.policy import Load
-from consumer.pipeline.outcome import Outcome
+from consumer.pipeline.outcome import Outcome, Stages
 from consumer.settings import Settings
 from consumer.usage.rows import usage_row
 
@@ -59,13 +59,15 @@ def test_ok_outcome_becomes_an_ok_row_without_error_code() -> None:
         model="m",
         input_tokens=10,
         output_tokens=5,
-        queue_ms=20.0,
-        finished_at=record.received_at + 0.5,
+        stages=Stages(bus_ms=20.0),
     )
+    outcome.finish(record.received_at + 0.5)
     row = usage_row(outcome, "i1")
     assert (row.status, row.error_code) == ("ok", None)
     assert (row.kafka_partition, row.kafka_offset, row.instance_id) == (3, 42, "i1")
-    assert row.total_ms == pytest.approx(520.0, abs=1.0)
+    # From the fetch to the reply; the 20 ms on the bus before is its own column.
+    assert row.total_ms == pytest.approx(500.0, abs=1.0)
+    assert row.bus_ms == pytest.approx(20.0)
 
 
 def test_dead_letter_outcome_is_an_error_row_coded_dlq() -> None:

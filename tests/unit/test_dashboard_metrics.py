@@ -45,7 +45,10 @@ def test_every_series_the_dashboard_queries_is_exported_by_the_consumer_telemetr
     metrics = telemetry.metrics
     metrics.count_request("chat", "ok")
     metrics.count_tokens("chat", input_tokens=12, output_tokens=3)
-    metrics.observe_latency("chat", queue_ms=2, first_token_ms=30, total_ms=80)
+    metrics.observe_stages(
+        "chat",
+        {"bus_ms": 1, "admission_ms": 1, "slot_wait_ms": 2, "prefill_ms": 30, "total_ms": 80},
+    )
     metrics.observe_batch_size(4, backend="exllamav2")
     metrics.count_quota_rejection("chat", limit="requests")
     metrics.set_lag_source(lambda: {("ops.requests.v1", 0): 3})

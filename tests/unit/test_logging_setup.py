@@ -176,7 +176,7 @@ def test_request_finished_line_has_the_numbers_and_no_text(
 ) -> None:
     from consumer.app import log_request_finished
     from consumer.bus.records import InboundRecord
-    from consumer.pipeline.outcome import Outcome
+    from consumer.pipeline.outcome import Outcome, Stages
 
     record = InboundRecord(
         topic="ops.requests.v1",
@@ -197,7 +197,7 @@ def test_request_finished_line_has_the_numbers_and_no_text(
             operation="summarize",
             input_tokens=55,
             output_tokens=12,
-            queue_ms=4.0,
+            stages=Stages(bus_ms=4.0, total_ms=300.4),
             finished_at=1_000.3,
         )
     )
@@ -215,7 +215,7 @@ def test_request_finished_line_has_the_numbers_and_no_text(
     lines = [line.split(" ", 1)[1] for line in capsys.readouterr().err.splitlines()]
     assert lines == [
         "INFO    consumer.app request_finished tenant=acme operation=summarize status=ok "
-        "input_tokens=55 output_tokens=12 total_ms=304",
+        "input_tokens=55 output_tokens=12 total_ms=300",
         "WARNING consumer.app request_finished tenant=acme operation=chat status=error "
         "code=quota_exceeded input_tokens=0 output_tokens=0 total_ms=0",
     ]

@@ -510,16 +510,17 @@ class SchedulerLoop(threading.Thread):
             self._end_running(backend, policy, work, self._finished(job, event.result))
 
     def _finished(self, job: Job, result: Generation | Scores) -> Generation | Scores:
-        if not isinstance(result, Generation):
-            return result
         started = job.started_at or job.submitted_at
+        queued_ms = round((started - job.submitted_at) * 1000, 3)
+        if not isinstance(result, Generation):
+            return replace(result, timings={**result.timings, "queued_ms": queued_ms})
         first = job.first_token_at
         return replace(
             result,
             # From the step that took it in (prefill and the first decode), as the metric and
             # the trace's prefill_ms say; the wait for a slot is `queued_ms`.
             first_token_ms=(first - started) * 1000 if first else result.first_token_ms,
-            timings={**result.timings, "queued_ms": round((started - job.submitted_at) * 1000, 3)},
+            timings={**result.timings, "queued_ms": queued_ms},
         )
 
     def _end_running(self, backend: Backend, policy: Policy, work: Work, outcome: object) -> None:
