@@ -126,11 +126,15 @@ class RequestProcessor:
             record.headers, topic=record.topic, partition=record.partition, offset=record.offset
         ) as span:
             outcome = await self.handle(record)
-            span.set_attribute("opstream.status", outcome.status)
+            ending = outcome.ending
+            span.set_attribute("opstream.status", ending.kind)
             if outcome.operation:
                 span.set_attribute("opstream.operation", outcome.operation)
-            if outcome.error_code:
-                span.set_attribute("opstream.error_code", outcome.error_code)
+            if ending.code:
+                span.set_attribute("opstream.error_code", ending.code)
+            for name, value in outcome.stages.as_fields().items():
+                if value is not None:
+                    span.set_attribute(f"opstream.{name}", value)
             self._count(outcome)
             return outcome
 
