@@ -331,6 +331,7 @@ def test_a_slot_keeps_its_cache_for_the_next_job_with_the_same_prefix(
             backend.stop(job, preempted=True)
             paused_at.append(backend.reused_tokens)
             backend.start(job)  # back in its own slot: every cell still there
+            assert job.resumed_prefill == 0
             state = job.backend_state
             assert backend.reused_tokens - paused_at[0] == len(job.prompt_ids) + len(
                 state.generated[:-1]

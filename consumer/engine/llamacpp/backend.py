@@ -278,6 +278,7 @@ class LlamaCppBackend:
         self._free.remove(seq)
         self._cached[seq] = feed[:cached]
         self.reused_tokens += cached
+        job.resumed_prefill = len(feed) - cached
         sequence = _Sequence(job, seq, feed, state, fed=cached)
         job.backend_state = sequence.state
         self._running[job] = sequence

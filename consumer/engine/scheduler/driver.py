@@ -54,6 +54,9 @@ class Job:
     # Whatever the backend keeps for this job across steps, and across a preemption (the
     # tokens generated so far, sampler state); the driver never looks inside.
     backend_state: Any = None
+    # Tokens the backend computed again when it last resumed this job after a pause (what
+    # the pause cost; 0 where its cache survived).
+    resumed_prefill: int = 0
     work: Work | None = None
 
     @property
@@ -481,8 +484,8 @@ class SchedulerLoop(threading.Thread):
                 )
                 continue
             started = True
-            if work.preemptions and job.backend_state is not None:
-                self.stats.reprefill_tokens += len(job.prompt_ids) + job.output_tokens
+            if work.preemptions:
+                self.stats.reprefill_tokens += job.resumed_prefill
             if job.started_at is None:
                 job.started_at = time.perf_counter()
         return started or bool(plan.preempt)

@@ -297,9 +297,7 @@ class Policy:
             for w in self._running:
                 if w.priority == priority:
                     running.setdefault(w.tenant, []).append(w)
-            if any(
-                w.max_tokens - w.served_tokens <= self.patience_tokens for w in self._running
-            ):
+            if any(w.max_tokens - w.served_tokens <= self.patience_tokens for w in self._running):
                 return None  # a slot frees within a few steps anyway: waiting is cheaper
             share = max(1, self.slots // len(set(queues) | set(running)))
             over = [
