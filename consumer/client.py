@@ -13,11 +13,11 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from opentelemetry import trace
 
-from consumer.auth.signature import Routing, sign
 from consumer.batch import BatchSummary, OnProgress, PathLike, run_batch
-from consumer.bus.records import CHUNK_SEQ, CONTENT_TYPE, CORRELATION_ID, JSON, REPLY_TO
 from consumer.observability.telemetry import inject_context
+from schemas.headers import CHUNK_SEQ, CONTENT_TYPE, CORRELATION_ID, JSON, REPLY_TO
 from schemas.replies import OperationReply, StreamChunk
+from schemas.signing import Routing, sign
 
 Signer = Callable[[bytes, str, Routing], list[tuple[str, bytes]]]
 """(body, tenant_id, (correlation bytes, reply topic, reply partition)) -> headers."""

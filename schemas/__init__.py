@@ -1,4 +1,5 @@
-"""The wire contract: requests, replies and errors as pydantic v2 models (no I/O)."""
+"""The wire contract: requests, replies and errors as pydantic v2 models, the Kafka header
+names (`schemas.headers`) and the signing scheme (`schemas.signing`); no I/O."""
 
 from schemas.replies import (
     HTTP_STATUS,

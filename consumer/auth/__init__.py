@@ -1,4 +1,7 @@
-"""Tenant authentication: HMAC-signed requests, the keys that verify them, `opstream keys`."""
+"""Tenant authentication: the keys that verify signed requests, `opstream keys`.
+
+The signing scheme itself is part of the contract: `schemas.signing`.
+"""
 
 from consumer.auth.keys import (
     AuthSettings,
@@ -9,23 +12,8 @@ from consumer.auth.keys import (
     auth_required,
     read_keys_file,
 )
-from consumer.auth.signature import (
-    KEY_ID_HEADER,
-    SIGNATURE_HEADER,
-    SIGNATURE_HEADERS,
-    TIMESTAMP_HEADER,
-    VERSION_HEADER,
-    sign,
-    signing_input,
-    signing_input_v2,
-)
 
 __all__ = [
-    "KEY_ID_HEADER",
-    "SIGNATURE_HEADER",
-    "SIGNATURE_HEADERS",
-    "TIMESTAMP_HEADER",
-    "VERSION_HEADER",
     "AuthSettings",
     "KeyRing",
     "SettingsWithAuth",
@@ -33,7 +21,4 @@ __all__ = [
     "append_key",
     "auth_required",
     "read_keys_file",
-    "sign",
-    "signing_input",
-    "signing_input_v2",
 ]

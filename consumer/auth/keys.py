@@ -12,18 +12,6 @@ from typing import Any, Protocol
 
 from pydantic import SecretStr, ValidationError
 
-from consumer.auth.signature import (
-    ID_PATTERN,
-    KEY_ID_HEADER,
-    SIGNATURE_HEADER,
-    SIGNATURE_HEADERS,
-    SIGNATURE_PATTERN,
-    TIMESTAMP_HEADER,
-    TIMESTAMP_PATTERN,
-    VERSION_HEADER,
-    Routing,
-    compute_signature,
-)
 from consumer.errors import Unauthorized
 from consumer.settings.auth import (
     MAX_SKEW_S,
@@ -31,6 +19,20 @@ from consumer.settings.auth import (
     AuthSettings,
     TenantKey,
     TenantKeys,
+)
+from schemas.headers import (
+    KEY_ID_HEADER,
+    SIGNATURE_HEADER,
+    SIGNATURE_HEADERS,
+    TIMESTAMP_HEADER,
+    VERSION_HEADER,
+)
+from schemas.signing import (
+    ID_PATTERN,
+    SIGNATURE_PATTERN,
+    TIMESTAMP_PATTERN,
+    Routing,
+    compute_signature,
 )
 
 MIN_SECRET_CHARS = 16

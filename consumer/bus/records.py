@@ -1,4 +1,4 @@
-"""Kafka records as the pipeline sees them, and the headers of the contract."""
+"""Kafka records as the pipeline sees them, and the reply route a record asks for."""
 
 from __future__ import annotations
 
@@ -7,23 +7,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-CORRELATION_ID = "correlation_id"
-REPLY_TO = "reply_to"
-CONTENT_TYPE = "content-type"
-JSON = "application/json"
-
-# Set on a record forwarded from the partition it was produced to to its tenant's
-# partition ("topic/partition/offset" of the original); a record never moves twice.
-FORWARDED_FROM = "x-opstream-forwarded-from"
-# On a streamed reply's chunk records (not on the final reply): the chunk's number, from 1.
-CHUNK_SEQ = "x-opstream-chunk-seq"
-
-# Added to dead-lettered records so an operator can find and replay the original.
-DLQ_ORIGIN_TOPIC = "x-opstream-dlq-origin-topic"
-DLQ_ORIGIN_PARTITION = "x-opstream-dlq-origin-partition"
-DLQ_ORIGIN_OFFSET = "x-opstream-dlq-origin-offset"
-DLQ_REASON = "x-opstream-dlq-reason"
-DLQ_INSTANCE = "x-opstream-dlq-instance"
+from schemas.headers import FORWARDED_FROM, REPLY_CONVENTIONS, REPLY_TO
 
 Headers = tuple[tuple[str, bytes], ...]
 
@@ -58,25 +42,6 @@ def as_headers(pairs: Sequence[tuple[str, bytes | None]]) -> Headers:
     return tuple((k, v if v is not None else b"") for k, v in pairs)
 
 
-@dataclass(frozen=True, slots=True)
-class ReplyConvention:
-    """The header names one request-reply convention uses."""
-
-    name: str
-    correlation: str
-    reply_topic: str
-    reply_partition: str | None
-
-
-# Checked in this order; a request is answered in the first one whose correlation header it
-# carries. Spring Kafka's ReplyingKafkaTemplate (KafkaHeaders) and SmallRye's
-# KafkaRequestReply send the reply partition as a 4-byte big-endian int and match replies
-# on the exact correlation bytes.
-REPLY_CONVENTIONS: tuple[ReplyConvention, ...] = (
-    ReplyConvention("opstream", CORRELATION_ID, REPLY_TO, None),
-    ReplyConvention("spring", "kafka_correlationId", "kafka_replyTopic", "kafka_replyPartition"),
-    ReplyConvention("smallrye", "REPLY_CORRELATION_ID", "REPLY_TOPIC", "REPLY_PARTITION"),
-)
 _PRINTABLE_ID = re.compile(r"[\x21-\x7e]{1,128}")
 
 

@@ -70,8 +70,8 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
 def batch_signer(args: argparse.Namespace, settings: Settings) -> Signer | None:
     """Signs each line with --key-id/--secret, or with its tenant's first configured key
     (a tenant without one is sent unsigned); None when there is no key at all."""
-    from consumer.auth.signature import Routing, sign
     from consumer.cli.core import tenant_keys
+    from schemas.signing import Routing, sign
 
     if bool(args.key_id) != bool(args.secret):
         raise ValueError("give both --key-id and --secret")

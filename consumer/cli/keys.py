@@ -18,8 +18,9 @@ from consumer.auth.keys import (
     is_private,
     read_keys_file,
 )
-from consumer.auth.signature import ID_PATTERN, SCHEME, SIGNATURE_HEADERS
 from consumer.cli.table import print_table
+from schemas.headers import SIGNATURE_HEADERS
+from schemas.signing import ID_PATTERN, SCHEME
 
 
 def register(

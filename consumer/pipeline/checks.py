@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from consumer.bus.records import FORWARDED_FROM, InboundRecord
+from consumer.bus.records import InboundRecord
 from consumer.engine.base import WorkTag
 from consumer.errors import DeadlineExceeded, ValidationFailed
 from consumer.operations import AnyRequest
 from consumer.quota.partitions import partition_for_key, partition_for_tenant
+from schemas.headers import FORWARDED_FROM
 from schemas.replies import FieldError
 
 _KEY_ERROR = FieldError(loc=["key"], msg="the record key must be the tenant_id", type="key")

@@ -7,9 +7,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from consumer.bus.records import CORRELATION_ID, REPLY_TO, InboundRecord, ReplyRoute
+from consumer.bus.records import InboundRecord, ReplyRoute
 from consumer.errors import ValidationFailed
 from consumer.operations import AnyRequest
+from schemas.headers import CORRELATION_ID, REPLY_TO
 from schemas.replies import FieldError
 from schemas.requests import CancelRequest, operation_request_adapter
 

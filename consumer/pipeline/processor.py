@@ -13,7 +13,6 @@ from opentelemetry import trace
 
 from consumer.auth.keys import KeyRing
 from consumer.bus.records import (
-    REPLY_TO,
     InboundRecord,
     ReplyRoute,
     record_fingerprint,
@@ -60,6 +59,7 @@ from consumer.pipeline.stream import ChunkStream
 from consumer.quota.ledger import AnsweredBefore, RepeatedRecord, Reservation
 from consumer.quota.store import QuotaStore
 from consumer.settings import OperationLimits, StreamSettings
+from schemas.headers import REPLY_TO
 from schemas.replies import CancelResult, OperationReply
 from schemas.requests import OPERATIONS
 from topics.catalog import TopicSettings

@@ -7,7 +7,11 @@ import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from consumer.bus.records import (
+from consumer.bus.records import InboundRecord, ReplyRoute
+from consumer.errors import OpstreamError, TopicMissing
+from consumer.observability.telemetry import inject_context
+from consumer.pipeline.outcome import Outcome, RecordPublisher
+from schemas.headers import (
     CHUNK_SEQ,
     CONTENT_TYPE,
     DLQ_INSTANCE,
@@ -17,12 +21,7 @@ from consumer.bus.records import (
     DLQ_REASON,
     FORWARDED_FROM,
     JSON,
-    InboundRecord,
-    ReplyRoute,
 )
-from consumer.errors import OpstreamError, TopicMissing
-from consumer.observability.telemetry import inject_context
-from consumer.pipeline.outcome import Outcome, RecordPublisher
 from schemas.replies import ErrorInfo, Meta, OperationReply, StreamChunk
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from typing import Any
 import duckdb
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from consumer.bus.records import CORRELATION_ID, REPLY_TO
+from schemas.headers import CORRELATION_ID, REPLY_TO
 from tests.support.harness import (
     END_MARKER,
     Broker,

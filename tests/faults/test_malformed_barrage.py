@@ -25,7 +25,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
-from consumer.bus.records import (
+from schemas.headers import (
     CORRELATION_ID,
     DLQ_ORIGIN_OFFSET,
     DLQ_ORIGIN_PARTITION,

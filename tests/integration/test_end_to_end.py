@@ -16,7 +16,8 @@ import pytest
 import pytest_asyncio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from consumer.bus.records import (
+from consumer.client import OperationsClient
+from schemas.headers import (
     CORRELATION_ID,
     DLQ_ORIGIN_OFFSET,
     DLQ_ORIGIN_PARTITION,
@@ -24,7 +25,6 @@ from consumer.bus.records import (
     DLQ_REASON,
     REPLY_TO,
 )
-from consumer.client import OperationsClient
 from schemas.replies import OperationReply
 from tests.support.harness import (
     FETCH_MAX_WAIT_MS,

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from consumer.bus.records import CORRELATION_ID, REPLY_TO
 from consumer.quota import partition_for_tenant
+from schemas.headers import CORRELATION_ID, REPLY_TO
 from schemas.replies import OperationReply
 from tests.support.harness import (
     END_MARKER,

@@ -26,9 +26,9 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from consumer.bus.records import CORRELATION_ID
 from consumer.client import OperationsClient
 from consumer.quota import LimitCommandPublisher, make_state_producer, partition_for_tenant
+from schemas.headers import CORRELATION_ID
 from schemas.replies import OperationReply
 from tests.support.harness import (
     END_MARKER,

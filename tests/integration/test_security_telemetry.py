@@ -31,13 +31,13 @@ from opentelemetry.trace import SpanKind
 from prometheus_client.parser import text_string_to_metric_families
 
 from consumer.app import Service, build_app
-from consumer.auth import sign
 from consumer.bus.devbroker import free_port
-from consumer.bus.records import CONTENT_TYPE, CORRELATION_ID, DLQ_REASON, JSON, REPLY_TO
 from consumer.client import OperationsClient
 from consumer.observability.telemetry import Telemetry
 from consumer.settings import Settings
+from schemas.headers import CONTENT_TYPE, CORRELATION_ID, DLQ_REASON, JSON, REPLY_TO
 from schemas.replies import OperationReply
+from schemas.signing import sign
 from tests.support.dashboard import dashboard_metric_names, exported_series, load_dashboard
 from tests.support.fake_engine import FakeEngine
 from tests.support.harness import (

@@ -16,8 +16,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from consumer.auth.signature import sign
-from consumer.bus.records import CORRELATION_ID, REPLY_TO
+from schemas.headers import CORRELATION_ID, REPLY_TO
+from schemas.signing import sign
 from schemas.usage import USAGE_COLUMNS
 from tests.faults._helpers import (
     RawProducer,

@@ -11,22 +11,13 @@ from types import SimpleNamespace
 import pytest
 from pydantic import Field, ValidationError
 
-from consumer.auth import (
-    KEY_ID_HEADER,
-    SIGNATURE_HEADER,
-    TIMESTAMP_HEADER,
-    AuthSettings,
-    KeyRing,
-    TenantKey,
-    auth_required,
-    read_keys_file,
-    sign,
-    signing_input,
-)
+from consumer.auth import AuthSettings, KeyRing, TenantKey, auth_required, read_keys_file
 from consumer.auth.keys import CREATE_TIME, LOG_APPEND_TIME, REPLAY_MEMORY_S
 from consumer.errors import Unauthorized
 from consumer.settings import Settings
 from consumer.settings.auth import MAX_SKEW_S
+from schemas.headers import KEY_ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER
+from schemas.signing import sign, signing_input
 
 NOW = 1_750_000_000.0
 NOW_MS = int(NOW * 1000)  # the record's Kafka timestamp, unless a test says otherwise
@@ -346,7 +337,7 @@ ROUTE = (b"corr-1", "ops.replies.v1", "")
 
 
 def test_v2_signature_is_the_documented_hmac_over_the_route() -> None:
-    from consumer.auth import VERSION_HEADER
+    from schemas.headers import VERSION_HEADER
 
     headers = dict(sign(BODY, "acme", "acme-2", ACME_SECRET, NOW, ROUTE))
     assert headers[VERSION_HEADER] == b"2"
@@ -393,7 +384,7 @@ def test_v1_is_accepted_during_the_migration_and_refused_after_it() -> None:
 
 
 def test_an_unknown_signature_version_is_malformed() -> None:
-    from consumer.auth import VERSION_HEADER
+    from schemas.headers import VERSION_HEADER
 
     headers = [*sign(BODY, "acme", "acme-2", ACME_SECRET, NOW), (VERSION_HEADER, b"7")]
     assert refusal(headers) == "malformed_signature"
@@ -413,9 +404,10 @@ class RepliesKept:
 
 
 async def test_a_signed_request_redelivered_after_the_window_is_answered_ok_again() -> None:
-    from consumer.bus.records import CORRELATION_ID, REPLY_TO, InboundRecord, signed_routing
+    from consumer.bus.records import InboundRecord, signed_routing
     from consumer.pipeline import RequestProcessor
     from consumer.settings import OperationLimits
+    from schemas.headers import CORRELATION_ID, REPLY_TO
     from schemas.replies import OperationReply
     from tests.support.fake_engine import FakeEngine
     from topics.catalog import TopicSettings

@@ -10,8 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from consumer.auth import AuthSettings, KeyRing, sign
+from consumer.auth import AuthSettings, KeyRing
 from consumer.cli.keys import register
+from schemas.signing import sign
 
 
 def run(argv: list[str], auth: AuthSettings | None = None) -> int:

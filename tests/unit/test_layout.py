@@ -112,3 +112,20 @@ def test_reading_settings_and_cli_help_load_no_framework_or_engine() -> None:
         [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_header_names_and_the_signing_scheme_are_defined_only_in_the_contract() -> None:
+    """No module outside schemas/ defines a contract header name or a signing scheme tag:
+    the server, the client and the tests import them from schemas.headers/schemas.signing."""
+    contract_literal = ("x-opstream-", "opstream-hmac-", "correlation_id", "reply_to")
+    for path in [*CONSUMER.rglob("*.py"), *(REPO / "topics").rglob("*.py")]:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in tree.body:
+            if isinstance(node, ast.Assign | ast.AnnAssign) and isinstance(
+                node.value, ast.Constant
+            ):
+                value = node.value.value
+                text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
+                assert not (isinstance(text, str) and text.startswith(contract_literal)), (
+                    f"{path.relative_to(REPO)}:{node.lineno} restates the contract: {text!r}"
+                )

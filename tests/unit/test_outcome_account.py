@@ -182,7 +182,7 @@ async def test_dead_letter_answered_validation(caplog: pytest.LogCaptureFixture)
 
 
 async def test_dead_letter_without_reply(caplog: pytest.LogCaptureFixture) -> None:
-    from consumer.bus.records import CORRELATION_ID, REPLY_TO
+    from schemas.headers import CORRELATION_ID, REPLY_TO
 
     headers = ((CORRELATION_ID, b"c"), (REPLY_TO, b"ops.control.v1"))
     account = await run_case(caplog, lambda: keyed("acme", chat("y"), headers=headers))

@@ -13,7 +13,11 @@ from typing import Any
 
 import pytest
 
-from consumer.bus.records import (
+from consumer.bus.records import InboundRecord
+from consumer.engine.base import EngineError, EngineOverloaded, WorkCancelled, WorkExpired
+from consumer.pipeline import RequestProcessor
+from consumer.settings import OperationLimits, StreamSettings
+from schemas.headers import (
     CHUNK_SEQ,
     CORRELATION_ID,
     DLQ_INSTANCE,
@@ -22,11 +26,7 @@ from consumer.bus.records import (
     DLQ_ORIGIN_TOPIC,
     DLQ_REASON,
     REPLY_TO,
-    InboundRecord,
 )
-from consumer.engine.base import EngineError, EngineOverloaded, WorkCancelled, WorkExpired
-from consumer.pipeline import RequestProcessor
-from consumer.settings import OperationLimits, StreamSettings
 from schemas.replies import CancelResult, OperationReply, StreamChunk
 from tests.support.fake_engine import FakeEngine
 from tests.support.waiting import wait_until
@@ -477,8 +477,8 @@ def foreign_partition(tenant: str) -> int:
 
 
 async def test_a_record_on_a_foreign_partition_is_forwarded_unchanged_to_its_tenant() -> None:
-    from consumer.bus.records import FORWARDED_FROM
     from consumer.quota.partitions import partition_for_tenant
+    from schemas.headers import FORWARDED_FROM
 
     processor, publisher = quota_processor()
     original = keyed("acme", BODIES["summarize"], partition=foreign_partition("acme"))
@@ -495,7 +495,7 @@ async def test_a_record_on_a_foreign_partition_is_forwarded_unchanged_to_its_ten
 
 
 async def test_a_forwarded_copy_is_answered_on_the_tenants_partition() -> None:
-    from consumer.bus.records import FORWARDED_FROM
+    from schemas.headers import FORWARDED_FROM
 
     processor, publisher = quota_processor()
     copy = keyed(
@@ -507,7 +507,7 @@ async def test_a_forwarded_copy_is_answered_on_the_tenants_partition() -> None:
 
 
 async def test_a_forwarded_record_still_misplaced_is_refused_not_forwarded_again() -> None:
-    from consumer.bus.records import FORWARDED_FROM
+    from schemas.headers import FORWARDED_FROM
 
     processor, publisher = quota_processor()
     stray = keyed(

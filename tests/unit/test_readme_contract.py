@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import consumer.bus.records as records
+import schemas.headers as headers
+from schemas import replies
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -27,10 +28,30 @@ def documented_dlq_headers() -> list[str]:
 
 
 def test_readme_lists_exactly_the_dead_letter_headers_the_consumer_sends() -> None:
-    sent = [value for name, value in vars(records).items() if name.startswith("DLQ_")]
+    sent = [value for name, value in vars(headers).items() if name.startswith("DLQ_")]
     documented = documented_dlq_headers()
     assert len(documented) == len(set(documented)), documented
     assert sorted(documented) == sorted(sent)
+
+
+def test_readme_names_every_field_of_every_result_and_only_meta_fields_that_exist() -> None:
+    contract = readme_section("### The contract")
+    results = contract[contract.index("Results:") :]
+    for model in (
+        replies.SummarizeResult,
+        replies.TranslateResult,
+        replies.ClassifyResult,
+        replies.ChatResult,
+        replies.AssistantMessage,
+        replies.CancelResult,
+    ):
+        for field in model.model_fields:
+            if field != "role":
+                assert re.search(rf"[{{ ]{field}[,}}:]", results), (model.__name__, field)
+    meta = re.search(r"`meta` always has (.*?)\.", contract, re.DOTALL)
+    assert meta, "The contract no longer lists meta's fields"
+    named = set(re.findall(r"`(\w+)`", meta.group(1))) - {"null"}
+    assert named <= set(replies.Meta.model_fields), named
 
 
 def test_the_readme_lists_every_setting() -> None:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import uuid
 
 from consumer.bus.records import (
-    FORWARDED_FROM,
     InboundRecord,
     printable_id,
     record_fingerprint,
     reply_route,
     signed_routing,
 )
+from schemas.headers import FORWARDED_FROM
 
 DEFAULT = "ops.replies.v1"
 

@@ -1,4 +1,4 @@
-"""The request signature: what is signed, the Kafka headers that carry it, and `sign`.
+"""The request signature (schemes v1 and v2): what is signed, and `sign` for producers.
 
 Scheme `opstream-hmac-v1`. The producer computes
 
@@ -26,7 +26,7 @@ answer goes, so a captured record cannot be replayed with its reply sent elsewhe
 (`correlation_id`, or Spring's `kafka_correlationId`, or SmallRye's `REPLY_CORRELATION_ID`)
 in lowercase hex, `reply_topic` the reply topic header as sent (`reply_to`,
 `kafka_replyTopic` or `REPLY_TOPIC`), `reply_partition` the requested reply partition in
-decimal; each is empty when absent (`consumer.bus.records.signed_routing` resolves them).
+decimal; each is empty when absent. The header names are in `schemas.headers`.
 """
 
 from __future__ import annotations
@@ -38,13 +38,10 @@ import re
 
 from pydantic import SecretStr
 
+from schemas.headers import KEY_ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, VERSION_HEADER
+
 SCHEME = b"opstream-hmac-v1"
 SCHEME_V2 = b"opstream-hmac-v2"
-VERSION_HEADER = "x-opstream-signature-version"
-KEY_ID_HEADER = "x-opstream-key-id"
-TIMESTAMP_HEADER = "x-opstream-timestamp"
-SIGNATURE_HEADER = "x-opstream-signature"
-SIGNATURE_HEADERS = (KEY_ID_HEADER, TIMESTAMP_HEADER, SIGNATURE_HEADER)
 
 # The same alphabet as the wire contract's tenant id; no newline can slip in.
 ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -128,8 +125,9 @@ def sign(
 ) -> list[tuple[str, bytes]]:
     """The signature headers a producer adds to a request whose value is `body`.
 
-    With `routing` (see `consumer.bus.records.signed_routing`) it signs scheme v2 and adds the
-    version header; without, v1. `now` is the producer's clock in unix seconds.
+    With `routing` (correlation bytes, reply topic header, reply partition) it signs
+    scheme v2 and adds the version header; without, v1. `now` is the producer's clock in
+    unix seconds.
     """
     timestamp = str(math.floor(now))
     mac = compute_signature(body, tenant_id, key_id, timestamp, secret, routing)
