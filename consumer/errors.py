@@ -54,6 +54,14 @@ class DuplicateRequest(OpstreamError):
     code = "duplicate_request"
 
 
+class InProgress(OpstreamError):
+    """A retry of a request that is still running (HTTP 409, retryable): its reply comes to
+    the first record's route, and a retry after it finished gets that reply."""
+
+    code = "in_progress"
+    retryable = True
+
+
 class QuotaExceeded(OpstreamError):
     """The tenant has used up a daily limit (HTTP 429)."""
 

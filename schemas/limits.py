@@ -103,6 +103,10 @@ def parse_key(key: bytes | None) -> tuple[str, ...] | None:
 # ── state topic (compacted + time-retained, co-partitioned with the request topic) ──
 
 
+STORED_ANSWER_MAX_CHARS = 262_144
+"""The most a stored answer may hold on the wire (the setting caps it lower)."""
+
+
 class QuotaCharge(_Wire):
     """What one request costs a tenant on one day: the changelog record of a charge.
 
@@ -133,6 +137,17 @@ class QuotaCharge(_Wire):
         description="false: it ended without running the model (deadline expired in the "
         "queue, overloaded, cancelled or failed before it started); it keeps its request id "
         "but counts no request and no tokens",
+    )
+    body_digest: str | None = Field(
+        default=None,
+        max_length=64,
+        description="digest of the request's body alone (no text): a retry has the same one",
+    )
+    answer: str | None = Field(
+        default=None,
+        max_length=STORED_ANSWER_MAX_CHARS,
+        description="the final reply as published (JSON), kept for retries; null while it "
+        "runs, when it did not end for good, or when it was larger than the cap",
     )
 
 

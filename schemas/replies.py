@@ -11,6 +11,7 @@ ErrorCode = Literal[
     "validation",
     "unauthorized",
     "duplicate_request",
+    "in_progress",
     "quota_exceeded",
     "deadline_exceeded",
     "overloaded",
@@ -21,6 +22,7 @@ HTTP_STATUS: dict[str, int] = {
     "validation": 422,
     "unauthorized": 403,
     "duplicate_request": 409,
+    "in_progress": 409,
     "quota_exceeded": 429,
     "deadline_exceeded": 504,
     "overloaded": 503,
@@ -100,6 +102,12 @@ class Meta(_Strict):
     )
     total_ms: float | None = Field(
         default=None, description="From the fetch to the reply (bus_ms not included)."
+    )
+    replayed: bool | None = Field(
+        default=None,
+        description="True: this is the stored reply of an earlier record with the same "
+        "tenant, request_id and body (not run or charged again); its other fields are the "
+        "original's.",
     )
 
 

@@ -52,6 +52,9 @@ class UsageRow(BaseModel):
     slot_wait_ms: Millis | None = None
     prefill_ms: Millis | None = None
     generation_ms: Millis | None = None
+    # True: answered with the stored reply of an earlier record (a retry), nothing run or
+    # charged; its tokens are 0 so no sum doubles (null in rows written before).
+    replayed: bool | None = None
 
     @field_validator("received_at", "finished_at")
     @classmethod
@@ -99,6 +102,7 @@ USAGE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("slot_wait_ms", "DOUBLE"),
     ("prefill_ms", "DOUBLE"),
     ("generation_ms", "DOUBLE"),
+    ("replayed", "BOOLEAN"),
 )
 
 

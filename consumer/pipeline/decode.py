@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -30,6 +31,19 @@ def decode_object(value: bytes | None) -> tuple[dict[str, Any] | None, str]:
     if not isinstance(decoded, dict):
         return None, f"JSON {type(decoded).__name__} is not an object"
     return decoded, ""
+
+
+# A retry may compute its deadline afresh; what it asks for is the rest of the body.
+_NOT_THE_REQUEST = frozenset({"deadline", "timeout_ms"})
+
+
+def body_digest(body: dict[str, Any]) -> str:
+    """A digest of what a request asks for: its body (not its signature, timestamp or
+    correlation id, which are headers; not its deadline), key order and spacing ignored.
+    Equal for a retry of the same request, different for any other."""
+    asked = {k: v for k, v in body.items() if k not in _NOT_THE_REQUEST}
+    canonical = json.dumps(asked, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def parse_request(body: dict[str, Any]) -> AnyRequest:

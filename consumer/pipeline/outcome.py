@@ -94,7 +94,7 @@ def _ms(value: float | None) -> float | None:
 class Ending:
     """How a record ended: the one account every report of it reads.
 
-    `kind` is what happened (`ok`, `error`, `dlq`, `forwarded`, `repeat`); `status` the
+    `kind` is what happened (`ok`, `error`, `dlq`, `forwarded`, `repeat`, `replay`); `status` the
     word a reply, usage row and metric use (`ok` or `error` for anything answered);
     `code` the error code (`dlq` for a dead letter, whose reply, if any, says `validation`:
     the wire has no `dlq` code), None when ok.
@@ -103,6 +103,12 @@ class Ending:
     kind: str
     status: str
     code: str | None
+
+    @property
+    def metric_status(self) -> str:
+        """The `status` label of `opstream_requests_total`: records that ran nothing here
+        (forwarded, repeat, replay) are told apart from the requests answered."""
+        return self.kind if self.kind in ("forwarded", "repeat", "replay") else self.status
 
 
 @dataclass(slots=True)
@@ -124,6 +130,7 @@ class Outcome:
     stages: Stages = field(default_factory=Stages)
     finished_at: float = 0.0
     dlq_reason: str | None = None
+    replayed: bool = False  # answered with the stored reply of an earlier record (see ledger)
     reservation: Reservation | None = None
     usage_receipt: Any = None  # the usage batch holding this outcome's row, once appended
 
@@ -135,6 +142,8 @@ class Outcome:
     @property
     def ending(self) -> Ending:
         """How this record ended, as the reply, usage row, metrics and console line say it."""
+        if self.replayed:
+            return Ending("replay", self.status, self.error_code if self.status != "ok" else None)
         if self.status in ("ok", "forwarded", "repeat"):
             return Ending(self.status, self.status, None)
         if self.status == "dlq":

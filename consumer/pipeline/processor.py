@@ -29,6 +29,7 @@ from consumer.engine.base import (
 from consumer.errors import (
     DeadlineExceeded,
     DuplicateRequest,
+    InProgress,
     InternalError,
     OpstreamError,
     Overloaded,
@@ -47,6 +48,7 @@ from consumer.pipeline.checks import (
     work_of,
 )
 from consumer.pipeline.decode import (
+    body_digest,
     body_route,
     decode_object,
     parse_cancel,
@@ -54,12 +56,25 @@ from consumer.pipeline.decode import (
     str_or_none,
 )
 from consumer.pipeline.outcome import BrokerUnavailable, Outcome, RecordPublisher
-from consumer.pipeline.respond import Responder, UnixClock, error_reply, meta_of
+from consumer.pipeline.respond import (
+    Responder,
+    UnixClock,
+    error_reply,
+    meta_of,
+    replayed_reply,
+    reply_json,
+)
 from consumer.pipeline.stream import ChunkStream
-from consumer.quota.ledger import AnsweredBefore, RepeatedRecord, Reservation
+from consumer.quota.ledger import (
+    AnsweredBefore,
+    RepeatedRecord,
+    Reservation,
+    StillRunning,
+    StoredAnswer,
+)
 from consumer.quota.store import QuotaStore
 from consumer.settings import OperationLimits, StreamSettings
-from schemas.headers import REPLY_TO
+from schemas.headers import REPLY_TO, VERSION_HEADER
 from schemas.replies import CancelResult, OperationReply
 from schemas.requests import OPERATIONS
 from topics.catalog import TopicSettings
@@ -143,7 +158,7 @@ class RequestProcessor:
         metrics = self._telemetry.metrics
         operation = outcome.operation or "unknown"
         ending = outcome.ending
-        metrics.count_request(operation, ending.status, ending.code)
+        metrics.count_request(operation, ending.metric_status, ending.code)
         metrics.count_tokens(operation, outcome.input_tokens, outcome.output_tokens)
         if outcome.leaves_usage_row:  # a forwarded copy's time is counted where it is answered
             metrics.observe_stages(operation, outcome.stages.as_fields())
@@ -199,9 +214,13 @@ class RequestProcessor:
         # 2-4. Validate, authenticate, reserve quota, run: every failure is an error reply.
         #      A cancel is not run: it stops a request of its tenant that this instance serves.
         if body.get("operation") == "cancel":
-            reply: OperationReply | None = await self._cancel(record, body, outcome)
+            reply: OperationReply | bytes | None = await self._cancel(record, body, outcome)
         else:
             reply = await self._serve(record, body, route, outcome)
+            if isinstance(reply, OperationReply) and outcome.reservation is not None:
+                assert self._quota is not None
+                # Kept beside the charge (persisted before the commit) for retries.
+                self._quota.store_answer(outcome.reservation, reply_json(reply))
 
         # 5. Reply (a verbatim repeat of a taken record gets none: the original's answers).
         if reply is not None and not await self._out.reply(route, record.key, reply):
@@ -213,7 +232,7 @@ class RequestProcessor:
 
     async def _serve(
         self, record: InboundRecord, body: dict[str, Any], route: ReplyRoute, outcome: Outcome
-    ) -> OperationReply | None:
+    ) -> OperationReply | bytes | None:
         """The reply for a decodable request; the one place errors become replies."""
         serving: tuple[str, Serving] | None = None
         stream: ChunkStream | None = None
@@ -233,7 +252,10 @@ class RequestProcessor:
                 prompt = operation.prompt(request, self._limits)
             check_deadline(request, record.timestamp_ms, self._clock())
             with self._tracer.start_as_current_span("opstream.quota"):
-                outcome.reservation = await self._reserve(record, request, prompt, outcome)
+                # A stored reply goes only where the requester's signature says (v2 signs the
+                # route; v1 does not, so a captured v1 record could redirect the answer).
+                digest = body_digest(body) if self._route_signed(record) else None
+                outcome.reservation = await self._reserve(record, request, prompt, outcome, digest)
             work = work_of(request, outcome.request_id, record.timestamp_ms)
             if getattr(request, "stream", False):
                 stream = self._stream_to(route, record.key, outcome.request_id)
@@ -270,6 +292,15 @@ class RequestProcessor:
                 },
             )
             return None
+        except StoredAnswer as exc:
+            return self._replay(exc.answer, outcome)
+        except StillRunning:
+            outcome.request_id = None  # its usage row must not stand in for the original's
+            running = InProgress(
+                "a request with this request_id and body is still running; its reply goes "
+                "to the first record's reply route, and a retry after it finished gets it"
+            )
+            return error_reply(running, outcome, self._clock())
         except AnsweredBefore as exc:
             # A redelivery (rebalance, crash) of a record answered without running: the same
             # answer again (the requester drops the duplicate), never a different one.
@@ -338,6 +369,30 @@ class RequestProcessor:
             status="ok", result=served.result, meta=meta_of(outcome, self._clock())
         )
 
+    def _replay(self, answer: str, outcome: Outcome) -> OperationReply | bytes:
+        """The stored reply of the request this record retries, marked replayed; its usage
+        row counts a replay (no tokens, no model), not a second request."""
+        try:
+            replayed = replayed_reply(answer)
+            stored = OperationReply.model_validate_json(answer)
+        except ValueError:
+            log.error("stored_answer_unreadable", extra={"request_id": outcome.request_id})
+            failure = InternalError("the stored reply could not be read", retryable=False)
+            return error_reply(failure, outcome, self._clock())
+        outcome.replayed = True
+        outcome.status = stored.status
+        outcome.error_code = stored.error.code if stored.error else None
+        outcome.finish(self._clock())
+        log.info(
+            "request_replayed",
+            extra={
+                "partition": outcome.record.partition,
+                "offset": outcome.record.offset,
+                "original_status": stored.error.code if stored.error else stored.status,
+            },
+        )
+        return replayed
+
     async def _cancel(
         self, record: InboundRecord, body: dict[str, Any], outcome: Outcome
     ) -> OperationReply:
@@ -398,7 +453,12 @@ class RequestProcessor:
         )
 
     async def _reserve(
-        self, record: InboundRecord, request: AnyRequest, prompt: Prompt, outcome: Outcome
+        self,
+        record: InboundRecord,
+        request: AnyRequest,
+        prompt: Prompt,
+        outcome: Outcome,
+        digest: str | None,
     ) -> Reservation | None:
         """Charge the request before it runs and make the charge durable (see the quota docs)."""
         if self._quota is None:
@@ -413,12 +473,18 @@ class RequestProcessor:
             prompt.max_tokens,
             origin=f"{record.topic}/{record.partition}/{record.offset}",
             fingerprint=record_fingerprint(record),
+            body_digest=digest,
         )
         try:
             await self._quota.persist(record.partition)
         except Exception as exc:
             raise BrokerUnavailable(f"quota state not written: {exc!r}"[:300]) from exc
         return reservation
+
+    def _route_signed(self, record: InboundRecord) -> bool:
+        """Whether this record's reply route is the requester's own word: authentication off
+        (development), or a v2 signature, which covers the route."""
+        return self._keyring is None or record.header(VERSION_HEADER) == "2"
 
     def _estimate_input_tokens(self, prompt: Prompt) -> int:
         count = self._engine.count_tokens

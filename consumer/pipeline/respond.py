@@ -3,6 +3,7 @@ copies — and the one mapping from a domain error to an error reply."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -21,6 +22,7 @@ from schemas.headers import (
     DLQ_REASON,
     FORWARDED_FROM,
     JSON,
+    REPLAYED,
 )
 from schemas.replies import ErrorInfo, Meta, OperationReply, StreamChunk
 
@@ -44,6 +46,18 @@ def error_reply(exc: OpstreamError, outcome: Outcome, now: float) -> OperationRe
         **details,
     )
     return OperationReply(status="error", error=error, meta=meta_of(outcome, now))
+
+
+def reply_json(reply: OperationReply) -> str:
+    """A reply as published (and as stored for retries)."""
+    return reply.model_dump_json(exclude_none=True)
+
+
+def replayed_reply(answer: str) -> bytes:
+    """A stored reply's JSON, marked `meta.replayed: true` (its fields otherwise verbatim)."""
+    body = json.loads(answer)
+    body.setdefault("meta", {})["replayed"] = True
+    return json.dumps(body, separators=(",", ":")).encode()
 
 
 def meta_of(outcome: Outcome, now: float) -> Meta:
@@ -73,16 +87,22 @@ class Responder:
         self._instance_id = instance_id
         self._clock = clock
 
-    async def reply(self, route: ReplyRoute, key: bytes | None, reply: OperationReply) -> bool:
-        """Publish `reply`; False when its topic does not exist (or may not be written)."""
+    async def reply(
+        self, route: ReplyRoute, key: bytes | None, reply: OperationReply | bytes
+    ) -> bool:
+        """Publish `reply` (or a stored reply's JSON, replayed); False when its topic does
+        not exist (or may not be written)."""
         # The reply carries the correlation header under the name the request used (Spring
         # and SmallRye match the exact bytes), on the partition it asked for, if any.
         headers = [(route.correlation_header, route.correlation), (CONTENT_TYPE, JSON.encode())]
+        if isinstance(reply, bytes):
+            headers.append((REPLAYED, b"true"))
         inject_context(headers)
+        value = reply if isinstance(reply, bytes) else reply_json(reply).encode()
         try:
             await self._publisher.send(
                 route.topic,
-                reply.model_dump_json(exclude_none=True).encode(),
+                value,
                 key=key,
                 headers=headers,
                 partition=route.partition,

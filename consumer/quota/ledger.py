@@ -29,6 +29,11 @@ class Charge:
     """"ok" or the error code it ended with; None while it runs."""
     counted: bool = True
     """False once it ended without running the model: it keeps the id, counts nothing."""
+    body_digest: str | None = None
+    """Digest of the request's body alone (not its signature, timestamp or correlation id):
+    a retry of the same request has the same one."""
+    answer: str | None = None
+    """The final reply (JSON, as published) once it ended for good: what a retry gets."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +88,19 @@ class AnsweredBefore(Exception):
     def __init__(self, outcome: str) -> None:
         super().__init__(f"this record was answered {outcome} before")
         self.outcome = outcome
+
+
+class StoredAnswer(Exception):
+    """A retry of a finished request (same tenant, request_id and body): answer it with the
+    stored reply, replayed; it is not run or charged."""
+
+    def __init__(self, answer: str) -> None:
+        super().__init__("a retry of a request answered before: its stored reply")
+        self.answer = answer
+
+
+class StillRunning(Exception):
+    """A retry (same body, another record) of a request that has not finished yet."""
 
 
 class RepeatedRecord(Exception):
@@ -162,8 +180,12 @@ class QuotaLedger:
         *,
         origin: str | None = None,
         fingerprint: str | None = None,
+        body_digest: str | None = None,
     ) -> Reservation:
         """Charge one request and its token budget, or raise QuotaExceeded for the tripped limit.
+
+        A retry of a request that ended for good (same id and `body_digest`, another record)
+        raises `StoredAnswer` with its reply; while that request still runs, `StillRunning`.
 
         A request_id already charged today or yesterday is only run again when it is the
         same record (`origin`: a redelivery, not charged again). Another record with that
@@ -217,8 +239,17 @@ class QuotaLedger:
             if day == today and charge.outcome in RETRYABLE_OUTCOMES:
                 replaced = charge  # a new attempt after a retryable failure
                 break
+            if charge.answer is not None and body_digest is not None:
+                if charge.body_digest == body_digest:
+                    raise StoredAnswer(charge.answer)
             if fingerprint is not None and charge.fingerprint == fingerprint:
-                raise RepeatedRecord(charge_status(charge))
+                raise RepeatedRecord(charge_status(charge))  # its original reply answers it
+            if (
+                charge.outcome is None
+                and body_digest is not None
+                and charge.body_digest == body_digest
+            ):
+                raise StillRunning()
             raise DuplicateRequest(
                 f"request_id {request_id!r} was already used by another request "
                 f"(status: {charge_status(charge)}); send a new request with a new request_id",
@@ -254,6 +285,7 @@ class QuotaLedger:
                 charged_at=now,
                 origin=origin,
                 fingerprint=fingerprint,
+                body_digest=body_digest,
             ),
         )
         self._dirty.add((tenant_id, today, request_id))
@@ -295,6 +327,25 @@ class QuotaLedger:
             tenant_day.put(reservation.request_id, settled)
             self._dirty.add((reservation.tenant_id, reservation.day, reservation.request_id))
 
+    def store_answer(self, reservation: Reservation, answer: str) -> bool:
+        """Keep `answer`, the final reply, beside the charge of a request that ended for good
+        (ran and not a retryable failure); False when it is not kept (see `reserve`). The
+        first answer kept stays (a redelivered record that ran again is answered alike)."""
+        tenant_day = self._days.get((reservation.tenant_id, reservation.day))
+        charge = tenant_day.charges.get(reservation.request_id) if tenant_day else None
+        if (
+            tenant_day is None
+            or charge is None
+            or not charge.counted
+            or charge.outcome is None
+            or charge.outcome in RETRYABLE_OUTCOMES
+        ):
+            return False
+        if charge.answer is None:
+            tenant_day.put(reservation.request_id, replace(charge, answer=answer))
+            self._dirty.add((reservation.tenant_id, reservation.day, reservation.request_id))
+        return True
+
     # restore / persist
 
     def load(self, record: QuotaCharge, now: datetime) -> None:
@@ -314,6 +365,8 @@ class QuotaLedger:
                 fingerprint=record.fingerprint,
                 outcome=record.outcome,
                 counted=record.counted,
+                body_digest=record.body_digest,
+                answer=record.answer,
             ),
         )
 
@@ -356,6 +409,8 @@ class QuotaLedger:
             fingerprint=charge.fingerprint,
             outcome=charge.outcome,
             counted=charge.counted,
+            body_digest=charge.body_digest,
+            answer=charge.answer,
         )
 
     # views

@@ -196,6 +196,7 @@ class QuotaStore:
         *,
         origin: str | None = None,
         fingerprint: str | None = None,
+        body_digest: str | None = None,
     ) -> Reservation:
         """Charge one request and `input_tokens + max_tokens`, or raise QuotaExceeded.
 
@@ -224,7 +225,17 @@ class QuotaStore:
             when,
             origin=origin,
             fingerprint=fingerprint,
+            body_digest=body_digest,
         )
+
+    def store_answer(self, reservation: Reservation, answer: str) -> bool:
+        """Keep the final reply of a request that ended for good beside its charge (persisted
+        with it), so a retry is answered with it; False when not kept (larger than
+        `stored_answer_max_bytes`, or the request may still be retried as new)."""
+        ledger = self._ledgers.get(reservation.partition)
+        if ledger is None or len(answer.encode()) > self.settings.stored_answer_max_bytes:
+            return False
+        return ledger.store_answer(reservation, answer)
 
     def settle(
         self,

@@ -59,6 +59,13 @@ class QuotaSettings(BaseModel):
         description="retention.ms of the state topic; must outlive a day plus the zone offset.",
     )
     restore_timeout_s: float = Field(default=60.0, gt=0)
+    stored_answer_max_bytes: int = Field(
+        default=16_384,
+        ge=0,
+        le=262_144,
+        description="Largest final reply kept beside its charge for retries (0: none kept); "
+        "a larger one is not kept, and a retry of it gets duplicate_request as before.",
+    )
     clock_offset_s: float = Field(
         default=0.0,
         description="Seconds added to the wall clock for quota days. Tests only (to cross "

@@ -31,10 +31,15 @@ CATALOG_FORMAT = 1
 VIEW_NAMES = ("usage_raw", "usage", "daily_tenant_usage")
 
 # A redelivered request keeps its first-finished row; a message without a request id
-# (dead-lettered before it was decoded) is identified by where it sat on the bus.
+# (dead-lettered before it was decoded) is identified by where it sat on the bus. A replay
+# (a retry answered with a stored reply) is one row beside its original's per retry: per
+# correlation id, so a retry redelivered or forwarded twice after a crash counts once.
+_BUS_PLACE = "kafka_topic || '/' || kafka_partition || '/' || kafka_offset"
 DEDUP_KEY = (
-    "tenant_id, coalesce(request_id, "
-    "'kafka:' || kafka_topic || '/' || kafka_partition || '/' || kafka_offset)"
+    "tenant_id, CASE WHEN coalesce(replayed, false) "
+    "THEN 'replay:' || coalesce(request_id, '') || ':' || "
+    f"coalesce(correlation_id, {_BUS_PLACE}) "
+    f"ELSE coalesce(request_id, 'kafka:' || {_BUS_PLACE}) END"
 )
 DEDUP_ORDER = "finished_at, received_at, instance_id, kafka_topic, kafka_partition, kafka_offset"
 
@@ -61,13 +66,14 @@ def view_statements(root: Path) -> list[str]:
         f"QUALIFY row_number() OVER (PARTITION BY {DEDUP_KEY} ORDER BY {DEDUP_ORDER}) = 1",
         "CREATE OR REPLACE VIEW daily_tenant_usage AS SELECT "
         "date AS day, tenant_id, operation, "
-        "count(*) AS requests, "
-        "count(*) FILTER (WHERE status = 'ok') AS ok, "
-        "count(*) FILTER (WHERE status = 'error') AS errors, "
+        "count(*) FILTER (WHERE NOT coalesce(replayed, false)) AS requests, "
+        "count(*) FILTER (WHERE status = 'ok' AND NOT coalesce(replayed, false)) AS ok, "
+        "count(*) FILTER (WHERE status = 'error' AND NOT coalesce(replayed, false)) AS errors, "
         "coalesce(sum(input_tokens), 0) AS input_tokens, "
         "coalesce(sum(output_tokens), 0) AS output_tokens, "
         "quantile_cont(total_ms, 0.5) AS p50_ms, "
-        "quantile_cont(total_ms, 0.95) AS p95_ms "
+        "quantile_cont(total_ms, 0.95) AS p95_ms, "
+        "count(*) FILTER (WHERE replayed) AS replays "
         "FROM usage GROUP BY ALL",
     ]
 

@@ -33,6 +33,7 @@ from consumer.settings.usage import UsageSettings
 from consumer.usage import layout
 from consumer.usage.catalog import DEDUP_KEY, DEDUP_ORDER
 from consumer.usage.segments import copy_to_parquet_atomically, fsync_dir
+from schemas.usage import USAGE_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +99,17 @@ def compact_folder(folder: Path, compression: str = "zstd") -> tuple[int, int, i
         try:
             rows_in_row = conn.execute(f"SELECT count(*) FROM {source}").fetchone()
             rows_in = int(rows_in_row[0]) if rows_in_row else 0
+            # Segments written before a column existed lack it: the merged file has today's
+            # columns, in order, the missing ones null.
+            present = {
+                str(r[0]) for r in conn.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()
+            }
+            columns = ", ".join(
+                name if name in present else f"CAST(NULL AS {kind}) AS {name}"
+                for name, kind in USAGE_COLUMNS
+            )
             select = (
-                f"SELECT * FROM {source} "
+                f"SELECT * FROM (SELECT {columns} FROM {source}) "
                 f"QUALIFY row_number() OVER (PARTITION BY {DEDUP_KEY} ORDER BY {DEDUP_ORDER}) = 1 "
                 "ORDER BY finished_at"
             )

@@ -35,6 +35,7 @@ def usage_row(outcome: Outcome, instance_id: str) -> UsageRow:
         slot_wait_ms=fields["slot_wait_ms"],
         prefill_ms=fields["prefill_ms"],
         generation_ms=fields["generation_ms"],
+        replayed=outcome.replayed,
         request_id=_identifier(outcome.request_id),
         correlation_id=_identifier(outcome.correlation_id),
         kafka_topic=record.topic,

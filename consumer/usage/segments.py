@@ -26,6 +26,7 @@ _ARROW_TYPES: dict[str, pa.DataType] = {
     "BIGINT": pa.int64(),
     "INTEGER": pa.int32(),
     "DOUBLE": pa.float64(),
+    "BOOLEAN": pa.bool_(),
     "TIMESTAMP WITH TIME ZONE": pa.timestamp("us", tz="UTC"),
 }
 

@@ -247,7 +247,8 @@ async def test_six_requests_sharing_one_request_id_run_once(running: Running) ->
 
 
 async def test_verbatim_replays_of_a_signed_record_do_not_run_again(running: Running) -> None:
-    """Quota escape 2: the same bytes and headers produced again inside the skew window."""
+    """Quota escape 2: the same bytes and headers produced again inside the skew window get
+    the stored reply again (marked replayed), and are neither run nor charged."""
     requester = running.requester()
     tenant = TENANTS[8]
     body = {"operation": "chat", "messages": [{"role": "user", "content": "once"}], "max_tokens": 8}
@@ -270,7 +271,10 @@ async def test_verbatim_replays_of_a_signed_record_do_not_run_again(running: Run
         for r in requester.replies
         if r.headers.get("correlation_id") == correlation_id.encode()
     ]
-    assert [r["status"] for r in mine] == ["ok"], mine
+    assert [r["status"] for r in mine] == ["ok"] * 6, mine
+    assert "replayed" not in mine[0]["meta"]
+    assert all(r["meta"]["replayed"] is True for r in mine[1:]), mine
+    assert all(r["result"] == mine[0]["result"] for r in mine), mine
     # The tenant's second chat of the day is still available: nothing was charged twice.
     again = running.requester()
     second, _, _ = signed_request(

@@ -129,27 +129,33 @@ async def test_a_signed_backlog_older_than_the_window_is_answered_ok_once_and_re
 
         def both_replays_taken() -> bool:
             requester.poll()
-            stale = len(requester.answers(captured)) >= 2
-            return stale and "request_repeat_ignored" in log.read_text()
+            return len(requester.answers(captured)) >= 3
 
         await asyncio.to_thread(
             wait_until_blocking, both_replays_taken, 30.0, interval_s=0, what="replays taken"
         )
         await asyncio.to_thread(requester.drain, 2.0)
         replies = requester.answers(captured)
-        assert [r["status"] for r in replies] == ["ok", "error"], replies
-        assert replies[1]["error"]["code"] == "unauthorized", replies[1]
-        assert "CreateTime" in replies[1]["error"]["message"]
+        assert len(replies) == 3, replies
+        refused = [r for r in replies if r["status"] == "error"]
+        assert len(refused) == 1 and refused[0]["error"]["code"] == "unauthorized", replies
+        assert "CreateTime" in refused[0]["error"]["message"]
+        # The forged copy gets the stored reply again, marked replayed: the same result.
+        served = [r for r in replies if r["status"] == "ok"]
+        assert [r["meta"].get("replayed") for r in served] == [None, True], replies
+        assert served[0]["result"] == served[1]["result"]
         # Neither replay ran: one usage row per request served, one for the stale refusal,
-        # none for the forged copy (a repeat is answered by its original). `usage_raw`: the
-        # `usage` view keeps one row per request id.
+        # one replay row for the forged copy (no tokens). `usage_raw`: the `usage` view
+        # keeps one row per request id (and one per replay).
         rows = wait_usage(
             tmp_path / "usage",
-            "SELECT coalesce(error_code, 'ok'), count(*) FROM usage_raw GROUP BY 1",
-            lambda rows: dict(rows).get("ok", 0) >= len(sent) and "unauthorized" in dict(rows),
+            "SELECT coalesce(error_code, 'ok'), replayed, count(*) FROM usage_raw GROUP BY ALL",
+            lambda rows: sum(n for _, _, n in rows) >= len(sent) + 2,
             30.0,
         )
-        assert dict(rows) == {"ok": len(sent), "unauthorized": 1}, rows
+        assert sorted(rows) == sorted(
+            [("ok", False, len(sent)), ("unauthorized", False, 1), ("ok", True, 1)]
+        ), rows
     finally:
         requester.close()
         consumer.stop()

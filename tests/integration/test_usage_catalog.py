@@ -177,7 +177,7 @@ def test_segments_written_before_the_stage_columns_read_beside_new_ones(tmp_path
     from consumer.usage import layout
     from schemas.usage import USAGE_COLUMNS
 
-    stages = {"bus_ms", "admission_ms", "slot_wait_ms", "prefill_ms", "generation_ms"}
+    stages = {"bus_ms", "admission_ms", "slot_wait_ms", "prefill_ms", "generation_ms", "replayed"}
     old_columns = [(name, kind) for name, kind in USAGE_COLUMNS if name not in stages]
     conn = duckdb.connect()
     old_schema = layout.partition_dir(tmp_path, layout.SCHEMA_HOUR, layout.SCHEMA_INSTANCE)

@@ -3,6 +3,7 @@ the same status, code and timings in its reply, usage row, metric and console li
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -20,9 +21,11 @@ from consumer.pipeline.outcome import Outcome
 from consumer.usage.rows import usage_row
 from schemas.replies import OperationReply
 from tests.support.fake_engine import FakeEngine
+from tests.support.waiting import wait_until
 from tests.unit.test_pipeline import (
     BODIES,
     TOPICS,
+    MemoryPublisher,
     foreign_partition,
     keyed,
     quota_processor,
@@ -58,9 +61,6 @@ async def run_case(
     processor, publisher = quota_processor(requests_per_day=requests_per_day)
     for record in before:
         await processor.process(record)
-    telemetry = Telemetry(TelemetrySettings(), instance_id="unit-account")
-    processor._telemetry = telemetry  # counted from here on: the last record only
-    processor._tracer = telemetry.tracer
     if signed:
         secret = "acme-secret-0123456789abcdef"
         processor._keyring = KeyRing({"acme": [TenantKey(key_id="acme-1", secret=secret)]})
@@ -68,10 +68,22 @@ async def run_case(
     assert isinstance(engine, FakeEngine)
     if engine_failure is not None:
         engine.raise_next = engine_failure  # type: ignore[assignment]
+    return await run_case_on(processor, publisher, caplog, last())
+
+
+async def run_case_on(
+    processor: RequestProcessor,
+    publisher: MemoryPublisher,
+    caplog: pytest.LogCaptureFixture,
+    last: InboundRecord,
+) -> Account:
+    telemetry = Telemetry(TelemetrySettings(), instance_id="unit-account")
+    processor._telemetry = telemetry  # counted from here on: the last record only
+    processor._tracer = telemetry.tracer
     sent_before = len(publisher.to(TOPICS.replies))
     caplog.set_level(logging.INFO)
     caplog.clear()
-    outcome = await processor.process(last())
+    outcome = await processor.process(last)
     log_request_finished(outcome)
     replies = publisher.to(TOPICS.replies)[sent_before:]
     reply = OperationReply.model_validate_json(replies[-1].value) if replies else None
@@ -100,7 +112,10 @@ def assert_one_account(account: Account, kind: str, code: str | None) -> None:
     """Reply, row, metric and line agree with the outcome's ending, and with `kind`/`code`."""
     ending = account.outcome.ending
     assert (ending.kind, ending.code) == (kind, code)
-    assert (account.metric["status"], account.metric["code"] or None) == (ending.status, code)
+    assert (account.metric["status"], account.metric["code"] or None) == (
+        ending.metric_status,
+        code,
+    )
     if kind in ("forwarded", "repeat"):
         assert account.row is None and account.line is None and account.reply is None
         return
@@ -116,6 +131,10 @@ def assert_one_account(account: Account, kind: str, code: str | None) -> None:
     # The wire has no `dlq` code: a dead letter that could be answered says `validation`.
     assert reply_code == ("validation" if kind == "dlq" else code)
     meta = account.reply.meta
+    if kind == "replay":
+        # The original's reply, verbatim but for the mark: its meta is the original's.
+        assert meta.replayed is True and account.row["replayed"] is True
+        return
     assert meta.total_ms == account.row["total_ms"]
     assert meta.queue_ms == account.row["queue_ms"]
     assert meta.execution_time_ms == account.row["execution_ms"]
@@ -196,11 +215,46 @@ async def test_forwarded(caplog: pytest.LogCaptureFixture) -> None:
     assert_one_account(account, "forwarded", None)
 
 
-async def test_verbatim_copy(caplog: pytest.LogCaptureFixture) -> None:
+async def test_verbatim_copy_of_a_finished_request_is_a_replay(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     first = keyed("acme", chat("v"))
     copy = InboundRecord(**{**{f: getattr(first, f) for f in first.__slots__}, "offset": 10**6})
     account = await run_case(caplog, lambda: copy, before=(first,))
-    assert_one_account(account, "repeat", None)
+    assert_one_account(account, "replay", None)
+
+
+async def test_retry_of_a_finished_request_is_a_replay(caplog: pytest.LogCaptureFixture) -> None:
+    from schemas.headers import CORRELATION_ID
+
+    retry = keyed("acme", chat("rp"), headers=((CORRELATION_ID, b"c-retry"),))
+    account = await run_case(caplog, lambda: retry, before=(keyed("acme", chat("rp")),))
+    assert_one_account(account, "replay", None)
+
+
+async def test_verbatim_copy_of_a_running_request_and_a_retry_of_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """While the original runs: its verbatim copy is a `repeat` (the original's reply answers
+    it), a retry under another correlation id is answered `in_progress`."""
+    from schemas.headers import CORRELATION_ID
+
+    processor, publisher = quota_processor()
+    engine = processor._engine
+    assert isinstance(engine, FakeEngine)
+    engine.hold = asyncio.Event()
+    first = keyed("acme", chat("running"))
+    running = asyncio.create_task(processor.process(first))
+    await wait_until(lambda: engine._running, what="generation started")
+    copy = InboundRecord(**{**{f: getattr(first, f) for f in first.__slots__}, "offset": 10**7})
+    retry = keyed("acme", chat("running"), headers=((CORRELATION_ID, b"c-retry"),))
+    accounts = []
+    for record in (copy, retry):
+        accounts.append(await run_case_on(processor, publisher, caplog, record))
+    engine.hold.set()
+    await running
+    assert_one_account(accounts[0], "repeat", None)
+    assert_one_account(accounts[1], "error", "in_progress")
 
 
 async def test_cancel_request(caplog: pytest.LogCaptureFixture) -> None:
@@ -210,11 +264,11 @@ async def test_cancel_request(caplog: pytest.LogCaptureFixture) -> None:
 
 
 def test_every_kind_is_covered() -> None:
-    # ok, each error code of the wire, dlq, forwarded, repeat (replay: not built yet).
+    # ok, each error code of the wire, dlq, forwarded, repeat, replay: each has a case above.
     from typing import get_args
 
     from schemas.replies import ErrorCode
 
     covered = {"validation", "unauthorized", "duplicate_request", "quota_exceeded"}
-    covered |= {"deadline_exceeded", "overloaded", "cancelled", "internal"}
+    covered |= {"deadline_exceeded", "overloaded", "cancelled", "internal", "in_progress"}
     assert covered == set(get_args(ErrorCode))

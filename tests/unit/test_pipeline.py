@@ -569,7 +569,7 @@ async def test_reusing_a_request_id_with_another_body_is_refused_and_not_run() -
     assert outcome.request_id is None  # its usage row does not stand in for the original's
 
 
-async def test_a_verbatim_copy_of_a_record_is_neither_run_nor_answered_again() -> None:
+async def test_a_verbatim_copy_of_a_record_is_not_run_again_but_gets_its_stored_reply() -> None:
     processor, publisher = quota_processor()
     first = keyed("acme", BODIES["chat"])
     await processor.process(first)
@@ -577,8 +577,11 @@ async def test_a_verbatim_copy_of_a_record_is_neither_run_nor_answered_again() -
         **{**{f: getattr(first, f) for f in first.__slots__}, "offset": first.offset + 1}
     )
     outcome = await processor.process(copy)
-    assert outcome.status == "repeat"
-    assert len(publisher.to(TOPICS.replies)) == 1
+    assert outcome.replayed and outcome.status == "ok"
+    original, replayed = (
+        OperationReply.model_validate_json(s.value) for s in publisher.to(TOPICS.replies)
+    )
+    assert replayed.result == original.result and replayed.meta.replayed is True
 
 
 async def test_the_same_record_redelivered_is_answered_again() -> None:

@@ -1,0 +1,79 @@
+"""What stored answers cost a partition's restore: bytes per charge record and the time to
+parse and load a day's worth back into a ledger, with and without answers (no broker: the
+Kafka read is bytes / your broker's fetch throughput on top).
+
+    python tests/bench/bench_stored_answers.py [--requests 100000] [--reply-bytes 1200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
+
+from consumer.quota.ledger import QuotaLedger
+from consumer.quota.limits import LimitBook, limit_defaults
+from consumer.settings.quota import QuotaSettings
+from schemas.limits import QuotaCharge
+
+
+def charge_records(requests: int, reply_bytes: int) -> list[bytes]:
+    now = datetime.now(UTC)
+    answer = None
+    if reply_bytes:
+        text = "x" * max(0, reply_bytes - 300)
+        answer = (
+            '{"schema_version":1,"status":"ok","result":{"summary":"' + text + '",'
+            '"sentence_count":3},"meta":{"operation":"summarize","model_used":"qwen2.5-7b",'
+            '"input_chars":4000,"input_tokens":900,"output_tokens":120,"queue_ms":3.2,'
+            '"execution_time_ms":812.5,"request_id":"r-0000000","timestamp":'
+            '"2026-12-06T08:00:00Z","bus_ms":1.2,"total_ms":820.1}}'
+        )
+    out = []
+    for i in range(requests):
+        record = QuotaCharge(
+            tenant_id=f"tenant-{i % 50}",
+            day=now.date(),
+            request_id=f"{i:032x}",
+            operation="summarize",
+            tokens=1020,
+            settled=True,
+            charged_at=now,
+            origin=f"ops.requests.v1/3/{i}",
+            fingerprint="f" * 32,
+            outcome="ok",
+            body_digest="b" * 32 if answer else None,
+            answer=answer,
+        )
+        out.append(record.model_dump_json(exclude_none=True).encode())
+    return out
+
+
+def restore(values: list[bytes]) -> float:
+    settings = QuotaSettings()
+    ledger = QuotaLedger(3, LimitBook(limit_defaults(settings)), ZoneInfo("UTC"))
+    now = datetime.now(UTC)
+    started = time.perf_counter()
+    for value in values:
+        ledger.load(QuotaCharge.model_validate_json(value), now)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=100_000)
+    parser.add_argument("--reply-bytes", type=int, default=1_200)
+    args = parser.parse_args()
+    for label, size in (("without answers", 0), ("with answers", args.reply_bytes)):
+        values = charge_records(args.requests, size)
+        total = sum(len(v) for v in values)
+        seconds = restore(values)
+        print(
+            f"{label:16} {args.requests} charges: {total / args.requests:7.0f} B/record, "
+            f"{total / 1e6:7.1f} MB, parse+load {seconds:5.2f} s"
+        )
+
+
+if __name__ == "__main__":
+    main()
