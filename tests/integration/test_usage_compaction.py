@@ -145,3 +145,44 @@ def test_reader_of_usage_never_sees_a_row_missing_or_twice_during_compaction(
     assert count(conn, "SELECT count(*) FROM usage") == expected
     assert count(conn, "SELECT count(*) FROM usage_raw") == expected
     conn.close()
+
+
+def test_segments_older_than_a_column_merge_with_new_ones(tmp_path: Path) -> None:
+    """A folder with a segment written before the stage and replay columns existed beside
+    new ones compacts into one file with today's columns, in order, old values kept."""
+    from schemas.usage import USAGE_COLUMNS
+
+    added = {"bus_ms", "admission_ms", "slot_wait_ms", "prefill_ms", "generation_ms", "replayed"}
+    old_columns = ", ".join(name for name, _ in USAGE_COLUMNS if name not in added)
+    write_rows(tmp_path, "a", [make_row("old-1", finished_at=CLOSED)])
+    write_rows(tmp_path, "a", [make_row("old-2", finished_at=CLOSED + timedelta(minutes=1))])
+    folder = partition_dir(tmp_path, CLOSED, "a")
+    conn = duckdb.connect()
+    for part in parts(folder)[:1]:  # rewrite the first as an old-format segment
+        path = folder / part
+        conn.execute(
+            f"COPY (SELECT {old_columns} FROM read_parquet('{path}')) TO '{path}.old' "
+            "(FORMAT parquet)"
+        )
+        os.replace(f"{path}.old", path)
+    conn.close()
+    write_rows(
+        tmp_path,
+        "a",
+        [make_row("new-1", finished_at=CLOSED + timedelta(minutes=2)).model_copy(
+            update={"slot_wait_ms": 7.0, "replayed": False}
+        )],
+    )  # fmt: skip
+
+    report = compact_closed_hours(UsageSettings(directory=tmp_path, compact_after_s=600), now=NOW)
+    assert report.folders_compacted == 1 and report.rows_written == 3
+    (merged,) = parts(folder)
+    check = duckdb.connect()
+    source = f"read_parquet('{folder / merged}', hive_partitioning = false)"
+    names = [r[0] for r in check.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()]
+    assert names == [name for name, _ in USAGE_COLUMNS]
+    rows = check.execute(
+        f"SELECT request_id, slot_wait_ms FROM {source} ORDER BY request_id"
+    ).fetchall()
+    check.close()
+    assert ("new-1", 7.0) in rows and ("old-1", None) in rows

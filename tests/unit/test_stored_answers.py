@@ -153,3 +153,31 @@ async def test_the_stored_answer_survives_a_restore_from_the_state_topic() -> No
     retry = await processor.process(keyed("acme", chat("r-restore"), headers=cid("c-2")))
     assert retry.replayed
     assert [r.meta.replayed for _, r, _ in replies(publisher)] == [None, True]
+
+
+async def test_a_stored_reply_goes_only_where_a_v2_signature_says() -> None:
+    """v1 does not sign the route: a v1 retry is refused as before (duplicate_request), so a
+    captured v1 record cannot have an answer sent to another route; v2 gets it replayed."""
+    import json
+
+    from consumer.auth.keys import KeyRing, TenantKey
+    from tests.support.rdkafka import sign_v1, sign_v2
+
+    secret = "acme-secret-0123456789abcdef"
+    processor, _publisher = quota_processor()
+    processor._keyring = KeyRing({"acme": [TenantKey(key_id="acme-1", secret=secret)]})
+
+    def signed(body: dict[str, object], correlation: str, version: int) -> InboundRecord:
+        value = json.dumps({**body, "tenant_id": "acme"}).encode()
+        if version == 1:
+            signature = sign_v1(value, "acme", "acme-1", secret)
+        else:
+            signature = sign_v2(value, "acme", "acme-1", secret, correlation=correlation.encode())
+        return keyed("acme", body, headers=(*cid(correlation), *signature))
+
+    assert (await processor.process(signed(chat("v1"), "c-1", 1))).status == "ok"
+    v1_retry = await processor.process(signed(chat("v1"), "c-2", 1))
+    assert v1_retry.error_code == "duplicate_request" and not v1_retry.replayed
+    assert (await processor.process(signed(chat("v2"), "c-3", 2))).status == "ok"
+    v2_retry = await processor.process(signed(chat("v2"), "c-4", 2))
+    assert v2_retry.replayed and v2_retry.status == "ok"
