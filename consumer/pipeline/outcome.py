@@ -84,6 +84,8 @@ class Stages:
 
 STAGE_NAMES = ("bus", "admission", "slot_wait", "prefill", "generation", "total")
 """The stages as metric attribute values (`opstream.stage.duration{stage}`)."""
+STACKED_STAGES = STAGE_NAMES[:-1]
+"""The stages one after another (what a stacked chart shows); `total` spans all but `bus`."""
 
 
 def _ms(value: float | None) -> float | None:

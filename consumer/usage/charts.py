@@ -133,7 +133,7 @@ def draw_day_lines(
 def draw_category_bars(
     axes: Axes,
     labels: Sequence[str],
-    parts: Mapping[str, Sequence[int]],
+    parts: Mapping[str, Sequence[float]],
     xlabel: str,
     colours: Sequence[str] = (),
 ) -> None:
@@ -142,7 +142,7 @@ def draw_category_bars(
         _empty(axes, "no usage in range")
         return
     positions = range(len(labels))
-    left = [0] * len(labels)
+    left: list[float] = [0.0] * len(labels)
     for index, (name, widths) in enumerate(parts.items()):
         colour = colours[index] if index < len(colours) else f"C{index % 10}"
         axes.barh(positions, widths, left=left, label=name, color=colour)

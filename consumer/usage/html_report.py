@@ -7,11 +7,12 @@ with no script to run or vendor.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from html import escape
 from typing import Any
 
+from consumer.pipeline.outcome import STACKED_STAGES
 from consumer.usage.charts import (
     OK_ERROR_COLOURS,
     draw_category_bars,
@@ -39,6 +40,8 @@ class UsagePage:
     latency: list[Row]  # day, requests, p50_ms, p95_ms
     rejections: list[Row]  # day, tenant_id, rejections
     top_tenants: list[Row]  # tenant, requests, errors, input_tokens, output_tokens, tokens
+    # operation, requests, bus_ms … generation_ms (means), total_ms
+    stages: list[Row] = field(default_factory=list)
 
 
 def cell_text(value: Any) -> str:
@@ -173,6 +176,36 @@ def _top_tenants(rows: list[Row]) -> str:
     return _section("top-tenants", "Top tenants by tokens", "", figure_svg(figure), headers, table)
 
 
+def _stages(rows: list[Row]) -> str:
+    """Where the time goes: mean ms per stage, stacked, per operation."""
+    labels = [str(r["operation"]) for r in rows]
+    figure = new_figure(height=max(2.0, 0.5 * len(rows) + 1.2))
+    draw_category_bars(
+        figure.subplots(),
+        labels,
+        {name: [float(r[f"{name}_ms"] or 0) for r in rows] for name in STACKED_STAGES},
+        "mean milliseconds",
+    )
+    headers = ["operation", "requests", *(f"{name} ms" for name in STACKED_STAGES), "total ms"]
+    table = [
+        [
+            r["operation"],
+            r["requests"],
+            *(r[f"{name}_ms"] for name in STACKED_STAGES),
+            r["total_ms"],
+        ]
+        for r in rows
+    ]
+    note = (
+        "Mean per stage, as reply meta and usage rows name them: bus (Kafka timestamp → fetch), "
+        "then admission, slot_wait, prefill and generation, which add up to total "
+        "(fetch → reply). Rows written before stages existed, and replays, are left out."
+    )
+    return _section(
+        "stages", "Where the time goes, per operation", note, figure_svg(figure), headers, table
+    )
+
+
 def _summary(page: UsagePage) -> str:
     requests = sum(r["requests"] for r in page.operations)
     errors = sum(r["errors"] for r in page.operations)
@@ -223,6 +256,7 @@ def render_page(page: UsagePage) -> str:
             ),
             _operations(page.operations),
             _latency(page.latency),
+            _stages(page.stages),
             _per_day_by_tenant(
                 "rejections",
                 "Quota rejections per day",

@@ -11,6 +11,7 @@ from typing import Any, Literal
 import duckdb
 import pyarrow as pa
 
+from consumer.pipeline.outcome import STACKED_STAGES
 from consumer.settings.usage import UsageSettings
 from consumer.usage.catalog import connect_catalog
 
@@ -66,6 +67,13 @@ def page_queries(since: date | None, tenant: str | None) -> dict[str, tuple[str,
     where_sql, params = _filters(since, tenant)
     rejected_sql, rejected_params = _filters(since, tenant, "error_code = 'quota_exceeded'")
     tenants_sql, tenants_params = _filters(since, tenant, "tenant_id IS NOT NULL")
+    # Rows with stages (written since they exist), replays aside: they ran nothing here.
+    staged_sql, staged_params = _filters(
+        since, tenant, "bus_ms IS NOT NULL", "NOT coalesce(replayed, false)"
+    )
+    stage_means = ", ".join(
+        f"round(coalesce(avg({stage}_ms), 0), 1) AS {stage}_ms" for stage in STACKED_STAGES
+    )
     return {
         "tokens": chart_sql(since, tenant),
         "operations": (
@@ -87,6 +95,12 @@ def page_queries(since: date | None, tenant: str | None) -> dict[str, tuple[str,
             "SELECT date AS day, coalesce(tenant_id, '(none)') AS tenant_id, "
             f"count(*) AS rejections FROM usage {rejected_sql}GROUP BY ALL ORDER BY day, tenant_id",
             rejected_params,
+        ),
+        "stages": (
+            f"SELECT coalesce(operation, '(none)') AS operation, count(*) AS requests, "
+            f"{stage_means}, round(avg(total_ms), 1) AS total_ms "
+            f"FROM usage {staged_sql}GROUP BY 1 ORDER BY total_ms DESC, operation",
+            staged_params,
         ),
         "top_tenants": (
             "SELECT tenant_id AS tenant, count(*) AS requests, "

@@ -222,7 +222,7 @@ def test_report_page_numbers_match_duckdb(page_path: Path, usage_root: Path) -> 
 
 def test_report_page_loads_nothing_from_elsewhere(page_path: Path) -> None:
     page = page_path.read_text(encoding="utf-8")
-    assert page.count("<svg") == 5  # one inline chart per section
+    assert page.count("<svg") == 6  # one inline chart per section
     assert "<script" not in page and "<link" not in page and " src=" not in page
     assert re.findall(r'url\((?!#)|href="(?!#)', page) == []  # only the SVGs' own #ids
 

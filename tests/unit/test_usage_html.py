@@ -90,7 +90,7 @@ def test_summary_totals_requests_errors_tokens_and_rejections() -> None:
 
 def test_an_empty_range_still_renders_every_section() -> None:
     html = render_page(page())
-    assert html.count("<svg") == 5 and html.count(">no rows</td>") == 5
+    assert html.count("<svg") == 6 and html.count(">no rows</td>") == 6
     assert "no usage" in html
 
 
@@ -115,3 +115,15 @@ def test_names_from_the_data_are_escaped() -> None:
 
 def test_cells_use_thousands_separators_and_one_decimal() -> None:
     assert [cell_text(v) for v in (1_234_567, 12.345, None, "x")] == ["1,234,567", "12.3", "", "x"]
+
+
+def test_where_the_time_goes_stacks_the_stages_per_operation() -> None:
+    stages = {"bus_ms": 1.5, "admission_ms": 2.0, "slot_wait_ms": 730.0}
+    stages |= {"prefill_ms": 40.0, "generation_ms": 200.0, "total_ms": 972.5}
+    html = render_page(page(stages=[{"operation": "chat", "requests": 5, **stages}]))
+    section = html[html.index('<section id="stages">') :]
+    section = section[: section.index("</section>")]
+    for header in ("bus ms", "admission ms", "slot_wait ms", "prefill ms", "generation ms"):
+        assert f"<th>{header}</th>" in section
+    assert ">730<" in section or ">730.0<" in section
+    assert section.count("<svg") == 1
