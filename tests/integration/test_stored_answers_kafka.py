@@ -113,3 +113,42 @@ async def test_a_retry_gets_the_stored_reply_also_after_a_sigkill(
     finally:
         requester.close()
         consumer.stop()
+
+
+async def test_a_retry_gets_the_stored_reply_from_the_consumer_that_took_the_partition_over(
+    fresh_broker: Broker, tmp_path: Path
+) -> None:
+    """Answered by consumer A; A leaves the group (its partitions move to B); the retry,
+    answered by B, is the original reply replayed, and nothing is charged twice."""
+    topics = TopicSet.unique(PARTITIONS)
+    await ensure_test_topics(fresh_broker, topics)
+    settings = merge(
+        base_settings(fresh_broker, topics, tmp_path, auth=True),
+        {
+            "auth": {"required": True, "keys": KEYS},
+            "quota": {"operation_defaults": {"chat": {"requests": 2}}},
+        },
+    )
+    first = await start_consumer(ConsumerProcess(settings, log_path=tmp_path / "a.log"))
+    second: ConsumerProcess | None = None
+    requester = RdkafkaRequester(fresh_broker.bootstrap, topics.requests, topics.replies)
+    requester.read_from_start(PARTITIONS)
+    try:
+        body = {**CHAT, "request_id": "moved"}
+        original, _ = await ask(requester, body)
+        assert original["status"] == "ok"
+        second = await start_consumer(ConsumerProcess(settings, log_path=tmp_path / "b.log"), 120.0)
+        assert first.stop() == 0  # a graceful leave: the group hands everything to B
+        retried, headers = await ask(requester, body)
+        assert retried["meta"].pop("replayed") is True, retried
+        assert headers.get("x-opstream-replayed") == b"true"
+        assert retried == original
+        assert "request_replayed" in (tmp_path / "b.log").read_text()
+        later, _ = await ask(requester, {**CHAT, "request_id": "after"})
+        over, _ = await ask(requester, {**CHAT, "request_id": "over"})
+        assert later["status"] == "ok" and over["error"]["code"] == "quota_exceeded"
+    finally:
+        requester.close()
+        first.stop()
+        if second is not None:
+            second.stop()
