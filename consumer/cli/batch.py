@@ -15,8 +15,8 @@ from consumer.cli.table import print_table
 from consumer.settings import Settings
 
 if TYPE_CHECKING:
-    from consumer.batch import BatchRunner, BatchSummary, ProgressPrinter
-    from consumer.client import Signer
+    from opstream_client import Signer
+    from opstream_client.batch import BatchRunner, BatchSummary, ProgressPrinter
 
 EXIT_INTERRUPTED = 130
 EXIT_SEND_FAILED = 3
@@ -90,7 +90,7 @@ def batch_signer(args: argparse.Namespace, settings: Settings) -> Signer | None:
 
 
 def _printer(mode: str) -> ProgressPrinter | None:
-    from consumer.batch import ProgressPrinter
+    from opstream_client.batch import ProgressPrinter
 
     if mode == "off":
         return None
@@ -107,7 +107,7 @@ def _say(printer: ProgressPrinter | None, text: str) -> None:
 def cmd_batch_run(args: argparse.Namespace, settings: Settings) -> int:
     """Run or resume a batch; exit 0 when every line has an ok result, 1 when some have an
     error result, 3 when sending failed, 130 when interrupted (then resume)."""
-    from consumer.batch import BatchError, BatchRunner, describe_error
+    from opstream_client.batch import BatchError, BatchRunner, describe_error
 
     prog = "opstream batch run"
     if not settings.kafka.bootstrap_servers:
@@ -167,7 +167,7 @@ async def _send_all(
     """Connect, run the batch; the first SIGINT/SIGTERM stops sending and waits for the
     replies in flight, a second one (or one while connecting) quits at once."""
     from consumer.bus.security import aiokafka_security_kwargs
-    from consumer.client import OperationsClient
+    from opstream_client import OperationsClient
 
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
@@ -215,7 +215,7 @@ async def _send_all(
 
 
 def _duration(seconds: float) -> str:
-    from consumer.batch import format_duration
+    from opstream_client.batch import format_duration
 
     return format_duration(seconds)
 

@@ -188,7 +188,7 @@ def _signing_key(args: argparse.Namespace, settings: Settings) -> tuple[str, str
 def cmd_request(args: argparse.Namespace, settings: Settings) -> int:
     """Send one request, print its reply; exit 0 for `ok`, 1 for an error reply."""
     from consumer.bus.security import aiokafka_security_kwargs
-    from consumer.client import OperationsClient
+    from opstream_client import OperationsClient
 
     if not settings.kafka.bootstrap_servers:
         print("opstream request: --bootstrap-servers is required", file=sys.stderr)

@@ -26,10 +26,10 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # run as a script: make `tests.support` importable
     sys.path.insert(0, str(REPO))
 
-from consumer.client import OperationsClient  # noqa: E402
 from consumer.engine.base import ChatMessage, GenerationRequest, WorkTag  # noqa: E402
 from consumer.engine.factory import load_engine  # noqa: E402
 from consumer.settings import Settings  # noqa: E402
+from opstream_client import OperationsClient  # noqa: E402
 from tests.support.harness import (  # noqa: E402
     FETCH_MAX_WAIT_MS,
     Broker,

@@ -16,7 +16,7 @@ import pytest
 import pytest_asyncio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from consumer.client import OperationsClient
+from opstream_client import OperationsClient
 from schemas.headers import (
     CORRELATION_ID,
     DLQ_ORIGIN_OFFSET,

@@ -26,8 +26,8 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from consumer.client import OperationsClient
 from consumer.quota import LimitCommandPublisher, make_state_producer, partition_for_tenant
+from opstream_client import OperationsClient
 from schemas.headers import CORRELATION_ID
 from schemas.replies import OperationReply
 from tests.support.harness import (

@@ -32,9 +32,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from consumer.app import Service, build_app
 from consumer.bus.devbroker import free_port
-from consumer.client import OperationsClient
 from consumer.observability.telemetry import Telemetry
 from consumer.settings import Settings
+from opstream_client import OperationsClient
 from schemas.headers import CONTENT_TYPE, CORRELATION_ID, DLQ_REASON, JSON, REPLY_TO
 from schemas.replies import OperationReply
 from schemas.signing import sign

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from consumer.client import OperationsClient
+from opstream_client import OperationsClient
 from schemas.headers import CHUNK_SEQ, CONTENT_TYPE, CORRELATION_ID, JSON, REPLY_TO
 from tests.support.harness import (
     Broker,

@@ -26,7 +26,7 @@ from consumer.bus.devbroker import LocalBroker, free_port, start_local_broker
 from tests.support.waiting import wait_until, wait_until_blocking
 
 if TYPE_CHECKING:
-    from consumer.client import OperationsClient
+    from opstream_client import OperationsClient
 
 REPO = Path(__file__).resolve().parents[2]
 # Tansu answers a fetch only after the whole fetch_max_wait_ms (DESIGN.md): keep it small.
@@ -437,7 +437,7 @@ async def start_consumer(process: ConsumerProcess, timeout_s: float = 90.0) -> C
 
 def client_for(broker: Broker, topics: TopicSet, timeout_s: float = 60.0) -> OperationsClient:
     """An OperationsClient (not started) for `topics`, polling at the tests' fetch wait."""
-    from consumer.client import OperationsClient
+    from opstream_client import OperationsClient
 
     return OperationsClient(
         broker.bootstrap,

@@ -1,4 +1,4 @@
-"""Batch jobs (`consumer/batch.py`, `opstream batch run`) with a fake `send`: no Kafka."""
+"""Batch jobs (`opstream_client/batch/`, `opstream batch run`) with a fake `send`: no Kafka."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from typing import Any
 
 import pytest
 
-from consumer.batch import (
+from consumer.cli import batch as cli_batch
+from consumer.cli.main import build_parser
+from opstream_client.batch import (
     BatchError,
     BatchRunner,
     Progress,
@@ -26,8 +28,6 @@ from consumer.batch import (
     read_results,
     run_batch,
 )
-from consumer.cli import batch as cli_batch
-from consumer.cli.main import build_parser
 from schemas.replies import OperationReply
 from tests.support.waiting import wait_until
 
@@ -476,7 +476,7 @@ async def test_cli_on_a_finished_batch_prints_the_summary(
 def test_report_exit_status_and_resume_hint(
     source: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from consumer.batch import BatchSummary
+    from opstream_client.batch import BatchSummary
 
     def summary(**kw: Any) -> BatchSummary:
         base: dict[str, Any] = dict(
@@ -518,7 +518,7 @@ def test_signer_uses_each_tenants_key(monkeypatch: pytest.MonkeyPatch) -> None:
 async def test_the_python_client_runs_a_batch(
     source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from consumer.client import OperationsClient
+    from opstream_client import OperationsClient
 
     client = OperationsClient("unused:1")  # not started: `request` is replaced
     timeouts: list[float | None] = []
@@ -539,7 +539,7 @@ async def test_the_python_client_runs_a_batch(
 
 
 async def test_a_failing_output_stops_the_run(source: Path, tmp_path: Path) -> None:
-    from consumer import batch
+    from opstream_client import batch
 
     runner = BatchRunner(source, tmp_path / "out.jsonl", FakeService(), concurrency=2)
     original = batch.ResultWriter.write
@@ -560,7 +560,7 @@ async def test_a_failing_output_stops_the_run(source: Path, tmp_path: Path) -> N
 
 
 def test_describe_error() -> None:
-    from consumer.batch import describe_error
+    from opstream_client.batch import describe_error
 
     assert describe_error(ConnectionError("gone")) == "ConnectionError: gone"
     assert describe_error(TimeoutError()) == "TimeoutError"

@@ -129,3 +129,33 @@ def test_header_names_and_the_signing_scheme_are_defined_only_in_the_contract() 
                 assert not (isinstance(text, str) and text.startswith(contract_literal)), (
                     f"{path.relative_to(REPO)}:{node.lineno} restates the contract: {text!r}"
                 )
+
+
+def test_the_client_imports_only_the_contract_aiokafka_and_pydantic() -> None:
+    """`opstream_client` installs and imports without the server: statically it imports
+    nothing but itself, the contract, aiokafka, pydantic, the standard library and
+    (optionally) the OpenTelemetry API; importing it loads no server module."""
+    allowed = {"opstream_client", "schemas", "aiokafka", "pydantic", "opentelemetry"}
+    for path in (REPO / "opstream_client").rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        outside = {
+            m
+            for m in imported
+            if m.split(".")[0] not in allowed and m.split(".")[0] not in sys.stdlib_module_names
+        }
+        assert not outside, (path, outside)
+    probe = (
+        "import sys\n"
+        "import opstream_client\n"
+        "heavy = {'consumer', 'topics', 'faststream', 'duckdb', 'pyarrow', 'llama_cpp', 'torch',"
+        " 'exllamav2', 'uvicorn', 'confluent_kafka'}\n"
+        "loaded = {m.split('.')[0] for m in sys.modules} & heavy\n"
+        "loaded |= {m for m in sys.modules if m.startswith('opentelemetry.sdk')}\n"
+        "print(sorted(loaded))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout

@@ -11,10 +11,9 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from opentelemetry import trace
 
-from consumer.batch import BatchSummary, OnProgress, PathLike, run_batch
-from consumer.observability.telemetry import inject_context
+from opstream_client.batch import BatchSummary, OnProgress, PathLike, run_batch
+from opstream_client.tracing import default_tracer, producer_span
 from schemas.headers import CHUNK_SEQ, CONTENT_TYPE, CORRELATION_ID, JSON, REPLY_TO
 from schemas.replies import OperationReply, StreamChunk
 from schemas.signing import Routing, sign
@@ -97,13 +96,14 @@ class OperationsClient:
         key_id: str | None = None,
         secret: str | None = None,
         signer: Signer | None = None,
-        tracer: trace.Tracer | None = None,
+        tracer: Any = None,
         client_options: dict[str, Any] | None = None,
     ) -> None:
         """`key_id` + `secret` sign every request (HMAC-SHA256, see the README); a custom
         `signer(body, tenant_id, routing) -> headers` may replace them (scheme v2 signs
         the routing: correlation id bytes, reply topic, reply partition). Trace context of the
-        current span is injected into each request's headers."""
+        current span is injected into each request's headers (with the OpenTelemetry API
+        installed; `tracer` is an OpenTelemetry tracer)."""
         if (key_id is None) != (secret is None):
             raise ValueError("give both key_id and secret, or neither")
         if signer is None and key_id is not None and secret is not None:
@@ -114,7 +114,7 @@ class OperationsClient:
         self._timeout_s = timeout_s
         self._fetch_max_wait_ms = fetch_max_wait_ms
         self._signer = signer
-        self._tracer = tracer or trace.get_tracer("opstream.client")
+        self._tracer = tracer or default_tracer()
         self._options = client_options or {}
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
@@ -190,17 +190,8 @@ class OperationsClient:
         waiter = asyncio.get_running_loop().create_future()
         self._waiting[correlation_id] = waiter
         try:
-            with self._tracer.start_as_current_span(
-                f"send {self._request_topic}",
-                kind=trace.SpanKind.PRODUCER,
-                attributes={
-                    "messaging.system": "kafka",
-                    "messaging.operation.type": "send",
-                    "messaging.destination.name": self._request_topic,
-                    "opstream.operation": str(body.get("operation")),
-                },
-            ) as span:
-                inject_context(headers)
+            operation = str(body.get("operation"))
+            with producer_span(self._tracer, self._request_topic, operation, headers) as span:
                 await self._producer.send_and_wait(
                     self._request_topic,
                     payload,
@@ -208,7 +199,8 @@ class OperationsClient:
                     headers=headers,
                 )
                 reply = await asyncio.wait_for(waiter, timeout_s or self._timeout_s)
-                span.set_attribute("opstream.status", reply.status)
+                if span is not None:
+                    span.set_attribute("opstream.status", reply.status)
                 return reply
         finally:
             self._waiting.pop(correlation_id, None)
@@ -331,7 +323,7 @@ class OperationsClient:
     ) -> BatchSummary:
         """Send every line of a JSONL file of request bodies, `concurrency` at a time, and
         append one result line per reply to `out_path`; lines that already have a result
-        there are skipped, so calling it again resumes (see `consumer.batch`). Lines without
+        there are skipped, so calling it again resumes (see `opstream_client.batch`). Lines without
         `priority` get `priority` (None: the service's default)."""
 
         async def send(body: dict[str, Any]) -> OperationReply:
