@@ -1,8 +1,9 @@
 """What stored answers cost a partition's restore: bytes per charge record and the time to
-parse and load a day's worth back into a ledger, with and without answers (no broker: the
-Kafka read is bytes / your broker's fetch throughput on top).
+parse and load a day's worth back into a ledger, with and without answers; with --kafka,
+also `QuotaStore.restore` of that many records from a state topic on a Tansu broker of its
+own (or KAFKA_BOOTSTRAP_SERVERS).
 
-    python tests/bench/bench_stored_answers.py [--requests 100000] [--reply-bytes 1200]
+    python tests/bench/bench_stored_answers.py [--requests 100000] [--reply-bytes 1200] [--kafka]
 """
 
 from __future__ import annotations
@@ -60,19 +61,62 @@ def restore(values: list[bytes]) -> float:
     return time.perf_counter() - started
 
 
+async def kafka_restore(values: list[bytes]) -> float:
+    """Write `values` to one partition of a fresh state topic, then time a restore of it."""
+    import uuid
+
+    from aiokafka import AIOKafkaProducer
+
+    from consumer.quota.store import QuotaStore
+    from tests.support.harness import Broker, create_topic
+
+    with Broker.start() as broker:
+        topic = f"bench.state.{uuid.uuid4().hex[:8]}"
+        await create_topic(broker.bootstrap, topic, 1)
+        producer = AIOKafkaProducer(
+            bootstrap_servers=broker.bootstrap, linger_ms=20, max_batch_size=1_048_576
+        )
+        await producer.start()
+        try:
+            for i, value in enumerate(values):
+                await producer.send(topic, value=value, key=f"k{i}".encode(), partition=0)
+            await producer.flush()
+            settings = QuotaSettings(state_topic=topic, restore_timeout_s=600)
+            store = QuotaStore(
+                book=LimitBook(limit_defaults(settings)),
+                settings=settings,
+                producer=producer,
+                bootstrap_servers=broker.bootstrap,
+                fetch_max_wait_ms=100,
+            )
+            started = time.perf_counter()
+            await store.restore({0})
+            return time.perf_counter() - started
+        finally:
+            await producer.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=100_000)
     parser.add_argument("--reply-bytes", type=int, default=1_200)
+    parser.add_argument("--kafka", action="store_true", help="also restore through a broker")
     args = parser.parse_args()
     for label, size in (("without answers", 0), ("with answers", args.reply_bytes)):
         values = charge_records(args.requests, size)
         total = sum(len(v) for v in values)
         seconds = restore(values)
-        print(
+        line = (
             f"{label:16} {args.requests} charges: {total / args.requests:7.0f} B/record, "
             f"{total / 1e6:7.1f} MB, parse+load {seconds:5.2f} s"
         )
+        if args.kafka:
+            import asyncio
+
+            line += (
+                f", QuotaStore.restore from the broker {asyncio.run(kafka_restore(values)):5.2f} s"
+            )
+        print(line, flush=True)
 
 
 if __name__ == "__main__":
