@@ -381,4 +381,5 @@ async def test_running_work_the_backend_does_not_advance_is_answered_not_stepped
     # The slot is the policy's again: later work is planned (and answered) too.
     with pytest.raises(EngineError):
         await asyncio.wait_for(engine.generate(request(key="t/2")), 5)
-    assert engine.load().running == 0
+    # (The load snapshot follows the answer by a moment: the scheduler thread writes it.)
+    await wait_until(lambda: engine.load().running == 0)
