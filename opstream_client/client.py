@@ -98,12 +98,14 @@ class OperationsClient:
         signer: Signer | None = None,
         tracer: Any = None,
         client_options: dict[str, Any] | None = None,
+        retries: int = 1,
     ) -> None:
         """`key_id` + `secret` sign every request (HMAC-SHA256, see the README); a custom
         `signer(body, tenant_id, routing) -> headers` may replace them (scheme v2 signs
         the routing: correlation id bytes, reply topic, reply partition). Trace context of the
         current span is injected into each request's headers (with the OpenTelemetry API
-        installed; `tracer` is an OpenTelemetry tracer)."""
+        installed; `tracer` is an OpenTelemetry tracer). `retries`: how often `request` asks
+        again after a timeout or an `in_progress` answer (see `request`)."""
         if (key_id is None) != (secret is None):
             raise ValueError("give both key_id and secret, or neither")
         if signer is None and key_id is not None and secret is not None:
@@ -112,6 +114,7 @@ class OperationsClient:
         self._request_topic = request_topic
         self.reply_topic = reply_topic
         self._timeout_s = timeout_s
+        self._retries = max(0, retries)
         self._fetch_max_wait_ms = fetch_max_wait_ms
         self._signer = signer
         self._tracer = tracer or default_tracer()
@@ -173,11 +176,42 @@ class OperationsClient:
         *,
         timeout_s: float | None = None,
         correlation_id: str | None = None,
+        retries: int | None = None,
     ) -> OperationReply:
-        """Publish one request body (keyed by tenant) and wait for its reply."""
+        """Publish one request body (keyed by tenant) and wait for its reply.
+
+        No reply within the timeout, or `in_progress` (the request still runs), and it is
+        sent again (`retries`, default the client's: 1) with the same `request_id` and body
+        under a new correlation id: the service answers a retry of a finished request with
+        its stored reply (`meta.replayed`), never running or charging it twice. A body
+        without `request_id` gets the first correlation id as one, so retries share it.
+        The last attempt's timeout (`TimeoutError`) or `in_progress` reply is the caller's.
+        """
+        attempts = 1 + (self._retries if retries is None else max(0, retries))
+        correlation_id = correlation_id or str(uuid.uuid4())
+        if attempts > 1 and "request_id" not in body and body.get("operation") != "cancel":
+            body = {**body, "request_id": correlation_id}
+        for attempt in range(attempts):
+            last = attempt == attempts - 1
+            try:
+                reply = await self._request_once(
+                    body, timeout_s=timeout_s, correlation_id=correlation_id
+                )
+            except TimeoutError:
+                if last:
+                    raise
+            else:
+                if last or reply.error is None or reply.error.code != "in_progress":
+                    return reply
+                await asyncio.sleep(min(0.5 * 2**attempt, 10.0))  # it is still running
+            correlation_id = str(uuid.uuid4())
+        raise AssertionError("unreachable")
+
+    async def _request_once(
+        self, body: dict[str, Any], *, timeout_s: float | None, correlation_id: str
+    ) -> OperationReply:
         if self._producer is None:
             raise RuntimeError("client not started")
-        correlation_id = correlation_id or str(uuid.uuid4())
         payload = _dumps(body)
         headers = [
             (CORRELATION_ID, correlation_id.encode()),
@@ -223,6 +257,7 @@ class OperationsClient:
                     {**body, "stream": True},
                     timeout_s=timeout_s,
                     correlation_id=correlation_id,
+                    retries=0,  # chunks come to this correlation id only
                 )
             except BaseException:
                 stream._items.put_nowait(None)
