@@ -226,6 +226,9 @@ async def peer(args: argparse.Namespace) -> None:
             {
                 "engine": {"backend": "llamacpp", "llamacpp": {"slots": args.slots}},
                 "logging": {"level": "WARNING"},
+                # The service's default (the tests flush every 0.2 s, and each flush is a
+                # DuckDB COPY that takes a core from the model for a moment).
+                "usage": {"flush_age_s": 5.0},
                 "kafka": {"fetch_max_wait_ms": args.fetch_wait_ms},
             },
         )

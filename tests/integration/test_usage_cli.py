@@ -111,9 +111,9 @@ def test_compact_and_catalog_commands(usage_root: Path, capsys: pytest.CaptureFi
 
 def test_readme_example_queries_run(usage_root: Path) -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
-    section = readme.split("### Five useful queries", 1)[1]
+    section = readme.split("### Useful queries", 1)[1]
     block = section.split("```sql", 1)[1].split("```", 1)[0]
     queries = [q.strip() for q in block.split(";") if q.strip()]
-    assert len(queries) == 5
+    assert len(queries) == 6
     for sql in queries:
         assert run(["usage", "query", "--format", "csv", sql], usage_root) == 0, sql
