@@ -71,6 +71,26 @@ def outcomes(
     return {c: next(iter(s)) for c, s in seen.items()}, contradictions
 
 
+# Log events that mean the scheduler and the backend disagreed, or the engine stopped moving.
+TROUBLE = (
+    "engine_start_failed",
+    "engine_start_refused",
+    "scheduler_backend_disagree",
+    "engine_stalled",
+    "engine_step_failed",
+    "request_failed",
+)
+
+
+def trouble_in(*logs: Path) -> list[str]:
+    return [
+        line[:300]
+        for log in logs
+        for line in log.read_text(errors="replace").splitlines()
+        if any(f'"{event}"' in line for event in TROUBLE)
+    ]
+
+
 def per_tenant(sent: dict[bytes, str], got: dict[bytes, str]) -> dict[str, Counter[str]]:
     counts: dict[str, Counter[str]] = defaultdict(Counter)
     for correlation, outcome in got.items():
@@ -116,6 +136,7 @@ async def test_a_backlog_of_many_tenants_is_served_whole_by_one_consumer(
         assert scheduler["refused_starts"] == 0 and scheduler["disagreements"] == 0, scheduler
         assert scheduler["stalls"] == 0, scheduler
         assert consumer.stop() == 0, log_tail(log)
+        assert trouble_in(log) == []
     finally:
         requester.close()
         consumer.kill()
@@ -169,6 +190,7 @@ async def test_two_consumers_under_many_tenants_survive_a_sigkill(
         counts = per_tenant(sent, got)
         assert all(counts[t] == expected for t in TENANTS), dict(counts)
         assert survivor.stop() == 0, log_tail(logs[0])
+        assert trouble_in(*logs) == []
     finally:
         requester.close()
         victim.kill()
