@@ -292,7 +292,7 @@ class SchedulerLoop(threading.Thread):
         `run` calls it until then; tests drive it directly.
         """
         idle = not policy.running and policy.queued == 0
-        took = self._take_inbox(backend, policy, block=idle and self._idle_wait_s > 0)
+        took = self._take_inbox(backend, policy, wait_s=self._idle_wait_s if idle else 0.0)
         if took is None:
             self._stop_accepting(EngineError("engine is shutting down", retryable=True))
             return False
@@ -312,7 +312,7 @@ class SchedulerLoop(threading.Thread):
         # Nothing can move now (every slot held, nothing to step): wait for the inbox instead
         # of spinning, and report it if it lasts.
         self._no_progress(policy)
-        if not self._wait_inbox(self._idle_wait_s / 10):
+        if self._take_inbox(backend, policy, wait_s=self._idle_wait_s / 10) is None:
             self._stop_accepting(EngineError("engine is shutting down", retryable=True))
             return False
         return True
@@ -376,24 +376,12 @@ class SchedulerLoop(threading.Thread):
             },
         )
 
-    def _wait_inbox(self, timeout_s: float) -> bool:
-        """Block until something arrives in the inbox or `timeout_s` passes (it stays there);
-        False once close() was called."""
-        try:
-            item = self._inbox.get(timeout=timeout_s) if timeout_s > 0 else self._inbox.get_nowait()
-        except queue.Empty:
-            return True
-        if item is _CLOSE:
-            return False
-        self._inbox.put(item)  # order within the inbox does not matter to the policy
-        return True
-
-    def _take_inbox(self, backend: Backend, policy: Policy, *, block: bool) -> bool | None:
-        """Admit new jobs and apply cancels; whether there were any; None once close() was
-        called."""
+    def _take_inbox(self, backend: Backend, policy: Policy, *, wait_s: float) -> bool | None:
+        """Admit new jobs and apply cancels, in the order they came (waiting up to `wait_s`
+        for the first); whether there were any; None once close() was called."""
         took = False
         try:
-            item = self._inbox.get(timeout=self._idle_wait_s) if block else self._inbox.get_nowait()
+            item = self._inbox.get(timeout=wait_s) if wait_s > 0 else self._inbox.get_nowait()
             while True:
                 if item is _CLOSE:
                     return None
