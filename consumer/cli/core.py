@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import sys
 import time
@@ -14,8 +13,6 @@ from typing import Any
 
 from consumer.cli.table import print_table
 from consumer.settings import Settings
-
-_SubParsers = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
@@ -481,7 +478,3 @@ def dev_banner(settings: Settings, topics: list[Any], *, embedded: bool) -> str:
         ),
     ]
     return "\n".join(["opstream dev", *(f"  {name:<7}{value}" for name, value in rows)]) + "\n"
-
-
-def dumps(value: Any) -> str:
-    return json.dumps(value, indent=2, sort_keys=True)

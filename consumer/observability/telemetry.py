@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from faststream.asgi import AsgiResponse, get
 from faststream.asgi.handlers import GetHandler
 from faststream.asgi.types import Scope
-from opentelemetry import metrics, trace
+from opentelemetry import metrics
 from opentelemetry.context import Context
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.metrics import CallbackOptions, Observation
@@ -454,7 +454,7 @@ def gpu_memory(info: EngineInfo | None) -> list[GpuMemory]:
 class Telemetry:
     """The process's tracer and meter providers, built once from `TelemetrySettings`.
 
-    Nothing global is touched until `install_global()`, so tests can build several.
+    Nothing global is touched, so tests can build several.
     """
 
     def __init__(
@@ -496,11 +496,6 @@ class Telemetry:
             readers.append(PrometheusMetricReader(registry=self.registry, scope_info_enabled=False))
         self.meter_provider = MeterProvider(resource=resource, metric_readers=readers)
         self.metrics = Metrics(self.meter_provider.get_meter("opstream"))
-
-    def install_global(self) -> None:
-        """Make these providers the process-wide ones (call once, from the app factory)."""
-        trace.set_tracer_provider(self.tracer_provider)
-        metrics.set_meter_provider(self.meter_provider)
 
     @contextmanager
     def consume_span(

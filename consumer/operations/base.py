@@ -58,7 +58,6 @@ class Operation(Protocol):
     methods take that operation's request model."""
 
     name: str
-    default_max_tokens: int
 
     def prompt(self, request: Any, limits: OperationLimits) -> Prompt:
         """The prompt for `request` (pure; may raise ValidationFailed)."""

@@ -55,7 +55,6 @@ def check_chat_limits(request: ChatRequest, limits: OperationLimits) -> None:
 
 class Chat:
     name = "chat"
-    default_max_tokens = DEFAULT_MAX_TOKENS
 
     def prompt(self, request: ChatRequest, limits: OperationLimits) -> Prompt:
         check_chat_limits(request, limits)

@@ -51,7 +51,6 @@ def normalise_label_scores(categories: Sequence[str], logprobs: Sequence[float])
 
 class Classify:
     name = "classify"
-    default_max_tokens = DEFAULT_MAX_TOKENS
 
     def prompt(self, request: ClassifyRequest, limits: OperationLimits) -> Prompt:
         # Nothing is generated: the categories are scored, so no output tokens are reserved.

@@ -56,7 +56,6 @@ def parse_summary(output: str, max_sentences: int) -> Summary:
 
 class Summarize:
     name = "summarize"
-    default_max_tokens = DEFAULT_MAX_TOKENS
 
     def prompt(self, request: SummarizeRequest, limits: OperationLimits) -> Prompt:
         budget = output_budget(self.name, DEFAULT_MAX_TOKENS, request.max_tokens)

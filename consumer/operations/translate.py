@@ -35,7 +35,6 @@ def parse_translation(output: str) -> str:
 
 class Translate:
     name = "translate"
-    default_max_tokens = DEFAULT_MAX_TOKENS
 
     def prompt(self, request: TranslateRequest, limits: OperationLimits) -> Prompt:
         budget = output_budget(self.name, DEFAULT_MAX_TOKENS, request.max_tokens)

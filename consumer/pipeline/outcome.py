@@ -131,7 +131,6 @@ class Outcome:
     output_tokens: int = 0
     stages: Stages = field(default_factory=Stages)
     finished_at: float = 0.0
-    dlq_reason: str | None = None
     replayed: bool = False  # answered with the stored reply of an earlier record (see ledger)
     reservation: Reservation | None = None
     usage_receipt: Any = None  # the usage batch holding this outcome's row, once appended

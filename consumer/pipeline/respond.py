@@ -133,7 +133,6 @@ class Responder:
     async def dead_letter(self, record: InboundRecord, reason: str, outcome: Outcome) -> None:
         """Copy `record` to the DLQ with where it came from and why (never its text)."""
         outcome.status = "dlq"
-        outcome.dlq_reason = reason
         outcome.error_code = "validation"
         outcome.finish(self._clock())
         headers = [

@@ -41,7 +41,6 @@ class TelemetrySettings(BaseModel):
         description="OTLP/HTTP base URL, e.g. http://otel-collector:4318 (traces go to "
         "/v1/traces). Unset: spans are not exported.",
     )
-    otlp_protocol: Literal["http/protobuf"] = "http/protobuf"
     otlp_timeout_s: float = Field(default=10.0, gt=0)
     trace_sample_ratio: float = Field(
         default=1.0, ge=0.0, le=1.0, description="Share of new traces kept; a sampled parent wins."

@@ -28,7 +28,6 @@ CATALOG_NAME = "usage.duckdb"
 # which DuckDB 1.x CLIs refuse to open).
 CATALOG_STORAGE_VERSION = "v1.0.0"
 CATALOG_FORMAT = 1
-VIEW_NAMES = ("usage_raw", "usage", "daily_tenant_usage")
 
 # A redelivered request keeps its first-finished row; a message without a request id
 # (dead-lettered before it was decoded) is identified by where it sat on the bus. A replay

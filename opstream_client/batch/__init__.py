@@ -21,7 +21,6 @@ from opstream_client.batch.progress import (
 )
 from opstream_client.batch.results import (
     FSYNC_INTERVAL_S,
-    LOCAL_CODES,
     Existing,
     ResultWriter,
     read_results,
@@ -42,7 +41,6 @@ from opstream_client.batch.runner import (
 __all__ = [
     "BATCH_ID",
     "FSYNC_INTERVAL_S",
-    "LOCAL_CODES",
     "BatchError",
     "BatchRunner",
     "BatchSummary",

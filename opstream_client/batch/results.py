@@ -7,13 +7,8 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    pass
-
-LOCAL_CODES = ("invalid_line", "timeout", "bad_reply")
-"""Error codes of results made here, not by the service."""
 FSYNC_INTERVAL_S = 1.0
 
 

@@ -13,6 +13,7 @@ from consumer.operations.base import output_budget
 from consumer.operations.chat import chat_prompt
 from consumer.operations.classify import classify_prompt, normalise_label_scores
 from consumer.operations.languages import language_name
+from consumer.operations.summarize import DEFAULT_MAX_TOKENS as SUMMARIZE_DEFAULT_MAX_TOKENS
 from consumer.operations.summarize import parse_summary, split_sentences, summarize_prompt
 from consumer.operations.translate import parse_translation, translate_prompt
 from schemas.requests import ChatRequest, ClassifyRequest, SummarizeRequest, TranslateRequest
@@ -74,7 +75,7 @@ def test_chat_prompt_passes_the_conversation_and_sampling_through() -> None:
 
 
 def test_output_budget_uses_defaults_and_caps() -> None:
-    summarize = OPERATIONS["summarize"].default_max_tokens
+    summarize = SUMMARIZE_DEFAULT_MAX_TOKENS
     assert output_budget("summarize", summarize, None) == summarize
     assert output_budget("summarize", summarize, 40) == 40
     assert output_budget("classify", 16, 1000) == 64
