@@ -17,23 +17,17 @@ from typing import Any
 
 import pytest
 
-from tests.faults._helpers import (
-    RawProducer,
-    TopicReader,
-    log_tail,
-    query_usage,
-    summarize_body,
-    unique_ids,
-    wait_usage,
-)
 from tests.support.harness import (
     Broker,
     ConsumerProcess,
     base_settings,
+    log_tail,
     merge,
     new_topics,
     start_consumer,
 )
+from tests.support.raw_kafka import RawProducer, TopicReader, summarize_body, unique_ids
+from tests.support.usage_queries import query_usage, wait_usage
 
 BEFORE, AFTER = 100, 30
 SESSION_TIMEOUT_MS = 6000

@@ -12,27 +12,21 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults._helpers import (
-    FAST_GROUP,
-    RawProducer,
-    TopicReader,
-    admin_get,
-    broker_diagnosis,
-    log_tail,
-    summarize_body,
-    unique_ids,
-    wait_usage,
-)
 from tests.support.harness import (
+    FAST_GROUP,
     Broker,
     ConsumerProcess,
     base_settings,
+    broker_diagnosis,
     ends_of,
+    log_tail,
     merge,
     new_topics,
     start_consumer,
     wait_committed,
 )
+from tests.support.raw_kafka import RawProducer, TopicReader, summarize_body, unique_ids
+from tests.support.usage_queries import wait_usage
 
 # A broker of its own, and one rerun on a fresh one when Tansu wedges (tests/conftest.py).
 pytestmark = pytest.mark.flaky(reruns=1)
@@ -126,7 +120,9 @@ async def test_sigkill_mid_run_then_restart_loses_nothing_and_charges_once(
         print(f"usage_raw rows: {raw[0][0]} for {REQUESTS} requests")
 
         # Quota: charged exactly once per request, whatever was redelivered.
-        status, body = await asyncio.to_thread(admin_get, second, "/limits/usage", ADMIN_KEY)
+        status, body = await asyncio.to_thread(
+            second.get, "/limits/usage", 10.0, admin_key=ADMIN_KEY
+        )
         assert status == 200, body
         charged = {
             row["tenant_id"]: row["request_count"]

@@ -34,24 +34,19 @@ from schemas.headers import (
     REPLY_TO,
 )
 from schemas.requests import OPERATIONS
-from tests.faults._helpers import (
-    RawProducer,
-    TopicReader,
-    header,
-    log_tail,
-    summarize_body,
-    wait_usage,
-)
 from tests.support.harness import (
     Broker,
     ConsumerProcess,
     TopicSet,
     base_settings,
     ends_of,
+    log_tail,
     new_topics,
     start_consumer,
     wait_committed,
 )
+from tests.support.raw_kafka import RawProducer, TopicReader, header, summarize_body
+from tests.support.usage_queries import wait_usage
 
 # A broker of its own, and one rerun on a fresh one when Tansu wedges (tests/conftest.py).
 pytestmark = pytest.mark.flaky(reruns=1)

@@ -19,13 +19,14 @@ from typing import Any
 
 import pytest
 
-from tests.faults._helpers import FAST_GROUP, log_tail
 from tests.integration.test_any_client import PARTITIONS, SECRET, settings_for, signed_request
 from tests.support.harness import (
+    FAST_GROUP,
     Broker,
     ConsumerProcess,
     TopicSet,
     ensure_test_topics,
+    log_tail,
     merge,
     start_consumer,
 )

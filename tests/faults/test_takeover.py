@@ -11,23 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults._helpers import (
-    FAST_GROUP,
-    RawProducer,
-    TopicReader,
-    log_tail,
-    summarize_body,
-    unique_ids,
-    wait_usage,
-)
 from tests.support.harness import (
+    FAST_GROUP,
     Broker,
     ConsumerProcess,
     base_settings,
+    log_tail,
     merge,
     new_topics,
     start_consumer,
 )
+from tests.support.raw_kafka import RawProducer, TopicReader, summarize_body, unique_ids
+from tests.support.usage_queries import wait_usage
 from tests.support.waiting import wait_until
 
 # A broker of its own, and one rerun on a fresh one when Tansu wedges (tests/conftest.py).

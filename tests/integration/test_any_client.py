@@ -306,7 +306,7 @@ async def test_a_backlog_published_before_the_consumer_starts_is_answered_in_ful
     """96 signed requests of 16 tenants wait on the topic; then one consumer starts (a deploy,
     a restart after an outage). Its partitions' records arrive while their quota state is
     still being restored: every one must be answered, once, and logged once."""
-    from tests.faults._helpers import wait_usage
+    from tests.support.usage_queries import wait_usage
 
     topics = TopicSet.unique(PARTITIONS)
     await ensure_test_topics(broker, topics)

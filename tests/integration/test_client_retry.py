@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults._helpers import wait_usage
 from tests.support.harness import (
     Broker,
     ConsumerProcess,
@@ -18,6 +17,7 @@ from tests.support.harness import (
     ensure_test_topics,
     start_consumer,
 )
+from tests.support.usage_queries import wait_usage
 
 pytestmark = pytest.mark.integration
 

@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import os
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Iterable
@@ -325,14 +322,7 @@ def assert_requests_exhausted(reply: OperationReply, limit: int = LIMIT) -> None
 
 
 def admin_get(consumer: ConsumerProcess, path: str, key: str | None = KEY) -> tuple[int, Any]:
-    request = urllib.request.Request(f"http://127.0.0.1:{consumer.port}{path}")
-    if key is not None:
-        request.add_header("X-Admin-Key", key)
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
+    return consumer.get(path, 5.0, admin_key=key)
 
 
 def usage_row(

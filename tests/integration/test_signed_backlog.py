@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 from aiokafka.partitioner import murmur2
 
-from tests.faults._helpers import wait_usage
 from tests.support.harness import (
     Broker,
     ConsumerProcess,
@@ -29,6 +28,7 @@ from tests.support.harness import (
     start_consumer,
 )
 from tests.support.rdkafka import RdkafkaRequester, crc32_partition, sign_v2
+from tests.support.usage_queries import wait_usage
 from tests.support.waiting import wait_until_blocking
 
 pytestmark = pytest.mark.integration

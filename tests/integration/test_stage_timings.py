@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 
-from tests.faults._helpers import wait_usage
 from tests.support.harness import (
     Broker,
     ConsumerProcess,
@@ -21,6 +20,7 @@ from tests.support.harness import (
     ensure_test_topics,
     start_consumer,
 )
+from tests.support.usage_queries import wait_usage
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 
-from tests.faults._helpers import wait_usage
 from tests.support.harness import (
     Broker,
     ConsumerProcess,
@@ -24,6 +23,7 @@ from tests.support.harness import (
     start_consumer,
 )
 from tests.support.rdkafka import RdkafkaRequester, sign_v2
+from tests.support.usage_queries import wait_usage
 
 # Kills and restarts a consumer (a group rejoin): a broker of its own, one rerun.
 pytestmark = [pytest.mark.integration, pytest.mark.flaky(reruns=1)]

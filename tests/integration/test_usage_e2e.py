@@ -19,24 +19,18 @@ from typing import Any
 from schemas.headers import CORRELATION_ID, REPLY_TO
 from schemas.signing import sign
 from schemas.usage import USAGE_COLUMNS
-from tests.faults._helpers import (
-    RawProducer,
-    TopicReader,
-    dumps,
-    log_tail,
-    query_usage,
-    summarize_body,
-    wait_usage,
-)
 from tests.support.harness import (
     Broker,
     ConsumerProcess,
     TopicSet,
     base_settings,
     ensure_test_topics,
+    log_tail,
     merge,
     start_consumer,
 )
+from tests.support.raw_kafka import RawProducer, TopicReader, dumps, summarize_body
+from tests.support.usage_queries import query_usage, wait_usage
 
 MARKER = "PROMPT-TEXT-MUST-NOT-BE-LOGGED"
 SECRET = "an-e2e-signing-secret-of-at-least-32-chars"

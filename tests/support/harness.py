@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from consumer.bus.devbroker import LocalBroker, free_port, start_local_broker
+from consumer.bus.topic_reader import topic_partitions
 from tests.support.waiting import wait_until, wait_until_blocking
 
 if TYPE_CHECKING:
@@ -145,6 +146,18 @@ def base_settings(
     return merge(topics.settings(), settings)
 
 
+# Tansu joins and rebalances a group in 5-40 s; a dead member is noticed after the session
+# timeout. A shorter one (with heartbeats to match) keeps the tests that kill consumers quick.
+FAST_GROUP = {"kafka": {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}}
+
+
+def log_tail(path: Path | None, chars: int = 4000) -> str:
+    """The end of a consumer's log, for an assertion message ("" when there is none)."""
+    if path is None or not path.exists():
+        return ""
+    return path.read_text(errors="replace")[-chars:]
+
+
 class ConsumerProcess:
     """`opstream run` (or the fake-engine variant) as a child process with its own HTTP port."""
 
@@ -182,11 +195,16 @@ class ConsumerProcess:
         )
         return self
 
-    def get(self, path: str, timeout_s: float = 2.0) -> tuple[int, Any]:
-        """GET a route of the consumer's HTTP app: (status, decoded JSON or text)."""
-        url = f"http://127.0.0.1:{self.port}{path}"
+    def get(
+        self, path: str, timeout_s: float = 2.0, *, admin_key: str | None = None
+    ) -> tuple[int, Any]:
+        """GET a route of the consumer's HTTP app (an admin route with `admin_key`):
+        (status, decoded JSON or text)."""
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}")
+        if admin_key is not None:
+            request.add_header("X-Admin-Key", admin_key)
         try:
-            with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
                 body = response.read()
                 status = response.status
         except urllib.error.HTTPError as exc:
@@ -234,9 +252,8 @@ class ConsumerProcess:
             raise
 
     def _tail(self) -> str:
-        if self.log_path is None or not self.log_path.exists():
-            return ""
-        return "\n--- consumer log (tail) ---\n" + self.log_path.read_text(errors="replace")[-4000:]
+        tail = log_tail(self.log_path)
+        return "\n--- consumer log (tail) ---\n" + tail if tail else ""
 
 
 async def ensure_test_topics(broker: Broker, topics: TopicSet) -> None:
@@ -330,10 +347,7 @@ async def group_committed(bootstrap: str, group: str, topic: str) -> dict[int, i
     )
     await consumer.start()  # not subscribed: it never joins the group, only reads offsets
     try:
-        partitions = consumer.partitions_for_topic(topic)
-        if not partitions:
-            await consumer._client.force_metadata_update()
-            partitions = consumer.partitions_for_topic(topic) or set()
+        partitions = await topic_partitions(consumer, topic)
         return {p: await consumer.committed(TopicPartition(topic, p)) for p in sorted(partitions)}
     finally:
         await consumer.stop()
@@ -421,6 +435,18 @@ async def probe_partitions(bootstrap: str, topic: str, timeout_s: float = 6.0) -
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.gather(producer.stop(), consumer.stop()), timeout_s)
     return f"\n--- probe of {topic}: {report}"
+
+
+async def broker_diagnosis(broker: Broker, topics: TopicSet, consumer: ConsumerProcess) -> str:
+    """What to print when replies stop coming: the consumer's own view, and whether the
+    broker still serves each partition of the reply and quota-state topics."""
+    try:
+        status, body = await asyncio.to_thread(consumer.get, "/ready", 2.0)
+        view = f"\n--- consumer /ready: {status} {json.dumps(body)[:600]}"
+    except OSError as exc:
+        view = f"\n--- consumer /ready: {type(exc).__name__}"
+    probes = [await probe_partitions(broker.bootstrap, t) for t in (topics.replies, topics.state)]
+    return view + "".join(probes)
 
 
 async def start_consumer(process: ConsumerProcess, timeout_s: float = 90.0) -> ConsumerProcess:

@@ -1,4 +1,4 @@
-"""Shared pieces of the fault tests: raw producing, raw reply/DLQ reading, usage queries.
+"""Raw records in and out of the bus: any bytes and headers produced, every record read back.
 
 Replies are read with a plain AIOKafkaConsumer (not `OperationsClient`, which drops
 duplicates) so a test can count every reply a correlation id received.
@@ -11,22 +11,14 @@ import json
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
-import duckdb
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from consumer.bus.topic_reader import topic_partitions
 from schemas.headers import CORRELATION_ID, REPLY_TO
-from tests.support.harness import (
-    END_MARKER,
-    Broker,
-    ConsumerProcess,
-    TopicSet,
-    append_markers,
-    probe_partitions,
-)
-from tests.support.waiting import wait_until, wait_until_blocking
+from tests.support.harness import END_MARKER, append_markers
+from tests.support.waiting import wait_until
 
 Header = tuple[str, bytes]
 
@@ -48,6 +40,11 @@ def request_headers(correlation_id: str, reply_to: str) -> list[Header]:
 
 def dumps(body: Any) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
+
+
+def unique_ids(prefix: str, count: int) -> list[str]:
+    tag = uuid.uuid4().hex[:6]
+    return [f"{prefix}-{tag}-{i:05d}" for i in range(count)]
 
 
 class RawProducer:
@@ -105,11 +102,7 @@ class TopicReader:
 
     async def __aenter__(self) -> TopicReader:
         await self._consumer.start()
-        partitions = self._consumer.partitions_for_topic(self.topic)
-        if not partitions:
-            await self._consumer._client.force_metadata_update()
-            partitions = self._consumer.partitions_for_topic(self.topic) or set()
-        assert partitions, f"topic {self.topic} has no partitions"
+        partitions = await topic_partitions(self._consumer, self.topic)
         assignment = [TopicPartition(self.topic, p) for p in sorted(partitions)]
         self._consumer.assign(assignment)
         await self._consumer.seek_to_beginning(*assignment)
@@ -162,76 +155,8 @@ class TopicReader:
 
 
 def header(record: Any, name: str) -> str | None:
+    """The last value of header `name` on a consumed record, decoded (None: absent)."""
     for key, value in reversed(record.headers or ()):
         if key == name:
             return value.decode("utf-8", "replace") if value is not None else None
     return None
-
-
-def query_usage(
-    usage_dir: Path, sql: str, params: list[Any] | None = None
-) -> list[tuple[Any, ...]]:
-    """Run `sql` against the analysts' catalog, opened read-only like an analyst would."""
-    conn = duckdb.connect(str(usage_dir / "usage.duckdb"), read_only=True)
-    try:
-        return conn.execute(sql, params or []).fetchall()
-    finally:
-        conn.close()
-
-
-def wait_usage(
-    usage_dir: Path, sql: str, done: Callable[[list[tuple[Any, ...]]], bool], timeout_s: float
-) -> list[tuple[Any, ...]]:
-    """Re-run `sql` until `done(rows)` (rows are flushed in batches, a little later); the
-    last rows, done or not."""
-    last: list[list[tuple[Any, ...]]] = [[]]
-
-    def finished() -> bool:
-        last[0] = query_usage(usage_dir, sql)
-        return done(last[0])
-
-    wait_until_blocking(finished, timeout_s, interval_s=0.2, raise_on_timeout=False)
-    return last[0]
-
-
-def log_tail(path: Path, chars: int = 4000) -> str:
-    if not path.exists():
-        return ""
-    return path.read_text(errors="replace")[-chars:]
-
-
-def unique_ids(prefix: str, count: int) -> list[str]:
-    tag = uuid.uuid4().hex[:6]
-    return [f"{prefix}-{tag}-{i:05d}" for i in range(count)]
-
-
-def admin_get(process: ConsumerProcess, path: str, admin_key: str) -> tuple[int, Any]:
-    """GET an admin route of a consumer with its admin key."""
-    import urllib.error
-    import urllib.request
-
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{process.port}{path}", headers={"X-Admin-Key": admin_key}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode("utf-8", "replace")
-
-
-# Tansu joins and rebalances a group in 5-40 s; a dead member is noticed after the session
-# timeout. A shorter one (with heartbeats to match) keeps the fault tests quick.
-FAST_GROUP = {"kafka": {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}}
-
-
-async def broker_diagnosis(broker: Broker, topics: TopicSet, consumer: ConsumerProcess) -> str:
-    """What to print when replies stop coming: the consumer's own view, and whether the
-    broker still serves each partition of the request, reply and quota-state topics."""
-    try:
-        status, body = await asyncio.to_thread(consumer.get, "/ready", 2.0)
-        view = f"\n--- consumer /ready: {status} {json.dumps(body)[:600]}"
-    except OSError as exc:
-        view = f"\n--- consumer /ready: {type(exc).__name__}"
-    probes = [await probe_partitions(broker.bootstrap, t) for t in (topics.replies, topics.state)]
-    return view + "".join(probes)
