@@ -63,7 +63,7 @@ def bandwidth_for(name: str, override: float | None) -> float | None:
 def build_model(args: argparse.Namespace) -> Path:
     from dataclasses import replace
 
-    from tests.gpu.model_builder import QWEN25_7B, quantize_exl2, write_random_qwen2
+    from tests.support.random_qwen2 import QWEN25_7B, quantize_exl2, write_random_qwen2
 
     root = Path(args.work_dir or tempfile.mkdtemp(prefix="exl2-bench-"))
     dims = replace(QWEN25_7B, num_layers=args.layers)

@@ -3,18 +3,16 @@ exllamav2's calibration text in 0.3.2's layout (both without a GPU or exllamav2 
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from consumer.engine.exllamav2 import convert
-from tests.gpu.model_builder import calibration_dir, quantize_exl2
+from tests.support.random_qwen2 import calibration_dir, quantize_exl2
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,21 +34,6 @@ def test_calibration_text_is_found_in_a_namespace_conversion_package(
     exl2_like_package: Path,
 ) -> None:
     assert calibration_dir("fake_exl2") == exl2_like_package
-
-
-def test_a_namespace_package_has_no_file_to_find_it_by(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Why `exllamav2.conversion.__file__` could not work: it is None for such a package.
-    (tmp_path / "plain_pkg" / "conversion").mkdir(parents=True)
-    (tmp_path / "plain_pkg" / "__init__.py").write_text("")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    module = importlib.import_module("plain_pkg.conversion")
-    try:
-        assert module.__file__ is None
-    finally:
-        for name in ("plain_pkg.conversion", "plain_pkg"):
-            sys.modules.pop(name, None)
 
 
 def test_a_missing_package_is_reported() -> None:

@@ -1,4 +1,5 @@
-"""Engines tell `on_batch` the size of every batch they run (the engine batch size metric)."""
+"""The llama.cpp engine tells `on_batch` the size of every batch it runs (the engine batch size
+metric), on the real model (the packaged SmolLM2)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 
 from consumer.engine.base import ChatMessage, Engine, GenerationRequest
 from consumer.engine.models import packaged_smollm2
-from tests.support.fake_engine import FakeEngine
+
+pytestmark = pytest.mark.integration
 
 QUESTION = (ChatMessage("user", "Is the sky blue? Answer yes or no."),)
 
@@ -51,12 +53,3 @@ async def test_llamacpp_without_an_observer_still_answers(llamacpp: Engine) -> N
     assert llamacpp.on_batch is None
     generation = await llamacpp.generate(GenerationRequest(messages=QUESTION, max_tokens=2))
     assert generation.output_tokens >= 1
-
-
-async def test_fake_engine_reports_a_batch_of_one_per_call() -> None:
-    engine = FakeEngine()
-    sizes: list[int] = []
-    engine.on_batch = sizes.append
-    await engine.generate(GenerationRequest(messages=QUESTION, max_tokens=2))
-    await engine.score(QUESTION, ("yes", "no"))
-    assert sizes == [1, 1]
