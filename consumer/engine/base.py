@@ -7,8 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from consumer.engine.scheduler.policy import Load, Priority
-
+Priority = Literal["interactive", "batch"]
+PRIORITIES: tuple[Priority, ...] = ("interactive", "batch")
 Role = Literal["system", "user", "assistant"]
 FinishReason = Literal["stop", "length"]
 # Told the number of requests in each batch the engine runs; must be cheap and never raise.
@@ -83,12 +83,41 @@ class EngineInfo:
     details: dict[str, object] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class Load:
+    """The capacity signals: what is queued (requests, tokens) per priority and what runs."""
+
+    queued_requests: dict[Priority, int]
+    queued_tokens: dict[Priority, int]
+    running: int
+    slots: int
+    queue_limit: int = 0  # requests the queue takes before refusing (QueueFull)
+
+    @property
+    def occupancy(self) -> float:
+        return self.running / self.slots if self.slots else 0.0
+
+
 class EngineError(Exception):
     """A backend failed to run a request; `retryable` says whether trying again may help."""
 
     def __init__(self, message: str, *, retryable: bool) -> None:
         super().__init__(message)
         self.retryable = retryable
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc`, or an exception it was raised from, says the device ran out of memory
+    (CUDA's "out of memory", a host MemoryError): the one test every backend uses. Such a
+    failure costs the batch it hit, not the engine; trying again later may fit."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, MemoryError) or "out of memory" in str(current).lower():
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 class EngineOverloaded(EngineError):

@@ -1,9 +1,11 @@
-"""Render a conversation with the model's own chat template (tokenizer_config.json), sandboxed."""
+"""Render a conversation with the model's own chat template, sandboxed, and find the token that
+ends its assistant turn: the one implementation both backends use (exllamav2 reads the template
+from tokenizer_config.json, llama.cpp from the GGUF's metadata)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -127,6 +129,21 @@ class ChatTemplate:
         after = text[at + len(_PROBE) :]
         candidates = [t for t in (*self.added_tokens, self.eos_token) if t and after.startswith(t)]
         return max(candidates, key=len) if candidates else None
+
+
+def end_of_turn_token(
+    template: ChatTemplate, token_id: Callable[[str], int | None], *, fallback: int
+) -> int:
+    """The id of the token that closes an assistant turn: what generation stops at, and what
+    label scoring scores after every label.
+
+    The template's own (`ChatTemplate.end_of_turn`: ChatML's `<|im_end|>`, Llama 3's
+    `<|eot_id|>`, Gemma's `<end_of_turn>`) when it is one token of the vocabulary
+    (`token_id(text)`, None otherwise); `fallback` (the model's EOS) when not.
+    """
+    text = template.end_of_turn()
+    found = token_id(text) if text else None
+    return found if found is not None else fallback
 
 
 @lru_cache(maxsize=8)

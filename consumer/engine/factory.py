@@ -8,6 +8,7 @@ from pathlib import Path
 
 from consumer.engine.base import Engine
 from consumer.engine.models import resolve_gguf
+from consumer.engine.scheduler.policy import default_queue_limit
 from consumer.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -84,13 +85,9 @@ def cpu_slots(settings: Settings) -> int:
 
 
 def queue_limit(settings: Settings, slots: int) -> int:
-    """`engine.scheduler.max_queued`, or 16x the slots, at least 64.
-
-    Fairness only orders what the scheduler holds: a queue that takes a burst whole lets
-    another tenant's request in ahead of the burst's tail, instead of behind it in Kafka.
-    """
+    """`engine.scheduler.max_queued`, or the scheduler's default for `slots`."""
     configured = settings.engine.scheduler.max_queued
-    return configured if configured is not None else max(64, 16 * slots)
+    return configured if configured is not None else default_queue_limit(slots)
 
 
 def _announce_load(backend: str, model: Path) -> None:

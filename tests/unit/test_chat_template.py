@@ -11,6 +11,7 @@ from consumer.engine.base import ChatMessage
 from consumer.engine.chat_template import (
     ChatTemplate,
     ChatTemplateError,
+    end_of_turn_token,
     load_chat_template,
     render_chat,
 )
@@ -161,3 +162,100 @@ def test_load_from_model_dir_and_jinja_fallback(tmp_path: Path) -> None:
 def test_load_without_tokenizer_config_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ChatTemplateError, match="not found"):
         load_chat_template(tmp_path)
+
+
+# Llama 3 Instruct's template: BOS in the text, turns closed by <|eot_id|>, EOS another token.
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' "
+    "+ message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+
+# Gemma's: no system role, turns closed by <end_of_turn>, the model's role is "model".
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}{% set role = 'model' %}"
+    "{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+
+
+class FakeGguf:
+    """A GGUF's vocabulary as `gguf_chat_template` reads it: a few special tokens by id."""
+
+    def __init__(self, template: str | None, specials: dict[str, int], *, bos: str, eos: str):
+        self.template = template
+        self.ids = specials
+        self.texts = {i: t for t, i in specials.items()}
+        self.bos = specials[bos]
+        self.eos = specials[eos]
+
+    def metadata(self, key: str) -> str | None:
+        return self.template if key == "tokenizer.chat_template" else None
+
+    def token_text(self, token: int) -> str:
+        return self.texts[token]
+
+    def end_of_generation_tokens(self) -> list[int]:
+        return [i for t, i in self.ids.items() if t not in ("<|begin_of_text|>", "<bos>")]
+
+    def single_token(self, text: str) -> int | None:
+        return self.ids.get(text)
+
+
+LLAMA3_VOCAB = {"<|begin_of_text|>": 128000, "<|end_of_text|>": 128001, "<|eot_id|>": 128009}
+GEMMA_VOCAB = {"<bos>": 2, "<eos>": 1, "<end_of_turn>": 107}
+
+
+def test_llama3_template_ends_a_turn_with_eot_id_not_eos() -> None:
+    template = ChatTemplate(
+        LLAMA3_TEMPLATE, "<|begin_of_text|>", "<|end_of_text|>", ("<|eot_id|>",)
+    )
+    assert template.end_of_turn() == "<|eot_id|>"
+    assert template.render((ChatMessage("user", "Hi"),)) == (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+
+
+def test_gguf_end_of_turn_comes_from_the_models_template_not_chatml() -> None:
+    """A GGUF whose template is not ChatML scores labels against its own end-of-turn token
+    (Llama 3: <|eot_id|>, Gemma: <end_of_turn>), never <|im_end|> or EOS."""
+    from consumer.engine.llamacpp.backend import gguf_chat_template
+
+    llama3 = FakeGguf(LLAMA3_TEMPLATE, LLAMA3_VOCAB, bos="<|begin_of_text|>", eos="<|end_of_text|>")
+    template, end_of_turn = gguf_chat_template(llama3, "llama3.gguf")
+    assert end_of_turn == 128009
+    assert template.render((ChatMessage("user", "Hi"),)).startswith("<|begin_of_text|>")
+
+    gemma = FakeGguf(GEMMA_TEMPLATE, GEMMA_VOCAB, bos="<bos>", eos="<eos>")
+    template, end_of_turn = gguf_chat_template(gemma, "gemma.gguf")
+    assert end_of_turn == 107
+    rendered = template.render((ChatMessage("user", "Hi"), ChatMessage("assistant", "Yo")))
+    assert rendered.endswith("<start_of_turn>model\nYo<end_of_turn>\n<start_of_turn>model\n")
+
+
+def test_gguf_end_of_turn_falls_back_to_eos_when_the_template_names_none() -> None:
+    from consumer.engine.llamacpp.backend import gguf_chat_template
+
+    plain = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    vocab = FakeGguf(plain, GEMMA_VOCAB, bos="<bos>", eos="<eos>")
+    assert gguf_chat_template(vocab, "plain.gguf")[1] == 1
+
+
+def test_a_gguf_without_a_chat_template_is_refused() -> None:
+    from consumer.engine.base import EngineError
+    from consumer.engine.llamacpp.backend import gguf_chat_template
+
+    with pytest.raises(EngineError, match="no chat template"):
+        gguf_chat_template(FakeGguf(None, GEMMA_VOCAB, bos="<bos>", eos="<eos>"), "bare.gguf")
+
+
+def test_end_of_turn_token_is_the_templates_when_it_is_one_token() -> None:
+    template = ChatTemplate(GEMMA_TEMPLATE, "<bos>", "<eos>", ("<end_of_turn>",))
+    assert end_of_turn_token(template, GEMMA_VOCAB.get, fallback=1) == 107
+    # Not one token of this vocabulary: the fallback (EOS).
+    assert end_of_turn_token(template, lambda text: None, fallback=1) == 1

@@ -19,6 +19,7 @@ from consumer.engine.base import (
     Generation,
     GenerationRequest,
     Scores,
+    is_out_of_memory,
 )
 from consumer.engine.exllamav2.errors import is_sticky_cuda_error
 from consumer.engine.exllamav2.fatal import cuda_context_alive
@@ -240,7 +241,7 @@ def request_of(job: Job) -> GenerationRequest:
 def as_engine_error(exc: BaseException, *, rejected: bool = False) -> EngineError:
     if isinstance(exc, EngineError):
         return exc
-    if "out of memory" in str(exc).lower():
+    if is_out_of_memory(exc):
         return EngineError("GPU out of memory", retryable=True)
     if rejected and isinstance(exc, AssertionError | ValueError | TypeError):
         return EngineError(f"exllamav2 refused the request: {exc}", retryable=False)

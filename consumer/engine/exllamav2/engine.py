@@ -23,14 +23,10 @@ from consumer.engine.exllamav2.loader import Runtime, load_runtime
 from consumer.engine.exllamav2.startup import Startup, prepare_startup
 from consumer.engine.scheduler.driver import Backend
 from consumer.engine.scheduler.engine import ScheduledEngine, start_scheduled_engine
+from consumer.engine.scheduler.policy import default_queue_limit
 from consumer.settings.exllamav2 import ExLlamaV2Settings
 
 log = logging.getLogger("opstream.engine.exllamav2")
-
-
-def default_max_queued(max_batch_size: int) -> int:
-    """Requests the scheduler holds beyond those running: 16 batches, at least 64."""
-    return max(16 * max_batch_size, 64)
 
 
 def open_backend(
@@ -70,7 +66,7 @@ def start_exllamav2_engine(
     try:
         engine = start_scheduled_engine(
             make_backend,
-            max_queued=max_queued or default_max_queued(startup.settings.max_batch_size),
+            max_queued=max_queued or default_queue_limit(startup.settings.max_batch_size),
             output_weight=output_weight,
             on_fatal=on_fatal,
         )
@@ -94,9 +90,10 @@ def load_exllamav2_engine(
     Call it off the event loop (e.g. `await asyncio.to_thread(load_exllamav2_engine, s)`).
     Raises EngineConfigError, with what to change, when it cannot run here. `on_fatal` is
     called if the GPU is lost later (default: exit the process with GPU_FATAL_EXIT_CODE).
-    `max_queued` bounds the requests waiting to run (default: `default_max_queued`); beyond
-    it a request is refused as overloaded (retryable). `output_weight`: what a generated
-    token costs a tenant against a prompt token in the scheduler's fairness counter.
+    `max_queued` bounds the requests waiting to run (default: the scheduler's
+    `default_queue_limit`); beyond it a request is refused as overloaded (retryable).
+    `output_weight`: what a generated token costs a tenant against a prompt token in the
+    scheduler's fairness counter.
     """
     return start_exllamav2_engine(
         prepare_startup(settings),

@@ -7,9 +7,11 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from consumer.engine.chat_template import end_of_turn_token
 from consumer.engine.exllamav2.errors import EngineConfigError
 from consumer.engine.exllamav2.limits import static_max_attention_size
 from consumer.engine.exllamav2.startup import Startup
@@ -126,14 +128,7 @@ def load_runtime(start: Startup) -> Runtime:
     stop = {eos} if isinstance(eos, int) else set()
     generation_config = getattr(config, "generation_config", None) or {}
     stop.update(t for t in (generation_config.get("eos_token_id") or []) if isinstance(t, int))
-    eot_text = start.template.end_of_turn()
-    eot_id = tokenizer.single_id(eot_text) if eot_text else None
-    for marker in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
-        marker_id = tokenizer.single_id(marker)
-        if isinstance(marker_id, int):
-            stop.add(marker_id)
-    if not isinstance(eot_id, int):
-        eot_id = eos
+    eot_id = end_of_turn_token(start.template, _single_id(tokenizer), fallback=eos)
     stop.add(eot_id)
     pad = tokenizer.pad_token_id
     pad_id = pad if isinstance(pad, int) and pad >= 0 else eot_id
@@ -164,6 +159,16 @@ def load_runtime(start: Startup) -> Runtime:
         tokenizer_lock=threading.Lock(),
         vocab_size=int(tokenizer.get_vocab_size()),
     )
+
+
+def _single_id(tokenizer: Any) -> Callable[[str], int | None]:
+    """exllamav2's `single_id`, None for text that is not one token of the vocabulary."""
+
+    def single_id(text: str) -> int | None:
+        found = tokenizer.single_id(text)
+        return found if isinstance(found, int) else None
+
+    return single_id
 
 
 def _log_progress(done: int, total: int) -> None:

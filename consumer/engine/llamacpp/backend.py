@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from itertools import count
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from consumer.engine.base import (
     ChatMessage,
@@ -25,6 +25,7 @@ from consumer.engine.base import (
     GenerationRequest,
     Scores,
 )
+from consumer.engine.chat_template import ChatTemplate, ChatTemplateError, end_of_turn_token
 from consumer.engine.llamacpp.native import Context, Model, Token
 from consumer.engine.llamacpp.sampling import Sampler, derive_seed, token_logprob
 from consumer.engine.llamacpp.text import TextStream
@@ -33,7 +34,36 @@ from consumer.engine.scheduler.driver import Job, SlotUnavailable, StepEvent
 
 log = logging.getLogger(__name__)
 
-END_OF_TURN = "<|im_end|>"
+
+class GgufVocabulary(Protocol):
+    """What `gguf_chat_template` reads of a loaded GGUF (`native.Model`)."""
+
+    bos: int
+    eos: int
+
+    def metadata(self, key: str) -> str | None: ...
+
+    def token_text(self, token: int) -> str: ...
+
+    def end_of_generation_tokens(self) -> list[int]: ...
+
+    def single_token(self, text: str) -> int | None: ...
+
+
+def gguf_chat_template(model: GgufVocabulary, name: str) -> tuple[ChatTemplate, int]:
+    """The GGUF's chat template (`tokenizer.chat_template`) and the id of the token that ends
+    an assistant turn in it (see `chat_template.end_of_turn_token`)."""
+    source = model.metadata("tokenizer.chat_template")
+    if not source:
+        raise EngineError(f"{name} has no chat template", retryable=False)
+    template = ChatTemplate(
+        source=source,
+        bos_token=model.token_text(model.bos) if model.bos >= 0 else "",
+        eos_token=model.token_text(model.eos) if model.eos >= 0 else "",
+        # What may close a turn: the tokens llama.cpp ends generation at.
+        added_tokens=tuple(model.token_text(t) for t in model.end_of_generation_tokens()),
+    )
+    return template, end_of_turn_token(template, model.single_token, fallback=model.eos)
 
 
 @dataclass(eq=False)
@@ -132,8 +162,6 @@ class LlamaCppBackend:
             raise ValueError("slots must be at least 1")
         if n_batch < slots:
             raise ValueError(f"n_batch ({n_batch}) must be at least slots ({slots})")
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
         started = time.perf_counter()
         self.model = model_path.stem
         self.slots = slots
@@ -148,19 +176,9 @@ class LlamaCppBackend:
         self._closed = False
         self._model = Model(model_path, repack_weights=repack_weights)
         try:
-            template = self._model.metadata("tokenizer.chat_template")
-            if not template:
-                raise EngineError(f"{model_path.name} has no chat template", retryable=False)
-            bos = self._model.bos
-            self._formatter = Jinja2ChatFormatter(
-                template=template,
-                eos_token=self._model.token_text(self._model.eos),
-                bos_token=self._model.token_text(bos) if bos >= 0 else "",
-                add_generation_prompt=True,
-            )
-            end_of_turn = self._model.tokenize(END_OF_TURN, special=True)
-            # The token that ends an assistant turn (scored after every candidate).
-            self.end_of_turn_id: int = end_of_turn[0] if len(end_of_turn) == 1 else self._model.eos
+            # The token that ends an assistant turn: generation stops at it, label scoring
+            # scores it after every label.
+            self._template, self.end_of_turn_id = gguf_chat_template(self._model, model_path.name)
             self._context = Context(
                 self._model,
                 n_ctx=n_ctx,
@@ -199,9 +217,11 @@ class LlamaCppBackend:
         """The conversation rendered with the model's chat template (and its generation
         prompt), special tokens parsed."""
         self._check_open()
-        chat: list[Any] = [{"role": m.role, "content": m.content} for m in messages]
-        rendered = self._formatter(messages=chat)
-        return self._model.tokenize(rendered.prompt, special=True)
+        try:
+            rendered = self._template.render(messages, add_generation_prompt=True)
+        except ChatTemplateError as exc:
+            raise EngineError(str(exc), retryable=False) from exc
+        return self._model.tokenize(rendered, special=True)
 
     def encode_text(self, text: str) -> list[int]:
         """Plain text: no special tokens parsed, no BOS."""

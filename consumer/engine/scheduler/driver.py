@@ -23,12 +23,14 @@ from consumer.engine.base import (
     EngineOverloaded,
     Generation,
     GenerationRequest,
+    Load,
     Scores,
     WorkCancelled,
     WorkExpired,
     WorkTag,
+    is_out_of_memory,
 )
-from consumer.engine.scheduler.policy import Load, Policy, QueueFull, Work
+from consumer.engine.scheduler.policy import Policy, QueueFull, Work
 
 log = logging.getLogger("opstream.engine.scheduler")
 
@@ -581,6 +583,6 @@ class SchedulerLoop(threading.Thread):
 
 
 def _step_error(exc: BaseException) -> EngineError:
-    if "out of memory" in str(exc).lower():
+    if is_out_of_memory(exc):
         return EngineError("out of memory", retryable=True)
     return EngineError(f"engine step failed: {type(exc).__name__}", retryable=True)

@@ -14,12 +14,12 @@ from consumer.engine.base import (
     EngineInfo,
     Generation,
     GenerationRequest,
+    Load,
     Scores,
     TextObserver,
     WorkTag,
 )
 from consumer.engine.scheduler.driver import Backend, Job, SchedulerLoop
-from consumer.engine.scheduler.policy import Load
 
 
 def _deliverer(

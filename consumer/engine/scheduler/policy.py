@@ -41,12 +41,22 @@ from dataclasses import dataclass, field
 from itertools import count
 from typing import Any, Literal
 
-Priority = Literal["interactive", "batch"]
-PRIORITIES: tuple[Priority, ...] = ("interactive", "batch")
+from consumer.engine.base import PRIORITIES, Load, Priority
+
 WorkState = Literal["queued", "running", "done"]
 
 
 MAX_PREEMPTIONS = 3  # a work paused this often is never taken again: it must finish
+
+
+def default_queue_limit(slots: int) -> int:
+    """Requests the queue holds beyond those running when no limit is configured: 16x the
+    slots, at least 64 (the one default every backend's scheduler uses).
+
+    Fairness only orders what the scheduler holds: a queue that takes a burst whole lets
+    another tenant's request in ahead of the burst's tail, instead of behind it in Kafka.
+    """
+    return max(64, 16 * slots)
 
 
 class QueueFull(Exception):
@@ -89,21 +99,6 @@ class Plan:
 
     start: tuple[Work, ...] = ()
     preempt: tuple[Work, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Load:
-    """The capacity signals: what is queued (requests, tokens) per priority and what runs."""
-
-    queued_requests: dict[Priority, int]
-    queued_tokens: dict[Priority, int]
-    running: int
-    slots: int
-    queue_limit: int = 0  # requests the queue takes before refusing (QueueFull)
-
-    @property
-    def occupancy(self) -> float:
-        return self.running / self.slots if self.slots else 0.0
 
 
 class Policy:
