@@ -85,8 +85,14 @@ def test_the_cycle_check_finds_a_cycle() -> None:
 
 
 def test_settings_import_no_feature() -> None:
-    allowed = {"settings", "engine"}  # the engine section is a plain model (lazy package)
-    assert package_graph()["settings"] <= allowed
+    """Not even inside a function: a section that needs a feature's constant gets it from
+    the contract (`schemas/`) or owns it."""
+    for path in (CONSUMER / "settings").rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        features = {m for m in imported if _package_of(m) not in (None, "settings")}
+        assert not features, (path.relative_to(REPO), features)
 
 
 def test_the_contract_imports_nothing_of_the_application() -> None:
