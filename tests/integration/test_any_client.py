@@ -20,16 +20,20 @@ import pytest
 import pytest_asyncio
 from aiokafka.partitioner import murmur2
 
+from schemas.limits import QuotaCharge
 from tests.support.harness import (
     Broker,
     ConsumerProcess,
     TopicSet,
     base_settings,
     ensure_test_topics,
+    log_tail,
     merge,
     start_consumer,
 )
+from tests.support.raw_kafka import TopicReader
 from tests.support.rdkafka import RdkafkaRequester, crc32_partition, sign_v1, sign_v2
+from tests.support.usage_queries import wait_usage
 
 pytestmark = pytest.mark.integration
 
@@ -306,8 +310,6 @@ async def test_a_backlog_published_before_the_consumer_starts_is_answered_in_ful
     """96 signed requests of 16 tenants wait on the topic; then one consumer starts (a deploy,
     a restart after an outage). Its partitions' records arrive while their quota state is
     still being restored: every one must be answered, once, and logged once."""
-    from tests.support.usage_queries import wait_usage
-
     topics = TopicSet.unique(PARTITIONS)
     await ensure_test_topics(broker, topics)
     keys = {t: [{"key_id": f"{t}-k1", "secret": SECRET}] for t in BACKLOG_TENANTS}
@@ -348,7 +350,8 @@ async def test_a_backlog_published_before_the_consumer_starts_is_answered_in_ful
 async def test_a_redelivery_after_sigkill_is_answered_and_charged_once(
     broker: Broker, tmp_path: Path
 ) -> None:
-    """The one record allowed to run twice under a charged request_id: the same record."""
+    """The one record allowed to run twice under a charged request_id: the same record,
+    redelivered after the consumer that charged it died before answering."""
     topics = TopicSet.unique(PARTITIONS)
     await ensure_test_topics(broker, topics)
     tenant = TENANTS[9]
@@ -357,7 +360,8 @@ async def test_a_redelivery_after_sigkill_is_answered_and_charged_once(
         settings_for(broker, topics, tmp_path, keys),
         {"quota": {"operation_defaults": {"chat": {"requests": 1}}}},
     )
-    first = ConsumerProcess(settings, delay_s=4.0, log_path=tmp_path / "first.log")
+    # The fake engine takes 60 s: the first consumer cannot answer before it is killed.
+    first = ConsumerProcess(settings, delay_s=60.0, log_path=tmp_path / "first.log")
     await start_consumer(first)
     requester = RdkafkaRequester(broker.bootstrap, topics.requests, topics.replies)
     requester.read_from_start(3)
@@ -368,8 +372,17 @@ async def test_a_redelivery_after_sigkill_is_answered_and_charged_once(
     }
     correlation_id, _, _ = signed_request(requester, tenant, body)
     requester.flush()
-    await asyncio.sleep(2.0)  # taken and charged; the fake engine takes 4 s
+    # The charge is written to the state topic before the request runs: wait for it, then kill.
+    async with TopicReader(broker.bootstrap, topics.state) as state:
+        charged = await state.until(lambda: charges_of(state, "once") != [], 60.0)
+    assert charged, "no charge on the state topic" + log_tail(first.log_path)
+    assert [c.settled for c in charges_of(state, "once")] == [False]  # taken, still running
     first.kill()
+    # Nothing answered it before the kill, so whatever answers it now had it redelivered.
+    async with TopicReader(broker.bootstrap, topics.replies) as replies:
+        await replies.read_to_end()
+    assert correlation_id not in replies.by_correlation()
+
     second = ConsumerProcess(settings, delay_s=0.0, log_path=tmp_path / "second.log")
     await start_consumer(second)
     try:
@@ -383,6 +396,20 @@ async def test_a_redelivery_after_sigkill_is_answered_and_charged_once(
         assert got[correlation_id.encode()]["status"] == "ok", got
         # The redelivery was not charged again (limit 1), and the id stays taken.
         assert got[other.encode()]["error"]["code"] == "duplicate_request"
+        # The second consumer ran it: one usage row, written by the second instance.
+        rows = wait_usage(
+            tmp_path / "usage",
+            "SELECT instance_id, status FROM usage_raw WHERE request_id = 'once'",
+            lambda rows: len(rows) >= 1,
+            30.0,
+        )
+        assert rows == [(second.instance_id, "ok")], rows
     finally:
         requester.close()
         second.stop()
+
+
+def charges_of(state: TopicReader, request_id: str) -> list[QuotaCharge]:
+    """The charge records of `request_id` read from the quota state topic so far."""
+    charges = [QuotaCharge.model_validate_json(r.value) for r in state.records if r.value]
+    return [c for c in charges if c.request_id == request_id]
