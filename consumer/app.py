@@ -4,36 +4,38 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from faststream import AckPolicy
 from faststream.asgi import AsgiFastStream
-from faststream.kafka import KafkaBroker, KafkaMessage
+from faststream.kafka import KafkaBroker
 
 from consumer.auth.keys import KeyRing, auth_required
+from consumer.bus import asyncapi
+from consumer.bus.connection import KafkaConnection
+from consumer.bus.parser import lenient_headers, raw_record
 from consumer.bus.publisher import KafkaRecordPublisher
-from consumer.bus.records import InboundRecord, as_headers, is_utf8
-from consumer.bus.security import aiokafka_security_kwargs, faststream_security
+from consumer.bus.records import inbound_record
+from consumer.bus.security import faststream_security
 from consumer.bus.unreadable import UnreadableBatches
 from consumer.engine.base import Engine, EngineInfo
 from consumer.engine.factory import load_engine
-from consumer.engine.scheduler.policy import Load
 from consumer.intake.assignment import GroupOffsets, PartitionOwner
 from consumer.intake.flow import Intake
 from consumer.intake.offsets import Partition
+from consumer.intake.sizing import in_flight_bound
+from consumer.observability.console import log_request_finished
 from consumer.observability.health import HealthReporter, health_routes
+from consumer.observability.logging import FASTSTREAM_LOGGER
 from consumer.observability.telemetry import Telemetry
-from consumer.pipeline import Outcome, RequestProcessor
+from consumer.pipeline import RequestProcessor
 from consumer.quota.runtime import QuotaRuntime
 from consumer.quota.store import DayClock
 from consumer.settings import Settings
-from consumer.usage.rows import usage_row
-from consumer.usage.writer import UsageReceipt, UsageWriter
+from consumer.usage.durability import MakeDurable
+from consumer.usage.writer import UsageWriter
 from schemas.replies import OperationReply, StreamChunk
 from schemas.requests import OperationRequest
 
@@ -56,12 +58,11 @@ class Service:
         self.settings = settings
         self.engine = engine
         self.started_at = time.time()
-        self.security = aiokafka_security_kwargs(settings.security)
+        self.connection = KafkaConnection.of(settings.kafka.bootstrap_servers, settings.security)
         self.publisher = KafkaRecordPublisher(
-            settings.kafka.bootstrap_servers,
+            self.connection,
             settings.kafka.client_id,
             request_timeout_ms=settings.kafka.request_timeout_ms,
-            **self.security,
         )
         self.telemetry = telemetry or Telemetry(
             settings.telemetry, instance_id=settings.instance_id
@@ -71,7 +72,7 @@ class Service:
             self.keyring = KeyRing.from_settings(settings.auth)
         self.quota: QuotaRuntime | None = None
         if settings.quota.enabled:
-            self.quota = QuotaRuntime(settings, clock=quota_clock, client_options=self.security)
+            self.quota = QuotaRuntime(settings, self.connection, clock=quota_clock)
         self.usage: UsageWriter | None = None
         if settings.usage.enabled:
             # The writer also runs periodic compaction when usage.compact_interval_s > 0.
@@ -132,9 +133,13 @@ class Service:
         self.intake = Intake(
             processor.process,
             self.offsets.commit,
-            max_in_flight=in_flight_bound(self.settings, engine.load()),
+            max_in_flight=in_flight_bound(self.settings.intake.max_in_flight, engine.load()),
             commit_interval_s=self.settings.intake.commit_interval_ms / 1000,
-            make_durable=self._make_durable,
+            make_durable=MakeDurable(
+                quota=self.quota.store if self.quota is not None else None,
+                usage=self.usage,
+                instance_id=self.settings.instance_id,
+            ),
             flush=self.usage.flush if self.usage is not None else None,
             queued=engine.queued_callers,
         )
@@ -187,93 +192,7 @@ class Service:
     async def submit(self, raw: Any) -> None:
         """Take one aiokafka ConsumerRecord (the subscriber is not batched)."""
         assert self.intake is not None, "service not started"
-        record = InboundRecord(
-            topic=raw.topic,
-            partition=raw.partition,
-            offset=raw.offset,
-            key=raw.key,
-            value=raw.value,
-            headers=as_headers(raw.headers or ()),
-            timestamp_ms=raw.timestamp,
-            received_at=time.time(),
-            timestamp_type=raw.timestamp_type,
-        )
-        await self.intake.submit(record)
-
-    async def _make_durable(self, outcome: Outcome) -> None:
-        """The quota settlement is in Kafka and the usage row on disk (before the commit)."""
-        if self.quota is not None and outcome.reservation is not None:
-            await self.quota.store.persist(outcome.record.partition)
-        if outcome.status in ("forwarded", "repeat"):
-            return  # the record that answers it leaves the usage row
-        if self.usage is not None:
-            receipt: UsageReceipt | None = getattr(outcome, "usage_receipt", None)
-            if receipt is None or (receipt.done() and receipt.error is not None):
-                receipt = self.usage.append_nowait(usage_row(outcome, self.settings.instance_id))
-                outcome.usage_receipt = receipt
-            await receipt.wait()
-
-
-def log_request_finished(outcome: Outcome) -> None:
-    """One console line per answered, rejected or dead-lettered request (never its text)."""
-    if not outcome.leaves_usage_row:
-        return  # forwarded or a repeat: the record that answers it logs the line
-    ending = outcome.ending
-    fields: dict[str, Any] = {
-        "tenant": outcome.tenant_id,
-        "operation": outcome.operation,
-        "status": ending.status,
-    }
-    if ending.code is not None:
-        fields["code"] = ending.code
-    fields["input_tokens"] = outcome.input_tokens
-    fields["output_tokens"] = outcome.output_tokens
-    # As the usage row and reply meta count it: from the fetch to the reply.
-    fields["total_ms"] = round(outcome.stages.total_ms)
-    log.log(
-        logging.INFO if ending.status == "ok" else logging.WARNING,
-        "request_finished",
-        extra=fields,
-    )
-
-
-def in_flight_bound(settings: Settings, load: Load) -> int:
-    """`intake.max_in_flight`, or twice what the engine's scheduler holds (slots + queue).
-
-    Up to slots + queue records wait in the scheduler, ordered fairly between tenants; the
-    intake takes as many again, which the full queue answers `overloaded` at once (retryable,
-    not charged), so a flood learns it is one instead of waiting unseen; past the bound the
-    fetch stops and the rest waits in Kafka. A revoke or shutdown hands every record whose
-    work has not started back to Kafka at once and waits only for running work (`Intake`),
-    so a deep queue never holds a drain beyond the grace.
-    """
-    if settings.intake.max_in_flight is not None:
-        return settings.intake.max_in_flight
-    return max(1, 2 * (load.slots + load.queue_limit))
-
-
-async def _lenient_headers(record: Any, original: Callable[[Any], Awaitable[Any]]) -> Any:
-    """FastStream's parser, tolerant of header values that are not UTF-8 (or are null).
-
-    FastStream decodes every header value as strict UTF-8 for its own use; a record with
-    any other header never reached the handler, so its offset was committed past with no
-    reply, dead letter or usage row. It parses a lenient copy here; the handler still gets
-    the original record (the pipeline reads the raw header bytes itself).
-    """
-    headers = record.headers or ()
-    if all(isinstance(value, bytes) and is_utf8(value) for _, value in headers):
-        return await original(record)
-    lenient = tuple(
-        (key, (value or b"").decode("utf-8", "replace").encode()) for key, value in headers
-    )
-    message = await original(dataclasses.replace(record, headers=lenient))
-    message.raw_message = record
-    return message
-
-
-async def _raw_record(message: KafkaMessage) -> Any:
-    """The subscriber's decoder: hand the pipeline the record itself (it decodes the body)."""
-    return message.raw_message
+        await self.intake.submit(inbound_record(raw, received_at=time.time()))
 
 
 def make_broker(settings: Settings, service: Service | None = None) -> KafkaBroker:
@@ -289,7 +208,7 @@ def make_broker(settings: Settings, service: Service | None = None) -> KafkaBrok
         graceful_timeout=settings.intake.shutdown_grace_s,
         security=faststream_security(settings.security),
         # FastStream's per-message "Received/Processed" lines go to our handlers at DEBUG.
-        logger=logging.getLogger("opstream.faststream"),
+        logger=logging.getLogger(FASTSTREAM_LOGGER),
         log_level=logging.DEBUG,
         # No dependency injection on the hot path: resolving a `KafkaMessage` parameter
         # hops to a worker thread per record (measured: most of the per-record cost).
@@ -307,14 +226,10 @@ def make_broker(settings: Settings, service: Service | None = None) -> KafkaBrok
         listener=service.owner if service is not None else None,
         # Our `reply_to` header is ours to honour; FastStream must not answer it too.
         no_reply=True,
-        decoder=_raw_record,
-        parser=_lenient_headers,
-        title="operation requests",
-        description=(
-            "Operation requests keyed by tenant_id. Headers: correlation_id, reply_to "
-            "(default ops.replies.v1), traceparent, x-opstream-key-id/-timestamp/-signature. "
-            "Body: OperationRequest, or CancelRequest (operation 'cancel')."
-        ),
+        decoder=raw_record,
+        parser=lenient_headers,
+        title=asyncapi.REQUESTS.title,
+        description=asyncapi.REQUESTS.description,
     )
 
     @subscriber
@@ -331,27 +246,22 @@ def make_broker(settings: Settings, service: Service | None = None) -> KafkaBrok
     # so offsets can wait for the broker's acknowledgement).
     broker.publisher(
         settings.topics.replies,
-        title="operation replies",
-        description="Replies matched by the correlation_id header (or the request's reply_to). "
-        "A request with stream=true first gets StreamChunk records (status 'chunk', header "
-        "x-opstream-chunk-seq), then its OperationReply.",
+        title=asyncapi.REPLIES.title,
+        description=asyncapi.REPLIES.description,
         schema=OperationReply | StreamChunk,
     )
     broker.publisher(
         settings.topics.dlq,
-        title="dead letters",
-        description="Undecodable or unroutable requests, with x-opstream-dlq-* origin headers.",
+        title=asyncapi.DEAD_LETTERS.title,
+        description=asyncapi.DEAD_LETTERS.description,
         schema=OperationRequest,
     )
     return broker
 
 
 def asyncapi_document(settings: Settings) -> dict[str, Any]:
-    """The AsyncAPI document FastStream generates for the app (no connection is made)."""
-    from faststream.specification import AsyncAPI
-
-    spec = AsyncAPI(make_broker(settings), title="opstream", version="1.0.0")
-    return json.loads(spec.to_specification().to_json())
+    """The AsyncAPI document of the app `settings` describe (no connection is made)."""
+    return asyncapi.asyncapi_document(make_broker(settings))
 
 
 def build_app(
@@ -372,7 +282,7 @@ def build_app(
         broker,
         asgi_routes=routes,
         # Its "app starting…" lines through our handlers, not FastStream's own coloured one.
-        logger=logging.getLogger("opstream.faststream"),
+        logger=logging.getLogger(FASTSTREAM_LOGGER),
         on_startup=[service.start],
         after_startup=[service.after_broker_started],
         on_shutdown=[service.stop],

@@ -144,10 +144,16 @@ class OperationsClient:
             **self._options,
         )
         await self._consumer.start()
-        partitions = self._consumer.partitions_for_topic(self.reply_topic)
-        if not partitions:
-            await self._consumer._client.force_metadata_update()
-            partitions = self._consumer.partitions_for_topic(self.reply_topic) or set()
+        partitions = self._consumer.partitions_for_topic(self.reply_topic) or set()
+        if not partitions and self.reply_topic in await self._consumer.topics():
+            # Not in the consumer's metadata yet (as `consumer.bus.topic_reader` explains):
+            # assigning the topic makes the consumer fetch it.
+            self._consumer.assign([TopicPartition(self.reply_topic, 0)])
+            for _ in range(1000):
+                partitions = self._consumer.partitions_for_topic(self.reply_topic) or set()
+                if partitions:
+                    break
+                await asyncio.sleep(0.01)
         if not partitions:
             await self.close()
             raise RuntimeError(f"reply topic {self.reply_topic!r} does not exist")

@@ -3,25 +3,26 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import TopicAuthorizationFailedError, UnknownTopicOrPartitionError
 
+from consumer.bus.connection import KafkaConnection
 from consumer.errors import TopicMissing
 
 
 class KafkaRecordPublisher:
     """Sends records and returns once the broker acknowledged them."""
 
-    def __init__(self, bootstrap_servers: str, client_id: str, **security: Any) -> None:
+    def __init__(
+        self, connection: KafkaConnection, client_id: str, *, request_timeout_ms: int = 30_000
+    ) -> None:
         self._options = {
-            "bootstrap_servers": bootstrap_servers,
+            **connection.client_kwargs(),
             "client_id": f"{client_id}-replies",
             "acks": "all",
             "linger_ms": 1,
-            "request_timeout_ms": 30_000,
-            **security,
+            "request_timeout_ms": request_timeout_ms,
         }
         self._producer: AIOKafkaProducer | None = None
         self.last_ok_at = 0.0

@@ -6,6 +6,7 @@ import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from schemas.headers import FORWARDED_FROM, REPLY_CONVENTIONS, REPLY_TO
 
@@ -40,6 +41,21 @@ class InboundRecord:
 
 def as_headers(pairs: Sequence[tuple[str, bytes | None]]) -> Headers:
     return tuple((k, v if v is not None else b"") for k, v in pairs)
+
+
+def inbound_record(raw: Any, received_at: float) -> InboundRecord:
+    """The pipeline's view of one aiokafka `ConsumerRecord`, dequeued at `received_at`."""
+    return InboundRecord(
+        topic=raw.topic,
+        partition=raw.partition,
+        offset=raw.offset,
+        key=raw.key,
+        value=raw.value,
+        headers=as_headers(raw.headers or ()),
+        timestamp_ms=raw.timestamp,
+        received_at=received_at,
+        timestamp_type=raw.timestamp_type,
+    )
 
 
 _PRINTABLE_ID = re.compile(r"[\x21-\x7e]{1,128}")

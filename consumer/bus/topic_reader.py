@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from collections.abc import AsyncIterator
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
+from consumer.bus.connection import KafkaConnection
 from consumer.errors import InfrastructureError
 
 
@@ -17,27 +17,37 @@ class TopicUnavailable(InfrastructureError):
     retryable = True
 
 
-def standalone_consumer(
-    bootstrap_servers: str,
-    *,
-    fetch_max_wait_ms: int,
-    client_options: Mapping[str, Any] | None = None,
-) -> AIOKafkaConsumer:
+def standalone_consumer(connection: KafkaConnection, *, fetch_max_wait_ms: int) -> AIOKafkaConsumer:
     """A consumer for manual assignment: no group (joins are slow and not needed), no commits."""
     return AIOKafkaConsumer(
-        bootstrap_servers=bootstrap_servers,
+        **connection.client_kwargs(),
         group_id=None,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         fetch_max_wait_ms=fetch_max_wait_ms,
-        **dict(client_options or {}),
     )
 
 
-async def topic_partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
-    """The partition numbers of `topic`; raises TopicUnavailable when it does not exist."""
-    await consumer.topics()  # forces a metadata refresh
+async def topic_partitions(
+    consumer: AIOKafkaConsumer, topic: str, *, timeout_s: float = 10.0
+) -> set[int]:
+    """The partition numbers of `topic`; raises TopicUnavailable when it does not exist.
+
+    The one way opstream and its tests learn a topic's partitions, through aiokafka's public
+    API only. A started consumer's metadata may lack the topic (created after it started, or
+    a broker that answers the bootstrap with no topics), and `consumer.topics()` reads the
+    brokers' list without updating that metadata; assigning the topic makes the consumer
+    fetch it. So `consumer` may be left assigned to the topic: assign what you read after.
+    """
     partitions = consumer.partitions_for_topic(topic)
+    if not partitions and topic in await consumer.topics():
+        consumer.assign([TopicPartition(topic, 0)])
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not (partitions := consumer.partitions_for_topic(topic)):
+            if loop.time() > deadline:
+                raise TimeoutError(f"no metadata for topic {topic} within {timeout_s}s")
+            await asyncio.sleep(0.01)
     if not partitions:
         raise TopicUnavailable(f"topic {topic} does not exist; run `opstream topics ensure`")
     return set(partitions)

@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from consumer.bus.connection import KafkaConnection
 from consumer.cli.table import print_table
 from consumer.quota.days import day_of
 from consumer.quota.limits import (
@@ -90,7 +91,7 @@ def register(
     reset.set_defaults(func=reset_usage)
 
 
-def _bootstrap(settings: Settings) -> str | None:
+def _connection(settings: Settings) -> KafkaConnection | None:
     servers = settings.kafka.bootstrap_servers
     if not servers:
         print(
@@ -98,15 +99,16 @@ def _bootstrap(settings: Settings) -> str | None:
             "OPSTREAM_KAFKA__BOOTSTRAP_SERVERS",
             file=sys.stderr,
         )
-    return servers
+        return None
+    return KafkaConnection.of(servers, settings.security)
 
 
-async def _load_book(settings: Settings, servers: str) -> LimitBook:
+async def _load_book(settings: Settings, connection: KafkaConnection) -> LimitBook:
     from consumer.quota.control import load_limit_book
 
     return await load_limit_book(
         limit_defaults(settings.quota),
-        bootstrap_servers=servers,
+        connection=connection,
         topic=settings.quota.control_topic,
         fetch_max_wait_ms=min(settings.kafka.fetch_max_wait_ms, 100),
     )
@@ -174,12 +176,12 @@ def _print_rows(rows: list[dict[str, Any]], as_json: bool) -> None:
 
 def show_limits(args: argparse.Namespace, settings: Settings) -> int:
     """`opstream limits show`: effective limits as the control topic says now."""
-    servers = _bootstrap(settings)
-    if not servers:
+    connection = _connection(settings)
+    if connection is None:
         return 2
 
     async def run() -> int:
-        book = await _load_book(settings, servers)
+        book = await _load_book(settings, connection)
         _print_rows(_rows(book, args.tenant), args.json)
         return 0
 
@@ -188,8 +190,8 @@ def show_limits(args: argparse.Namespace, settings: Settings) -> int:
 
 def set_limits(args: argparse.Namespace, settings: Settings) -> int:
     """`opstream limits set`: publish an override; every instance applies it."""
-    servers = _bootstrap(settings)
-    if not servers:
+    connection = _connection(settings)
+    if connection is None:
         return 2
     requests: OverrideValue | Keep = args.daily_requests
     tokens: OverrideValue | Keep = args.daily_tokens
@@ -201,11 +203,11 @@ def set_limits(args: argparse.Namespace, settings: Settings) -> int:
         from consumer.quota.control import LimitCommandPublisher
         from consumer.quota.store import make_state_producer
 
-        book = await _load_book(settings, servers)
+        book = await _load_book(settings, connection)
         merged = merge_override(
             book.override(args.tenant, args.operation), requests=requests, tokens=tokens
         )
-        producer = make_state_producer(servers)
+        producer = make_state_producer(connection)
         await producer.start()
         try:
             await LimitCommandPublisher(producer, settings.quota.control_topic).set_limits(
@@ -228,8 +230,8 @@ def set_limits(args: argparse.Namespace, settings: Settings) -> int:
 
 def reset_usage(args: argparse.Namespace, settings: Settings) -> int:
     """`opstream limits reset`: the tenant's counters for the day start again from zero."""
-    servers = _bootstrap(settings)
-    if not servers:
+    connection = _connection(settings)
+    if connection is None:
         return 2
     from consumer.quota.control import LimitCommandPublisher
     from consumer.quota.store import make_state_producer, offset_clock
@@ -238,7 +240,7 @@ def reset_usage(args: argparse.Namespace, settings: Settings) -> int:
     day: date = args.day or day_of(now, settings.quota.zone())
 
     async def run() -> int:
-        producer = make_state_producer(servers)
+        producer = make_state_producer(connection)
         await producer.start()
         try:
             await LimitCommandPublisher(producer, settings.quota.control_topic).reset_usage(

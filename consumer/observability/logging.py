@@ -4,6 +4,10 @@ Log like `logger.info("request_answered", extra={"operation": "summarize", "queu
 The message is the event name; everything passed in `extra=` becomes a field. Fields that
 usually carry request or secret text (`text`, `prompt`, `messages`, `secret`, …) are dropped
 by `TextFieldFilter` before any handler formats them, and the record says which were dropped.
+
+Every opstream logger is named for its module, under `consumer.` (`getLogger(__name__)`);
+FastStream's own lines use `FASTSTREAM_LOGGER`, under `consumer.bus`. So one level override
+(`logging.levels`) of a prefix, e.g. `consumer.engine`, reaches everything below it.
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ _RECORD_ATTRIBUTES = frozenset(
 # Not fields either: uvicorn's `color_message` repeats the message with ANSI colour codes.
 _NOT_FIELDS = _RECORD_ATTRIBUTES | {"color_message"}
 _HANDLER_MARK = "_opstream_handler"
+# FastStream's app and per-message lines (its own logger would colour them and not propagate).
+FASTSTREAM_LOGGER = "consumer.bus.faststream"
 # CSI sequences (colours, cursor moves), then any escape character left over.
 _ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b")
 

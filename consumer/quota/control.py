@@ -6,14 +6,13 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Mapping
 from datetime import date
-from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from pydantic import TypeAdapter, ValidationError
 
+from consumer.bus.connection import KafkaConnection
 from consumer.bus.topic_reader import read_to_end, standalone_consumer, topic_partitions
 from consumer.quota.limits import LimitBook, LimitDefaults, Override, OverrideValue
 from schemas.limits import (
@@ -126,17 +125,15 @@ class LimitFollower:
         self,
         book: LimitBook,
         *,
-        bootstrap_servers: str,
+        connection: KafkaConnection,
         topic: str,
         fetch_max_wait_ms: int = 500,
-        client_options: Mapping[str, Any] | None = None,
         catch_up_timeout_s: float = 60.0,
     ) -> None:
         self.book = book
         self.topic = topic
-        self._bootstrap_servers = bootstrap_servers
+        self._connection = connection
         self._fetch_max_wait_ms = fetch_max_wait_ms
-        self._client_options = dict(client_options or {})
         self._catch_up_timeout_s = catch_up_timeout_s
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
@@ -145,11 +142,7 @@ class LimitFollower:
 
     async def start(self) -> None:
         """Apply every command on the topic so far, then follow it in the background."""
-        consumer = standalone_consumer(
-            self._bootstrap_servers,
-            fetch_max_wait_ms=self._fetch_max_wait_ms,
-            client_options=self._client_options,
-        )
+        consumer = standalone_consumer(self._connection, fetch_max_wait_ms=self._fetch_max_wait_ms)
         await consumer.start()
         try:
             partitions = await topic_partitions(consumer, self.topic)
@@ -216,17 +209,14 @@ class LimitFollower:
 async def load_limit_book(
     defaults: LimitDefaults,
     *,
-    bootstrap_servers: str,
+    connection: KafkaConnection,
     topic: str,
     fetch_max_wait_ms: int = 500,
-    client_options: Mapping[str, Any] | None = None,
     timeout_s: float = 60.0,
 ) -> LimitBook:
     """The limit book as of now, read once from the control topic (for the CLI)."""
     book = LimitBook(defaults)
-    consumer = standalone_consumer(
-        bootstrap_servers, fetch_max_wait_ms=fetch_max_wait_ms, client_options=client_options
-    )
+    consumer = standalone_consumer(connection, fetch_max_wait_ms=fetch_max_wait_ms)
     await consumer.start()
     try:
         partitions = await topic_partitions(consumer, topic)

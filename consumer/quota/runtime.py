@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from aiokafka import AIOKafkaProducer
 
+from consumer.bus.connection import KafkaConnection
 from consumer.quota.admin import AdminHandler, admin_routes
 from consumer.quota.control import LimitCommandPublisher, LimitFollower
 from consumer.quota.limits import LimitBook, limit_defaults
@@ -25,33 +23,28 @@ class QuotaRuntime:
     def __init__(
         self,
         settings: Settings,
+        connection: KafkaConnection,
         *,
         producer: AIOKafkaProducer | None = None,
         clock: DayClock | None = None,
-        client_options: Mapping[str, Any] | None = None,
     ) -> None:
-        servers = settings.kafka.bootstrap_servers
-        if not servers:
-            raise ValueError("quotas need kafka.bootstrap_servers")
         quota = settings.quota
         self.settings = settings
         self.book = LimitBook(limit_defaults(quota))
         self._owns_producer = producer is None
-        self.producer = producer or make_state_producer(servers, client_options=client_options)
+        self.producer = producer or make_state_producer(connection)
         self.follower = LimitFollower(
             self.book,
-            bootstrap_servers=servers,
+            connection=connection,
             topic=quota.control_topic,
             fetch_max_wait_ms=settings.kafka.fetch_max_wait_ms,
-            client_options=client_options,
         )
         self.store = QuotaStore(
             book=self.book,
             settings=quota,
             producer=self.producer,
-            bootstrap_servers=servers,
+            connection=connection,
             fetch_max_wait_ms=settings.kafka.fetch_max_wait_ms,
-            client_options=client_options,
             expected_partitions=settings.topics.request_partitions,
             clock=clock or offset_clock(quota.clock_offset_s),
         )

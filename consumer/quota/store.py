@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -12,6 +12,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from pydantic import ValidationError
 
+from consumer.bus.connection import KafkaConnection
 from consumer.bus.topic_reader import (
     TopicUnavailable,
     read_to_end,
@@ -64,9 +65,7 @@ class TenantUsage:
     resets_at: datetime
 
 
-def make_state_producer(
-    bootstrap_servers: str, *, client_options: Mapping[str, Any] | None = None
-) -> AIOKafkaProducer:
+def make_state_producer(connection: KafkaConnection) -> AIOKafkaProducer:
     """A producer fit for the state and control topics: acks from every in-sync replica.
 
     Not idempotent, because Tansu's memory storage refuses InitProducerId. That is safe
@@ -74,12 +73,7 @@ def make_state_producer(
     key's records, and a duplicated record is harmless because each one is the whole
     state of its key.
     """
-    return AIOKafkaProducer(
-        bootstrap_servers=bootstrap_servers,
-        acks="all",
-        linger_ms=0,
-        **dict(client_options or {}),
-    )
+    return AIOKafkaProducer(**connection.client_kwargs(), acks="all", linger_ms=0)
 
 
 class QuotaStore:
@@ -98,9 +92,8 @@ class QuotaStore:
         book: LimitBook,
         settings: QuotaSettings,
         producer: AIOKafkaProducer,
-        bootstrap_servers: str,
+        connection: KafkaConnection,
         fetch_max_wait_ms: int = 500,
-        client_options: Mapping[str, Any] | None = None,
         expected_partitions: int | None = None,
         clock: DayClock = utc_now,
     ) -> None:
@@ -110,9 +103,8 @@ class QuotaStore:
         self.topic = settings.state_topic
         self.clock = clock
         self._producer = producer
-        self._bootstrap_servers = bootstrap_servers
+        self._connection = connection
         self._fetch_max_wait_ms = fetch_max_wait_ms
-        self._client_options = dict(client_options or {})
         self._expected_partitions = expected_partitions
         self._ledgers: dict[int, QuotaLedger] = {}
         self._in_flight: dict[int, set[asyncio.Future[Any]]] = {}
@@ -359,11 +351,7 @@ class QuotaStore:
     # ── internals ──
 
     def _consumer(self) -> AIOKafkaConsumer:
-        return standalone_consumer(
-            self._bootstrap_servers,
-            fetch_max_wait_ms=self._fetch_max_wait_ms,
-            client_options=self._client_options,
-        )
+        return standalone_consumer(self._connection, fetch_max_wait_ms=self._fetch_max_wait_ms)
 
     def _check_shape(self, existing: set[int], wanted: set[int]) -> None:
         if self._expected_partitions is not None and len(existing) != self._expected_partitions:

@@ -30,6 +30,7 @@ if str(REPO) not in sys.path:  # run as a script: make `tests.support` importabl
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition  # noqa: E402
 
+from consumer.bus.topic_reader import topic_partitions  # noqa: E402
 from tests.support.harness import (  # noqa: E402
     FETCH_MAX_WAIT_MS,
     Broker,
@@ -137,8 +138,7 @@ class LoadGenerator:
     async def start(self) -> None:
         await self.producer.start()
         await self.consumer.start()
-        await self.consumer._client.force_metadata_update()
-        partitions = self.consumer.partitions_for_topic(self.topics.replies) or set()
+        partitions = await topic_partitions(self.consumer, self.topics.replies)
         assignment = [TopicPartition(self.topics.replies, p) for p in sorted(partitions)]
         self.consumer.assign(assignment)
         await self.consumer.seek_to_end(*assignment)

@@ -13,6 +13,7 @@ import time
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
+from consumer.bus.connection import KafkaConnection
 from consumer.quota.ledger import QuotaLedger
 from consumer.quota.limits import LimitBook, limit_defaults
 from consumer.settings.quota import QuotaSettings
@@ -86,7 +87,7 @@ async def kafka_restore(values: list[bytes]) -> float:
                 book=LimitBook(limit_defaults(settings)),
                 settings=settings,
                 producer=producer,
-                bootstrap_servers=broker.bootstrap,
+                connection=KafkaConnection(broker.bootstrap),
                 fetch_max_wait_ms=100,
             )
             started = time.perf_counter()

@@ -15,6 +15,7 @@ import pytest_asyncio
 from faststream.asgi import AsgiFastStream
 from pydantic import SecretStr
 
+from consumer.bus.connection import KafkaConnection
 from consumer.cli.limits import register
 from consumer.errors import QuotaExceeded
 from consumer.quota import (
@@ -76,11 +77,11 @@ class Api:
 async def api(broker: Broker) -> AsyncIterator[Api]:
     quota = await make_topics(broker.bootstrap)
     book = LimitBook(limit_defaults(quota))
-    producer = make_state_producer(broker.bootstrap)
+    producer = make_state_producer(KafkaConnection(broker.bootstrap))
     await producer.start()
     follower = LimitFollower(
         book,
-        bootstrap_servers=broker.bootstrap,
+        connection=KafkaConnection(broker.bootstrap),
         topic=quota.control_topic,
         fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
     )
@@ -89,7 +90,7 @@ async def api(broker: Broker) -> AsyncIterator[Api]:
         book=book,
         settings=quota,
         producer=producer,
-        bootstrap_servers=broker.bootstrap,
+        connection=KafkaConnection(broker.bootstrap),
         fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
         clock=lambda: NOON,
     )
@@ -156,8 +157,8 @@ async def test_admin_api_is_off_without_a_configured_key(broker: Broker) -> None
     store = QuotaStore(
         book=LimitBook(limit_defaults(quota)),
         settings=quota,
-        producer=make_state_producer(broker.bootstrap),
-        bootstrap_servers=broker.bootstrap,
+        producer=make_state_producer(KafkaConnection(broker.bootstrap)),
+        connection=KafkaConnection(broker.bootstrap),
     )
     routes = admin_routes(store, None, host_settings(broker.bootstrap, quota))  # type: ignore[arg-type]
     status, body = await call(AsgiFastStream(asgi_routes=routes), "GET", "/limits", headers=AUTH)
@@ -310,7 +311,7 @@ def test_limits_reset_publishes_a_reset_for_today(cli_settings: Any) -> None:
     book = asyncio.run(
         load_limit_book(
             limit_defaults(cli_settings.quota),
-            bootstrap_servers=cli_settings.kafka.bootstrap_servers,
+            connection=KafkaConnection(cli_settings.kafka.bootstrap_servers),
             topic=cli_settings.quota.control_topic,
             fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
         )
@@ -322,7 +323,11 @@ async def test_runtime_wires_follower_store_and_admin_routes(broker: Broker) -> 
     from consumer.quota import QuotaRuntime
 
     quota = await make_topics(broker.bootstrap)
-    runtime = QuotaRuntime(host_settings(broker.bootstrap, quota), clock=lambda: NOON)
+    runtime = QuotaRuntime(
+        host_settings(broker.bootstrap, quota),
+        KafkaConnection(broker.bootstrap),
+        clock=lambda: NOON,
+    )
     await runtime.start()
     try:
         await runtime.store.restore({0, 1})

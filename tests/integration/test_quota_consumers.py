@@ -23,6 +23,8 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from consumer.bus.connection import KafkaConnection
+from consumer.bus.topic_reader import topic_partitions
 from consumer.quota import LimitCommandPublisher, make_state_producer, partition_for_tenant
 from opstream_client import OperationsClient
 from schemas.headers import CORRELATION_ID
@@ -243,8 +245,7 @@ class ReplyTap:
 
     async def __aenter__(self) -> ReplyTap:
         await self.consumer.start()
-        await self.consumer._client.force_metadata_update()
-        partitions = self.consumer.partitions_for_topic(self.topic) or set()
+        partitions = await topic_partitions(self.consumer, self.topic)
         assignment = [TopicPartition(self.topic, p) for p in sorted(partitions)]
         self.consumer.assign(assignment)
         await self.consumer.seek_to_end(*assignment)
@@ -400,7 +401,7 @@ async def test_token_limit_rejects_a_request_that_would_overshoot(
 ) -> None:
     consumers = cluster.ensure(2)
     tenant = tenant_on(range(cluster.topics.partitions), 1, cluster.topics.partitions, "tok")[0]
-    producer = make_state_producer(cluster.bootstrap)
+    producer = make_state_producer(KafkaConnection(cluster.bootstrap))
     await producer.start()
     try:
         publisher = LimitCommandPublisher(producer, cluster.topics.control)

@@ -11,6 +11,7 @@ import pytest
 import pytest_asyncio
 from aiokafka import AIOKafkaProducer
 
+from consumer.bus.connection import KafkaConnection
 from consumer.errors import QuotaExceeded
 from consumer.quota import (
     LimitBook,
@@ -52,7 +53,7 @@ class Env:
             book=book or self.book(),
             settings=self.settings,
             producer=self.producer,
-            bootstrap_servers=self.bootstrap,
+            connection=KafkaConnection(self.bootstrap),
             fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
             expected_partitions=expected_partitions,
             clock=clock,
@@ -61,7 +62,7 @@ class Env:
     def follower(self, book: LimitBook) -> LimitFollower:
         return LimitFollower(
             book,
-            bootstrap_servers=self.bootstrap,
+            connection=KafkaConnection(self.bootstrap),
             topic=self.settings.control_topic,
             fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
         )
@@ -84,7 +85,7 @@ async def env(broker: Broker) -> AsyncIterator[Env]:
         {"cleanup.policy": "compact,delete", "retention.ms": str(settings.state_retention_ms)},
     )
     await create_topic(broker.bootstrap, settings.control_topic, 1, {"cleanup.policy": "compact"})
-    producer = make_state_producer(broker.bootstrap)
+    producer = make_state_producer(KafkaConnection(broker.bootstrap))
     await producer.start()
     try:
         yield Env(broker.bootstrap, settings, producer)
@@ -202,7 +203,7 @@ async def test_restore_refuses_a_missing_state_topic(env: Env) -> None:
         book=env.book(),
         settings=settings,
         producer=env.producer,
-        bootstrap_servers=env.bootstrap,
+        connection=KafkaConnection(env.bootstrap),
         fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
     )
     with pytest.raises(TopicUnavailable, match="does not exist"):

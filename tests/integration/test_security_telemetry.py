@@ -32,6 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from consumer.app import Service, build_app
 from consumer.bus.devbroker import free_port
+from consumer.bus.topic_reader import topic_partitions
 from consumer.observability.telemetry import Telemetry
 from consumer.settings import Settings
 from opstream_client import OperationsClient
@@ -201,8 +202,7 @@ async def find_record(
     )
     await consumer.start()
     try:
-        await consumer._client.force_metadata_update()
-        partitions = consumer.partitions_for_topic(topic) or set()
+        partitions = await topic_partitions(consumer, topic)
         assignment = [TopicPartition(topic, p) for p in sorted(partitions)]
         consumer.assign(assignment)
         await consumer.seek_to_beginning(*assignment)
@@ -229,8 +229,7 @@ async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     await consumer.start()
     try:
-        await consumer._client.force_metadata_update()
-        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        partitions = [TopicPartition(topic, p) for p in await topic_partitions(consumer, topic)]
         return {
             tp.partition: offset for tp, offset in (await consumer.end_offsets(partitions)).items()
         }

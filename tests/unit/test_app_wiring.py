@@ -6,11 +6,10 @@ import time
 
 import pytest
 
-from consumer.app import in_flight_bound
 from consumer.bus.records import InboundRecord
 from consumer.engine.scheduler.policy import Load
+from consumer.intake.sizing import in_flight_bound
 from consumer.pipeline.outcome import Outcome, Stages
-from consumer.settings import Settings
 from consumer.usage.rows import usage_row
 
 
@@ -30,8 +29,7 @@ def _load(slots: int, queue_limit: int) -> Load:
 def test_in_flight_bound_follows_the_schedulers_capacity(
     configured: int | None, slots: int, queue_limit: int, expected: int
 ) -> None:
-    settings = Settings(intake={"max_in_flight": configured})
-    assert in_flight_bound(settings, _load(slots, queue_limit)) == expected
+    assert in_flight_bound(configured, _load(slots, queue_limit)) == expected
 
 
 def _record() -> InboundRecord:

@@ -166,7 +166,7 @@ def test_faststream_app_and_library_lines_share_our_console_format(
     logging.getLogger("aiokafka.consumer.group_coordinator").warning("Heartbeat failed")
     err = capsys.readouterr().err.splitlines()
     assert [line.split(" ", 1)[1] for line in err] == [
-        "INFO    opstream.faststream FastStream app starting...",
+        "INFO    consumer.bus.faststream FastStream app starting...",
         "WARNING aiokafka.consumer.group_coordinator Heartbeat failed",
     ]
 
@@ -174,8 +174,8 @@ def test_faststream_app_and_library_lines_share_our_console_format(
 def test_request_finished_line_has_the_numbers_and_no_text(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from consumer.app import log_request_finished
     from consumer.bus.records import InboundRecord
+    from consumer.observability.console import log_request_finished
     from consumer.pipeline.outcome import Outcome, Stages
 
     record = InboundRecord(
@@ -214,9 +214,9 @@ def test_request_finished_line_has_the_numbers_and_no_text(
     log_request_finished(Outcome(record=record, status="forwarded", finished_at=1_000.0))
     lines = [line.split(" ", 1)[1] for line in capsys.readouterr().err.splitlines()]
     assert lines == [
-        "INFO    consumer.app request_finished tenant=acme operation=summarize status=ok "
-        "input_tokens=55 output_tokens=12 total_ms=300",
-        "WARNING consumer.app request_finished tenant=acme operation=chat status=error "
-        "code=quota_exceeded input_tokens=0 output_tokens=0 total_ms=0",
+        "INFO    consumer.observability.console request_finished tenant=acme "
+        "operation=summarize status=ok input_tokens=55 output_tokens=12 total_ms=300",
+        "WARNING consumer.observability.console request_finished tenant=acme "
+        "operation=chat status=error code=quota_exceeded input_tokens=0 output_tokens=0 total_ms=0",
     ]
     assert PROMPT not in "\n".join(lines)

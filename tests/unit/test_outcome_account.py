@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from consumer.app import log_request_finished
 from consumer.auth.keys import KeyRing, TenantKey
 from consumer.bus.records import InboundRecord
 from consumer.engine.base import EngineError, EngineOverloaded, WorkCancelled, WorkExpired
+from consumer.observability.console import log_request_finished
 from consumer.observability.telemetry import Telemetry, TelemetrySettings
 from consumer.pipeline import RequestProcessor
 from consumer.pipeline.outcome import Outcome

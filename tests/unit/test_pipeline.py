@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from consumer.bus.connection import KafkaConnection
 from consumer.bus.records import InboundRecord
 from consumer.engine.base import EngineError, EngineOverloaded, WorkCancelled, WorkExpired
 from consumer.pipeline import RequestProcessor
@@ -428,7 +429,7 @@ def quota_processor(requests_per_day: int = 10) -> tuple[RequestProcessor, Memor
         book=book,
         settings=settings,
         producer=InstantStateProducer(),  # type: ignore[arg-type]
-        bootstrap_servers="unused:9092",
+        connection=KafkaConnection("unused:9092"),
     )
     for partition in range(TOPICS.request_partitions):
         store._ledgers[partition] = QuotaLedger(partition, book, ZoneInfo("UTC"))
