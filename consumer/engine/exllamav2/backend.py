@@ -28,7 +28,7 @@ from consumer.engine.exllamav2.runner import ScoreTicket, score_candidates
 from consumer.engine.exllamav2.startup import Startup
 from consumer.engine.scheduler.driver import BackendLost, Job, StepEvent
 
-log = logging.getLogger("opstream.engine.exllamav2")
+log = logging.getLogger(__name__)
 
 
 class Exl2Backend:

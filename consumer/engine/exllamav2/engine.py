@@ -26,7 +26,7 @@ from consumer.engine.scheduler.engine import ScheduledEngine, start_scheduled_en
 from consumer.engine.scheduler.policy import default_queue_limit
 from consumer.settings.exllamav2 import ExLlamaV2Settings
 
-log = logging.getLogger("opstream.engine.exllamav2")
+log = logging.getLogger(__name__)
 
 
 def open_backend(

@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Callable
 
-log = logging.getLogger("opstream.engine.exllamav2")
+log = logging.getLogger(__name__)
 
 # Exit status after the GPU is lost (sysexits EX_SOFTWARE): a supervisor restarts the process.
 GPU_FATAL_EXIT_CODE = 70

@@ -17,7 +17,7 @@ from consumer.engine.exllamav2.limits import static_max_attention_size
 from consumer.engine.exllamav2.startup import Startup
 from consumer.engine.exllamav2.vram import MIB, ModelShape
 
-log = logging.getLogger("opstream.engine.exllamav2")
+log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -15,7 +15,7 @@ from consumer.engine.exllamav2.loader import Runtime
 from consumer.engine.exllamav2.startup import Startup
 from consumer.engine.scheduler.driver import Job, StepEvent
 
-log = logging.getLogger("opstream.engine.exllamav2")
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from consumer.engine.exllamav2.errors import EngineConfigError
 from consumer.engine.exllamav2.modes import GpuFacts
 
-log = logging.getLogger("opstream.engine.exllamav2")
+log = logging.getLogger(__name__)
 
 
 def flash_attn_version() -> str | None:

@@ -23,7 +23,7 @@ from consumer.engine.exllamav2.vram import (
 )
 from consumer.settings.exllamav2 import ExLlamaV2Settings
 
-log = logging.getLogger("opstream.engine.exllamav2")
+log = logging.getLogger(__name__)
 
 
 def read_model_dir(model_dir: Path) -> tuple[ModelShape, int]:

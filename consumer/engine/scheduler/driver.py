@@ -32,7 +32,7 @@ from consumer.engine.base import (
 )
 from consumer.engine.scheduler.policy import Policy, QueueFull, Work
 
-log = logging.getLogger("opstream.engine.scheduler")
+log = logging.getLogger(__name__)
 
 Deliver = Callable[[object], None]  # thread-safe: resolves the caller's future
 
