@@ -70,7 +70,7 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
 def batch_signer(args: argparse.Namespace, settings: Settings) -> Signer | None:
     """Signs each line with --key-id/--secret, or with its tenant's first configured key
     (a tenant without one is sent unsigned); None when there is no key at all."""
-    from consumer.cli.core import tenant_keys
+    from consumer.cli.keys import tenant_keys
     from schemas.signing import Routing, sign
 
     if bool(args.key_id) != bool(args.secret):

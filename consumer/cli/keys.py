@@ -129,3 +129,25 @@ def _keys_file(args: argparse.Namespace, settings: SettingsWithAuth) -> Path | N
             file=sys.stderr,
         )
     return path
+
+
+def tenant_keys(settings: SettingsWithAuth) -> dict[str, tuple[str, str]]:
+    """Each tenant's first signing key (key id, secret): settings, then the keys file."""
+    keys = {tenant: list(found) for tenant, found in settings.auth.keys.items()}
+    if settings.auth.keys_file is not None and settings.auth.keys_file.is_file():
+        for tenant, found in read_keys_file(settings.auth.keys_file).items():
+            keys.setdefault(tenant, []).extend(found)
+    return {
+        tenant: (found[0].key_id, found[0].secret.get_secret_value())
+        for tenant, found in keys.items()
+        if found
+    }
+
+
+def signing_key(args: argparse.Namespace, settings: SettingsWithAuth) -> tuple[str, str] | None:
+    """`--key-id`/`--secret` when given (both or neither), else the tenant's first key."""
+    if args.key_id and args.secret:
+        return args.key_id, args.secret
+    if args.key_id or args.secret:
+        raise ValueError("give both --key-id and --secret")
+    return tenant_keys(settings).get(args.tenant)

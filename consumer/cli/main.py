@@ -40,7 +40,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 def build_parser() -> argparse.ArgumentParser:
     """The full command tree; each area registers its own subcommands (argparse only: a
     command's heavy imports happen when it runs, so `opstream --help` stays quick)."""
-    from consumer.cli import batch, core, keys, limits, usage
+    from consumer.cli import batch, dev, keys, limits, request, run, schema, topics, usage
 
     parser = argparse.ArgumentParser(
         prog="opstream",
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = _common_options()
-    for area in (core, batch, limits, usage, keys):
+    for area in (run, dev, topics, request, schema, batch, limits, usage, keys):
         area.register(subparsers, common)
     return parser
 

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from consumer.engine.base import Engine
-from consumer.engine.models import resolve_gguf
+from consumer.engine.model_files import resolve_gguf
 from consumer.engine.scheduler.policy import default_queue_limit
 from consumer.settings import Settings
 

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # run as a script: make `tests.support` importable
     sys.path.insert(0, str(REPO))
 
-from consumer.engine.models import resolve_gguf  # noqa: E402
+from consumer.engine.model_files import resolve_gguf  # noqa: E402
 from opstream_client import OperationsClient  # noqa: E402
 from tests.support.harness import (  # noqa: E402
     FETCH_MAX_WAIT_MS,

@@ -50,7 +50,7 @@ if str(REPO) not in sys.path:  # run as a script: make `tests.support` importabl
 import psutil  # noqa: E402
 
 from consumer.engine.base import ChatMessage, GenerationRequest, WorkTag  # noqa: E402
-from consumer.engine.models import resolve_gguf  # noqa: E402
+from consumer.engine.model_files import resolve_gguf  # noqa: E402
 from opstream_client import OperationsClient  # noqa: E402
 from tests.bench.bench_cpu_engine import PROMPTS, chat, in_flight  # noqa: E402
 from tests.support.harness import (  # noqa: E402

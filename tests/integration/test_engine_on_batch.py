@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from consumer.engine.base import ChatMessage, Engine, GenerationRequest
-from consumer.engine.models import packaged_smollm2
+from consumer.engine.model_files import packaged_smollm2
 
 pytestmark = pytest.mark.integration
 

@@ -25,7 +25,7 @@ from consumer.engine.base import (
     Scores,
     WorkTag,
 )
-from consumer.engine.models import packaged_smollm2
+from consumer.engine.model_files import packaged_smollm2
 from consumer.engine.scheduler.driver import Job, SlotUnavailable
 from tests.support.plain_llama import repacking_off
 

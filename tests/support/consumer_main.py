@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from consumer.cli.core import serve
+from consumer.cli.server import serve
 from consumer.observability.logging import configure_logging
 from consumer.settings import load_settings
 from tests.support.fake_engine import FakeEngine

@@ -258,7 +258,7 @@ class ConsumerProcess:
 
 async def ensure_test_topics(broker: Broker, topics: TopicSet) -> None:
     """Create the test's topics explicitly (auto-created ones get the wrong partition count)."""
-    from consumer.cli.core import ensure_all_topics
+    from consumer.cli.topics import ensure_all_topics
     from consumer.settings import Settings
 
     wanted = merge(topics.settings(), {"kafka": {"bootstrap_servers": broker.bootstrap}})

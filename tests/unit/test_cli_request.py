@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from consumer.cli.core import request_body
 from consumer.cli.main import build_parser, main
+from consumer.cli.request import request_body
 from schemas.requests import operation_request_adapter
 
 
@@ -145,12 +145,12 @@ def test_a_closed_pipe_ends_the_command_quietly(
 ) -> None:
     import os
 
-    import consumer.cli.core as core
+    import consumer.cli.schema as schema
 
     def reader_went_away(args: Any, settings: Any) -> int:
         raise BrokenPipeError
 
-    monkeypatch.setattr(core, "cmd_schema", reader_went_away)
+    monkeypatch.setattr(schema, "cmd_schema", reader_went_away)
     saved = os.dup(1)
     try:
         assert main(["schema", "--out", "/nonexistent"]) == 141

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from consumer.cli.core import dev_banner
+from consumer.cli.dev import dev_banner
 from consumer.engine import factory
 from consumer.settings import Settings
 from topics.ensure import EnsureResult
@@ -69,12 +69,12 @@ def test_a_second_signal_does_not_skip_the_draining_shutdown() -> None:
 
     import uvicorn
 
-    from consumer.cli.core import _Server
+    from consumer.cli.server import DrainingServer
 
     async def app(scope: object, receive: object, send: object) -> None:
         raise AssertionError("never called")
 
-    server = _Server(uvicorn.Config(app, timeout_graceful_shutdown=35, log_config=None))
+    server = DrainingServer(uvicorn.Config(app, timeout_graceful_shutdown=35, log_config=None))
     server.handle_exit(signal.SIGINT, None)
     assert server.should_exit and not server.force_exit
     server.handle_exit(signal.SIGINT, None)  # Ctrl-C again, or a supervisor repeating it
