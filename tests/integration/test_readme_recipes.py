@@ -3,10 +3,13 @@
 Each block marked `<!-- readme-recipe: NAME -->` in the README runs against a broker of
 this module's own, under the default topic names the README uses (`ops.requests.v1`,
 `ops.replies.v1`), with signatures required and the real model: the kcat recipe (signing in
-bash and openssl, a UUID correlation id; `kcat` is `tests/support/kcat_shim.py` over
-confluent-kafka, because Debian's kcat cannot talk to Tansu), the Python client snippets and
-the Node.js (KafkaJS) example (skipped, saying why, where node or npm's kafkajs is missing).
-The only edit a block gets is the broker address: `broker:9092` becomes this broker's.
+bash and openssl, a UUID correlation id) on Debian's kcat pointed at confluent-kafka's
+librdkafka as the README says (on `tests/support/kcat_shim.py` where no kcat is installed),
+the `opstream` command lines (requests, a batch, limits, usage), the admin API's curl lines,
+the settings file, the Python client snippets and the Node.js (KafkaJS) example (skipped,
+saying why, where node or npm's kafkajs is missing). The only edits a block gets are the
+addresses and folders of this test's service: `broker:9092`, `localhost:8080` and
+`/var/lib/opstream/usage` become its own.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ KEYS = {
     "demo": [{"key_id": "demo-1", "secret": "demo-secret-from-keys-new"}],
     "acme": [{"key_id": "acme-1", "secret": "acme-secret-from-keys-new"}],
 }
+ADMIN_KEY = "readme-admin-key"
 _BLOCK = re.compile(r"<!-- readme-recipe: ([\w-]+) -->\n```(\w+)\n(.*?)\n```", re.DOTALL)
 
 
@@ -74,9 +78,35 @@ def for_broker(code: str, bootstrap: str) -> str:
     return code.replace("broker:9092", bootstrap)
 
 
+def for_service(code: str, service: ConsumerProcess, bootstrap: str) -> str:
+    """A block pointed at this test's service: its broker, HTTP port and usage folder."""
+    usage = service.env["OPSTREAM_USAGE__DIRECTORY"]
+    return (
+        for_broker(code, bootstrap)
+        .replace("localhost:8080", f"127.0.0.1:{service.port}")
+        .replace("/var/lib/opstream/usage", usage)
+    )
+
+
+RECIPES = {
+    "kcat",
+    "kcat-librdkafka",
+    "cli-request",
+    "cli-batch",
+    "cli-limits",
+    "cli-usage",
+    "admin-api",
+    "settings-toml",
+    "python-request",
+    "python-stream",
+    "node",
+    "java",
+}
+
+
 def test_every_recipe_the_tests_run_is_marked_in_the_readme() -> None:
     blocks = readme_blocks()
-    assert {"kcat", "python-request", "python-stream", "node"} <= set(blocks)
+    assert RECIPES <= set(blocks), RECIPES - set(blocks)
     assert "$ " in blocks["kcat"] and "kcat -C -u" in blocks["kcat"]
 
 
@@ -110,6 +140,7 @@ async def service(
         base_settings(own_broker, topics, tmp, auth=True),
         {
             "auth": {"required": True, "keys": KEYS},
+            "quota": {"admin_key": ADMIN_KEY},
             "engine": {"backend": "llamacpp", "llamacpp": {"n_ctx": 1024}},
         },
     )
@@ -155,7 +186,7 @@ def _run_until(
     )
 
 
-def _kcat_on_path(bin_dir: Path) -> None:
+def _kcat_shim_on_path(bin_dir: Path) -> None:
     shim = bin_dir / "kcat"
     shim.write_text(
         f'#!/bin/sh\nexec {sys.executable} {REPO / "tests/support/kcat_shim.py"} "$@"\n'
@@ -163,20 +194,32 @@ def _kcat_on_path(bin_dir: Path) -> None:
     shim.chmod(0o755)
 
 
-def run_kcat_recipe(block: str, bootstrap: str, tmp: Path) -> str:
+def run_kcat_recipe(blocks: dict[str, str], bootstrap: str, tmp: Path) -> str:
+    """The README's librdkafka set-up for Debian's kcat, then its kcat recipe, in one shell
+    whose home is `tmp` (the set-up links a library under ~/.local)."""
     bin_dir = tmp / "bin"
     bin_dir.mkdir(exist_ok=True)
-    _kcat_on_path(bin_dir)
+    env = {
+        **os.environ,
+        "HOME": str(tmp),
+        "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "PYTHONPATH": str(REPO),
+    }
+    env.pop("LD_LIBRARY_PATH", None)
+    if shutil.which("kcat") is None:
+        _kcat_shim_on_path(bin_dir)
+        setup = "echo 'no kcat installed: running the recipe on tests/support/kcat_shim.py'\n"
+    else:
+        setup = console_script(blocks["kcat-librdkafka"])
     script = tmp / "recipe.sh"
-    script.write_text(for_broker(console_script(block), bootstrap))
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(REPO)}
+    script.write_text(setup + for_broker(console_script(blocks["kcat"]), bootstrap))
     # The reader never exits (like kcat -C): done once grep printed the reply.
     return _run_until(
         ["bash", "-e", str(script)],
         env=env,
         cwd=tmp,
         done=re.compile(r"correlation_id=\S+ .*\}\n"),
-        timeout_s=60,
+        timeout_s=90,
     )
 
 
@@ -190,7 +233,12 @@ def _reply_line(output: str) -> dict:
 def test_the_kcat_recipe_is_answered_ok_with_a_uuid_correlation_id(
     service: ConsumerProcess, own_broker: Broker, tmp_path: Path
 ) -> None:
-    output = run_kcat_recipe(readme_blocks()["kcat"], own_broker.bootstrap, tmp_path)
+    output = run_kcat_recipe(readme_blocks(), own_broker.bootstrap, tmp_path)
+    if shutil.which("kcat") is not None:
+        # The README's set-up put a current librdkafka under Debian's kcat.
+        version = re.search(r"^librdkafka (\d+)\.(\d+)", output, re.M)
+        assert version is not None, output[-3000:]
+        assert (int(version[1]), int(version[2])) >= (2, 3), version[0]
     correlation = re.search(r"correlation_id=([0-9a-f-]{36})", output)
     assert correlation is not None, output[-3000:]  # a UUID, longer than xxd -p's 30 bytes
     reply = _reply_line(output)
@@ -290,3 +338,119 @@ def test_kafkajs_default_partitioner_places_tenants_as_java_does(kafkajs_dir: Pa
     java = {key: (murmur2(key.encode()) & 0x7FFFFFFF) % 12 for key, _, _ in rows}
     assert all(default == java[key] for key, default, _ in rows)
     assert sum(legacy == java[key] for key, _, legacy in rows) < len(rows) // 2
+
+
+def run_console_block(
+    block: str, service: ConsumerProcess, bootstrap: str, tmp: Path, timeout_s: float = 240
+) -> subprocess.CompletedProcess[str]:
+    """A console block as one bash script (stop at the first failing command, `set -x` so
+    each command is in the output), in a shell whose `opstream` is this checkout's."""
+    script = tmp / "block.sh"
+    script.write_text("set -ex\n" + for_service(console_script(block), service, bootstrap))
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "PYTHONPATH": str(REPO),
+        # What an operator with signing on has configured: the tenants' keys, the admin key.
+        "OPSTREAM_AUTH__KEYS": json.dumps(KEYS),
+        "OPSTREAM_QUOTA__ADMIN_KEY": ADMIN_KEY,
+        # What *From the command line* exported, in the shell the README's reader goes on in.
+        "OPSTREAM_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+    }
+    env.pop("OPSTREAM_USAGE__DIRECTORY", None)  # the usage block sets it itself
+    return subprocess.run(
+        ["bash", str(script)], env=env, cwd=tmp, capture_output=True, text=True, timeout=timeout_s
+    )
+
+
+def _json_documents(text: str) -> list[dict]:
+    """The JSON objects printed one after another (pretty-printed or one per line)."""
+    decoder, found, at = json.JSONDecoder(), [], 0
+    while (start := text.find("{", at)) >= 0:
+        try:
+            value, at = decoder.raw_decode(text, start)
+        except ValueError:
+            at = start + 1
+            continue
+        found.append(value)
+    return found
+
+
+def test_the_cli_request_lines_each_print_an_ok_reply(
+    service: ConsumerProcess, own_broker: Broker, tmp_path: Path
+) -> None:
+    done = run_console_block(
+        readme_blocks()["cli-request"], service, own_broker.bootstrap, tmp_path
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    replies = [doc for doc in _json_documents(done.stdout) if "status" in doc]
+    assert [reply["status"] for reply in replies] == ["ok"] * 4, done.stdout[-3000:]
+    assert set(replies[2]["result"]) >= {"label"}
+    assert replies[2]["result"]["label"] in ("positive", "negative")
+
+
+def test_the_cli_batch_lines_write_one_result_per_request(
+    service: ConsumerProcess, own_broker: Broker, tmp_path: Path
+) -> None:
+    done = run_console_block(readme_blocks()["cli-batch"], service, own_broker.bootstrap, tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert sorted(result["line"] for result in results) == [1, 2]
+    assert {result["status"] for result in results} == {"ok"}, results
+
+
+def test_the_limits_and_admin_api_lines_run_and_agree(
+    service: ConsumerProcess, own_broker: Broker, tmp_path: Path
+) -> None:
+    blocks = readme_blocks()
+    done = run_console_block(blocks["cli-limits"], service, own_broker.bootstrap, tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # After the block: summarize 5000 a day, the '*' override at 2,000,000 tokens, chat back
+    # to the default. The admin API (read by the README's curl lines) agrees once applied.
+    api = tmp_path / "api"
+    api.mkdir()
+
+    def summarize_limit() -> object:
+        curl = run_console_block(blocks["admin-api"], service, own_broker.bootstrap, api)
+        assert curl.returncode == 0, curl.stdout[-2000:] + curl.stderr[-2000:]
+        first = _json_documents(curl.stdout)[0]
+        rows = {row["operation"]: row for row in first["limits"] if row["tenant_id"] == "acme"}
+        return rows.get("summarize", {}).get("daily_limit")
+
+    assert wait_until_blocking(
+        lambda: summarize_limit() == 5000, 30, interval_s=1.0, raise_on_timeout=False
+    )
+
+
+def test_the_usage_lines_report_the_requests_the_recipes_sent(
+    service: ConsumerProcess, own_broker: Broker, tmp_path: Path
+) -> None:
+    # The CLI tests above sent requests as tenant `demo`; their usage rows flush within a second.
+    def usage_csv() -> str:
+        done = run_console_block(
+            readme_blocks()["cli-usage"], service, own_broker.bootstrap, tmp_path
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout
+
+    deadline = time.monotonic() + 30
+    out = usage_csv()
+    while "demo," not in out and time.monotonic() < deadline:
+        time.sleep(1)
+        out = usage_csv()
+    row = next(line for line in out.splitlines() if line.startswith("demo,"))
+    assert int(row.split(",")[1]) >= 1, out
+    assert (tmp_path / "report.html").stat().st_size > 1000
+
+
+def test_the_settings_file_loads_as_the_readme_says(tmp_path: Path) -> None:
+    from consumer.settings import load_settings
+
+    config = tmp_path / "opstream.toml"
+    config.write_text(readme_blocks()["settings-toml"])
+    settings = load_settings(config)
+    assert settings.profile == "production"
+    assert settings.kafka.bootstrap_servers == "kafka-1:9092,kafka-2:9092"
+    assert settings.engine.backend == "exllamav2"
+    assert str(settings.engine.exllamav2.model_dir).endswith("exl2-4.25bpw")
+    assert settings.quota.default_daily_requests == 1000
