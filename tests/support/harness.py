@@ -8,7 +8,9 @@ OPSTREAM_* environment variables, exactly as an operator configures `opstream ru
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -30,27 +32,87 @@ if TYPE_CHECKING:
     from opstream_client import OperationsClient
 
 REPO = Path(__file__).resolve().parents[2]
-# Tansu answers a fetch only after the whole fetch_max_wait_ms (DESIGN.md): keep it small.
-FETCH_MAX_WAIT_MS = 5
+
+# Which broker the tests run on (README, "Tests and benchmarks"): Tansu, a process started
+# for each use (the default), or Apache Kafka in Docker through testcontainers (`kafka`: one
+# container for the whole run). KAFKA_BOOTSTRAP_SERVERS names a running broker of that kind
+# instead of starting one.
+BROKER_KIND = os.environ.get("OPSTREAM_TEST_BROKER", "tansu")
+if BROKER_KIND not in ("tansu", "kafka"):
+    raise RuntimeError(f"OPSTREAM_TEST_BROKER={BROKER_KIND!r}: expected tansu or kafka")
+ON_TANSU = BROKER_KIND == "tansu"
+# Tansu answers a fetch only after the whole fetch_max_wait_ms (DESIGN.md): keep it small
+# there. Apache Kafka answers as soon as there is data: clients keep their default.
+FETCH_MAX_WAIT_MS = 5 if ON_TANSU else 500
+# Confluent's build of Apache Kafka (7.6 = Kafka 3.6), the image testcontainers' KafkaContainer
+# is written for (its start script runs the image's /etc/confluent/docker scripts).
+KAFKA_IMAGE = os.environ.get("OPSTREAM_TEST_KAFKA_IMAGE", "confluentinc/cp-kafka:7.6.0")
+
+
+@functools.cache
+def kafka_container() -> Any:
+    """Apache Kafka in Docker (one KRaft node), started on first use and removed when the
+    test run ends: a started testcontainers `KafkaContainer`."""
+    import docker
+    from testcontainers.community.kafka import KafkaContainer
+
+    try:
+        docker.from_env().ping()
+    except (docker.errors.DockerException, OSError) as exc:
+        raise RuntimeError(f"OPSTREAM_TEST_BROKER=kafka needs a Docker daemon: {exc}") from exc
+    container = KafkaContainer(KAFKA_IMAGE).with_kraft()
+    container.start(timeout=180)  # the first run pulls the image
+    atexit.register(container.stop)
+    return container
 
 
 @dataclass
 class Broker:
-    """A Kafka-protocol broker for tests: Tansu we started, or KAFKA_BOOTSTRAP_SERVERS."""
+    """A Kafka-protocol broker for tests: Tansu we started, the run's Kafka container, or
+    KAFKA_BOOTSTRAP_SERVERS."""
 
     bootstrap: str
     local: LocalBroker | None = field(default=None, repr=False)
+    container: Any = field(default=None, repr=False)
 
     @classmethod
     def start(cls) -> Broker:
+        """A broker for a test, a module or the session. On Tansu a new process each time (a
+        test that may wedge it gets its own); Apache Kafka does not wedge, so every caller
+        shares the run's one container (each test has its own topics and group anyway)."""
         external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
         if external:
             return cls(external)
+        if not ON_TANSU:
+            container = kafka_container()
+            return cls(container.get_bootstrap_server(), container=container)
         local = start_local_broker(timeout_s=20.0)
         return cls(local.bootstrap_servers, local)
 
+    @property
+    def freezable(self) -> bool:
+        """Whether `freeze` can stop this broker (not an external one)."""
+        return self.local is not None or self.container is not None
+
+    def freeze(self) -> None:
+        """Stop the broker answering, its connections left open: SIGSTOP, or docker pause."""
+        if self.local is not None:
+            self.local.process.send_signal(signal.SIGSTOP)
+        elif self.container is not None:
+            self.container.get_wrapped_container().pause()
+        else:
+            raise RuntimeError("an external broker cannot be frozen")
+
+    def thaw(self) -> None:
+        """Let a frozen broker go on (SIGCONT, or docker unpause)."""
+        if self.local is not None:
+            self.local.process.send_signal(signal.SIGCONT)
+        elif self.container is not None:
+            self.container.get_wrapped_container().unpause()
+
     def stop(self) -> None:
-        """Kill the broker process we started (a no-op for an external broker)."""
+        """Kill the Tansu process we started (a no-op for the shared Kafka container, which
+        stops when the run ends, and for an external broker)."""
         if self.local is not None:
             self.local.stop(timeout_s=5.0)
             self.local = None
