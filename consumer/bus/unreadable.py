@@ -28,7 +28,7 @@ from aiokafka.errors import CorruptRecordException, KafkaError, UnsupportedCodec
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaConsumer
 
-    from consumer.observability.telemetry import Metrics
+    from consumer.observability.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 from consumer.bus.records import InboundRecord, ReplyRoute
 from consumer.errors import OpstreamError, TopicMissing
-from consumer.observability.telemetry import inject_context
+from consumer.observability.tracing import inject_context
 from consumer.pipeline.outcome import Outcome, RecordPublisher
 from schemas.headers import (
     CHUNK_SEQ,

@@ -31,7 +31,7 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
-from consumer.engine.models import packaged_smollm2
+from consumer.engine.model_files import packaged_smollm2
 
 INVOICE_SCHEMA: dict[str, Any] = {
     "type": "object",

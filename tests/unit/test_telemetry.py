@@ -257,3 +257,23 @@ def test_the_schedulers_capacity_signals_are_exported(telemetry: Telemetry) -> N
     assert found[("opstream_scheduler_running", frozenset())] == 6
     assert found[("opstream_scheduler_slots", frozenset())] == 8
     assert found[("opstream_scheduler_slot_occupancy", frozenset())] == 0.75
+
+
+def test_one_scrape_reads_the_engine_once(telemetry: Telemetry) -> None:
+    """Each scheduler and GPU series comes from the same reading of `engine.info` (on
+    exllamav2 every read queries GPU memory), and the next scrape reads it again."""
+    reads: list[int] = []
+    scheduler = {"slots": 4, "running": 1, "queued_requests": {"batch": 2}, "queued_tokens": {}}
+    gpu = {"index": 0, "name": "T4", "memory_used_bytes": 9, "memory_total_bytes": 16}
+
+    def info() -> EngineInfo:
+        reads.append(1)
+        return EngineInfo("exllamav2", "qwen", True, {"scheduler": scheduler, "gpus": [gpu]})
+
+    telemetry.metrics.set_engine_info_source(info)
+    found = samples(telemetry.prometheus_text().decode())
+    assert found[("opstream_scheduler_slots", frozenset())] == 4
+    assert found[("opstream_gpu_memory_used_bytes", frozenset({("gpu", "0"), ("name", "T4")}))] == 9
+    assert len(reads) == 1
+    telemetry.prometheus_text()
+    assert len(reads) == 2
