@@ -16,8 +16,8 @@ ALL_TENANTS = "*"
 """The tenant name of an override that applies to every tenant (below per-tenant overrides)."""
 UNLIMITED = "unlimited"
 
-Operation = Literal["summarize", "translate", "classify", "chat"]
-QuotaScope = Literal["summarize", "translate", "classify", "chat", "*"]
+Operation = Literal["summarize", "translate", "classify", "chat", "extract"]
+QuotaScope = Literal["summarize", "translate", "classify", "chat", "extract", "*"]
 LimitValue = Annotated[int, Field(ge=0, le=10**15)] | Literal["unlimited"]
 """A daily limit as written on the wire: a count (0 blocks everything) or "unlimited"."""
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -16,6 +16,7 @@ ErrorCode = Literal[
     "deadline_exceeded",
     "overloaded",
     "cancelled",
+    "incomplete_output",
     "internal",
 ]
 HTTP_STATUS: dict[str, int] = {
@@ -27,6 +28,9 @@ HTTP_STATUS: dict[str, int] = {
     "deadline_exceeded": 504,
     "overloaded": 503,
     "cancelled": 499,  # nginx's "client closed request": the requester asked to stop
+    # The output reached max_tokens before the JSON its schema asks for was complete: the
+    # request's budget was too small for it (raise max_tokens, or ask for less).
+    "incomplete_output": 422,
     "internal": 500,
 }
 
@@ -138,6 +142,12 @@ class ChatResult(_Strict):
     finish_reason: Literal["stop", "length"]
 
 
+class ExtractResult(_Strict):
+    """What `extract` found: `data` is valid against the request's schema."""
+
+    data: dict[str, Any]
+
+
 class CancelResult(_Strict):
     """What a `cancel` found: `cancelled` is false when no request of the tenant with that id
     was open here (it finished already, or never came)."""
@@ -147,7 +157,7 @@ class CancelResult(_Strict):
 
 
 Result = Annotated[
-    SummarizeResult | TranslateResult | ClassifyResult | ChatResult | CancelResult,
+    SummarizeResult | TranslateResult | ClassifyResult | ChatResult | ExtractResult | CancelResult,
     Field(union_mode="left_to_right"),
 ]
 

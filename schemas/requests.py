@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -13,6 +13,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
+
+from schemas.structured import SchemaLimits, SchemaProblem, check_json_schema
 
 SCHEMA_VERSION = 1
 
@@ -34,6 +37,9 @@ class OperationLimit(BaseModel):
 
     max_input_chars: int
     max_output_tokens: int
+    schema_limits: SchemaLimits | None = Field(
+        default=None, description="Caps on a JSON Schema the request asks the output to follow."
+    )
 
 
 OPERATION_LIMITS: dict[str, OperationLimit] = {
@@ -41,7 +47,12 @@ OPERATION_LIMITS: dict[str, OperationLimit] = {
     "translate": OperationLimit(max_input_chars=4000, max_output_tokens=512),
     "classify": OperationLimit(max_input_chars=2000, max_output_tokens=64),
     # chat's bounds are settings (consumer.settings.OperationLimits); these are hard caps.
-    "chat": OperationLimit(max_input_chars=200_000, max_output_tokens=32_768),
+    "chat": OperationLimit(
+        max_input_chars=200_000, max_output_tokens=32_768, schema_limits=SchemaLimits()
+    ),
+    "extract": OperationLimit(
+        max_input_chars=8000, max_output_tokens=1024, schema_limits=SchemaLimits()
+    ),
 }
 
 
@@ -164,6 +175,70 @@ class ChatTurn(BaseModel):
     content: str = Field(max_length=OPERATION_LIMITS["chat"].max_input_chars)
 
 
+def _supported_schema(schema: dict[str, Any], operation: str) -> dict[str, Any]:
+    """`schema` if constrained decoding enforces it within the operation's caps; else a
+    validation error naming the JSON pointer and keyword (`schemas.structured`)."""
+    limits = OPERATION_LIMITS[operation].schema_limits or SchemaLimits()
+    try:
+        check_json_schema(schema, limits)
+    except SchemaProblem as problem:
+        raise PydanticCustomError(
+            "json_schema",
+            "{message}",
+            {"message": str(problem), "pointer": problem.pointer, "keyword": problem.keyword},
+        ) from None
+    return schema
+
+
+class JsonSchemaFormat(BaseModel):
+    """`response_format` asking for a JSON object valid against `schema` (constrained
+    decoding). OpenAI's nesting (`{"type": "json_schema", "json_schema": {"name": ...,
+    "schema": {...}, "strict": true}}`) is accepted too."""
+
+    model_config = ConfigDict(extra="forbid", serialize_by_alias=True)
+
+    type: Literal["json_schema"]
+    json_schema: dict[str, Any] = Field(
+        alias="schema", description="JSON Schema of the reply (root type object)."
+    )
+    name: str | None = Field(default=None, max_length=64)
+    strict: bool | None = Field(default=None, description="Accepted; always enforced.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lift_openai_nesting(cls, value: Any) -> Any:
+        if isinstance(value, dict) and isinstance(value.get("json_schema"), dict):
+            nested = value["json_schema"]
+            return {**{k: v for k, v in value.items() if k != "json_schema"}, **nested}
+        return value
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema_is_supported(cls, schema: dict[str, Any]) -> dict[str, Any]:
+        return _supported_schema(schema, "chat")
+
+
+class JsonObjectFormat(BaseModel):
+    """`response_format` asking for any JSON object (constrained decoding)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["json_object"]
+
+
+class TextFormat(BaseModel):
+    """`response_format` asking for plain text (the default)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+
+
+ResponseFormat = Annotated[
+    JsonSchemaFormat | JsonObjectFormat | TextFormat, Field(discriminator="type")
+]
+
+
 class ChatRequest(RequestEnvelope):
     """OpenAI chat-completions shaped request."""
 
@@ -178,6 +253,13 @@ class ChatRequest(RequestEnvelope):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(
         default=None, max_length=4
+    )
+
+    response_format: ResponseFormat | None = Field(
+        default=None,
+        description="OpenAI's: {'type': 'json_schema', 'schema': {...}} or {'type': "
+        "'json_object'} constrain the reply to JSON (the message content is the JSON text); "
+        "{'type': 'text'} is the default.",
     )
 
     @field_validator("stop", mode="before")
@@ -195,8 +277,43 @@ class ChatRequest(RequestEnvelope):
         return sum(len(m.content) for m in self.messages)
 
 
+class ExtractRequest(RequestEnvelope):
+    """Extract from `text` a JSON object valid against `schema`, by constrained decoding."""
+
+    model_config = ConfigDict(serialize_by_alias=True)
+
+    operation: Literal["extract"] = "extract"  # type: ignore[misc]
+    stream: bool = Field(
+        default=False,
+        description="Publish the JSON text as it is generated (StreamChunk records, status "
+        "'chunk') before the final reply, which carries the parsed object.",
+    )
+    text: str = _text_field("extract", "Text to extract from (at most 8000 characters).")  # type: ignore[assignment]
+    json_schema: dict[str, Any] = Field(
+        alias="schema",
+        description="JSON Schema (draft 2020-12 subset; root type object) the result's `data` "
+        "follows. Supported: type, properties, required, additionalProperties, "
+        "patternProperties, min/maxProperties, items, prefixItems, min/maxItems, enum, const, "
+        "min/maxLength, pattern, format (date, time, date-time, duration, email, hostname, "
+        "ipv4, ipv6, uuid, uri), minimum, maximum, exclusiveMinimum/Maximum, multipleOf, "
+        "anyOf, oneOf, allOf, local non-recursive $ref with $defs; annotations (title, "
+        "description, default, examples) are ignored; anything else is refused.",
+    )
+    instructions: str | None = Field(
+        default=None, min_length=1, max_length=2000, description="What to extract, in words."
+    )
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema_is_supported(cls, schema: dict[str, Any]) -> dict[str, Any]:
+        return _supported_schema(schema, "extract")
+
+    def text_chars(self) -> int:
+        return len(self.text) + len(self.instructions or "")
+
+
 OperationRequest = Annotated[
-    SummarizeRequest | TranslateRequest | ClassifyRequest | ChatRequest,
+    SummarizeRequest | TranslateRequest | ClassifyRequest | ChatRequest | ExtractRequest,
     Field(discriminator="operation"),
 ]
 OPERATIONS: tuple[str, ...] = tuple(OPERATION_LIMITS)
@@ -215,5 +332,5 @@ class CancelRequest(BaseModel):
 
 
 operation_request_adapter: TypeAdapter[
-    SummarizeRequest | TranslateRequest | ClassifyRequest | ChatRequest
+    SummarizeRequest | TranslateRequest | ClassifyRequest | ChatRequest | ExtractRequest
 ] = TypeAdapter(OperationRequest)
