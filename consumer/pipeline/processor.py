@@ -16,7 +16,6 @@ from consumer.bus.records import (
     InboundRecord,
     ReplyRoute,
     record_fingerprint,
-    reply_route,
     signed_routing,
 )
 from consumer.engine.base import (
@@ -43,17 +42,13 @@ from consumer.pipeline.cancels import Serving, ServingRequests
 from consumer.pipeline.checks import (
     check_deadline,
     check_placement,
-    home_partition,
     work_key,
     work_of,
 )
 from consumer.pipeline.decode import (
     body_digest,
-    body_route,
-    decode_object,
     parse_cancel,
     parse_request,
-    str_or_none,
 )
 from consumer.pipeline.outcome import BrokerUnavailable, Outcome, RecordPublisher
 from consumer.pipeline.respond import (
@@ -64,6 +59,7 @@ from consumer.pipeline.respond import (
     replayed_reply,
     reply_json,
 )
+from consumer.pipeline.routing import DeadLetter, Forward, route_record
 from consumer.pipeline.stream import ChunkStream
 from consumer.quota.ledger import (
     AnsweredBefore,
@@ -74,9 +70,8 @@ from consumer.quota.ledger import (
 )
 from consumer.quota.store import QuotaStore
 from consumer.settings import OperationLimits, StreamSettings
-from schemas.headers import REPLY_TO, VERSION_HEADER
+from schemas.headers import VERSION_HEADER
 from schemas.replies import CancelResult, OperationReply
-from schemas.requests import OPERATIONS
 from topics.catalog import TopicSettings
 
 log = logging.getLogger(__name__)
@@ -164,56 +159,39 @@ class RequestProcessor:
             metrics.observe_stages(operation, outcome.stages.as_fields())
 
     async def handle(self, record: InboundRecord) -> Outcome:
-        """DESIGN's flow for one record; raises only when the broker is unreachable."""
+        """DESIGN's steps 0-5 for one record (`route_record` decides 0-2, this carries the
+        decision out); raises only when the broker is unreachable. Steps 6-7 follow in the
+        intake (see the end)."""
         outcome = Outcome(record=record, status="error")
         outcome.stages.bus_ms = max(0.0, record.received_at * 1000 - record.timestamp_ms)
 
-        # 0. A record on another partition than its tenant's moves there first (quotas and
-        #    the replay guard count per partition).
-        if self._quota is not None:
-            home = home_partition(record, self._topics.request_partitions)
-            if home is not None:
-                await self._out.forward(record, home, outcome)
-                return outcome
-
-        # 1. Decode. What cannot be read goes to the DLQ (with an error reply if it can).
-        route = reply_route(record, self._topics.replies)
-        outcome.correlation_id = route.correlation_id if route else None
-        body, undecodable = decode_object(record.value)
-        if body is None:
-            await self._out.dead_letter(record, f"undecodable: {undecodable}", outcome)
-            if route is not None and self._topics.reply_topic_allowed(route.topic):
-                problem = ValidationFailed(f"body is not a JSON object: {undecodable}")
+        decision = route_record(
+            record,
+            self._topics,
+            tenant_partitions=self._topics.request_partitions if self._quota is not None else None,
+        )
+        if isinstance(decision, Forward):
+            await self._out.forward(record, decision.partition, outcome)
+            return outcome
+        outcome.correlation_id = decision.correlation_id
+        outcome.tenant_id = decision.tenant_id
+        outcome.operation = decision.operation
+        if isinstance(decision, DeadLetter):
+            await self._out.dead_letter(record, decision.reason, outcome)
+            if decision.answer_to is not None:
+                problem = ValidationFailed(decision.problem or decision.reason)
                 await self._out.reply(
-                    route, record.key, error_reply(problem, outcome, self._clock())
+                    decision.answer_to, record.key, error_reply(problem, outcome, self._clock())
                 )
-                outcome.reply_topic = route.topic
+                outcome.reply_topic = decision.answer_to.topic
                 outcome.status = "dlq"
             return outcome
-        outcome.tenant_id = str_or_none(body.get("tenant_id"), 128)
-        operation = body.get("operation")
-        outcome.operation = operation if operation in OPERATIONS else None
-        if route is None:
-            request_id = str_or_none(body.get("request_id"), 128)
-            route = body_route(record, request_id, self._topics.replies)
-            outcome.correlation_id = request_id
-
-        # 2. Where the answer goes must be allowed, and there must be a way to match it.
-        reply_to = route.topic if route else record.header(REPLY_TO) or self._topics.replies
-        if not self._topics.reply_topic_allowed(reply_to):
-            reason = f"reply_to topic '{reply_to[:200]}' is not allowed"
-            await self._out.dead_letter(record, reason, outcome)
-            return outcome
-        if route is None:
-            await self._out.dead_letter(
-                record, "no correlation_id header and no request_id", outcome
-            )
-            return outcome
+        route, body = decision.route, decision.body
         outcome.reply_topic = route.topic
 
         # 2-4. Validate, authenticate, reserve quota, run: every failure is an error reply.
         #      A cancel is not run: it stops a request of its tenant that this instance serves.
-        if body.get("operation") == "cancel":
+        if decision.is_cancel:
             reply: OperationReply | bytes | None = await self._cancel(record, body, outcome)
         else:
             reply = await self._serve(record, body, route, outcome)
@@ -228,6 +206,9 @@ class RequestProcessor:
             reason = f"reply topic {route.topic[:200]!r} missing"
             await self._out.dead_letter(record, reason, outcome)
             outcome.status, outcome.error_code = status, code  # served (and charged) all the same
+        # 6-7 happen after this returns, in the intake: it makes the outcome durable
+        # (usage/durability.py: the quota settlement persisted, the usage row on disk) and
+        # then commits the offset up to the lowest unfinished record (intake/flow.py).
         return outcome
 
     async def _serve(
