@@ -7,7 +7,6 @@ partitions, 503 before. Bodies are JSON; see `HealthReporter.health` and `.ready
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -19,6 +18,7 @@ from faststream.asgi import AsgiResponse, get
 from faststream.asgi.types import Scope
 
 from consumer.engine.base import EngineInfo
+from consumer.json_response import json_response
 
 logger = logging.getLogger(__name__)
 
@@ -201,26 +201,17 @@ def gpu_state(info: EngineInfo | None) -> dict[str, Any]:
         return {"available": False, "source": "torch", "error": str(exc)}
 
 
-def _json_response(body: dict[str, Any], status_code: int) -> AsgiResponse:
-    payload = json.dumps(body, default=str).encode()
-    return AsgiResponse(
-        payload,
-        status_code=status_code,
-        headers={"Content-Type": "application/json", "Cache-Control": "no-store"},
-    )
-
-
 def health_routes(reporter: HealthReporter) -> list[tuple[str, Any]]:
     """`[("/health", …), ("/ready", …)]` for `AsgiFastStream(broker, asgi_routes=…)`."""
 
     @get(include_in_schema=False, description="Liveness: process, model, GPU and broker state")
     async def health(scope: Scope) -> AsgiResponse:
         body = reporter.health()
-        return _json_response(body, 503 if body["status"] == "unhealthy" else 200)
+        return json_response(body, 503 if body["status"] == "unhealthy" else 200)
 
     @get(include_in_schema=False, description="Readiness: model loaded and partitions assigned")
     async def ready(scope: Scope) -> AsgiResponse:
         is_ready, body = reporter.ready()
-        return _json_response(body, 200 if is_ready else 503)
+        return json_response(body, 200 if is_ready else 503)
 
     return [("/health", health), ("/ready", ready)]

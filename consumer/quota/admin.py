@@ -12,8 +12,9 @@ from aiokafka.errors import KafkaError
 from faststream.asgi import AsgiResponse, HttpHandler, Request
 from faststream.asgi.request import AsgiRequest, ClientDisconnectError
 from faststream.asgi.types import Receive, Scope, Send
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
+from consumer.json_response import json_response
 from consumer.quota.control import LimitCommandPublisher, LimitFollower
 from consumer.quota.limits import KEEP, Keep, OverrideValue, merge_override, remaining
 from consumer.quota.store import QuotaStore
@@ -43,16 +44,6 @@ class _HttpError(Exception):
         self.detail = detail
 
 
-def _json(
-    model: BaseModel, status: int = 200, headers: dict[str, str] | None = None
-) -> AsgiResponse:
-    return AsgiResponse(
-        model.model_dump_json().encode(),
-        status,
-        {"Content-Type": "application/json", **(headers or {})},
-    )
-
-
 class AdminHandler(HttpHandler):
     """FastStream's HTTP handler, answering a method it does not serve with a JSON error."""
 
@@ -66,7 +57,9 @@ class AdminHandler(HttpHandler):
             await super().__call__(scope, receive, send)
             return
         allow = {"Allow": ", ".join(self.methods)}
-        await _json(ErrorResponse(error="method not allowed"), 405, allow)(scope, receive, send)
+        await json_response(ErrorResponse(error="method not allowed"), 405, allow)(
+            scope, receive, send
+        )
 
 
 def _query(request: AsgiRequest, name: str) -> str | None:
@@ -132,7 +125,9 @@ class LimitsAdminApi:
             return await handler(request)
         except _HttpError as exc:
             headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-            return _json(ErrorResponse(error=exc.error, detail=exc.detail), exc.status, headers)
+            return json_response(
+                ErrorResponse(error=exc.error, detail=exc.detail), exc.status, headers
+            )
 
     def _authorize(self, request: AsgiRequest) -> None:
         if self.admin_key is None:
@@ -149,7 +144,7 @@ class LimitsAdminApi:
     # ── handlers ──
 
     async def _get_limits(self, request: AsgiRequest) -> AsgiResponse:
-        return _json(self._limits_response(_query(request, "tenant_id")))
+        return json_response(self._limits_response(_query(request, "tenant_id")))
 
     async def _put_limits(self, request: AsgiRequest) -> AsgiResponse:
         body = await _read_body(request)
@@ -193,7 +188,7 @@ class LimitsAdminApi:
                 await self.follower.wait_applied(partition, offset, timeout_s=10.0)
             except TimeoutError as exc:
                 raise _HttpError(504, "limit published but not applied here yet") from exc
-        return _json(self._limits_response(update.tenant_id))
+        return json_response(self._limits_response(update.tenant_id))
 
     async def _get_usage(self, request: AsgiRequest) -> AsgiResponse:
         try:
@@ -201,7 +196,7 @@ class LimitsAdminApi:
         except (KafkaError, TimeoutError) as exc:
             log.error("quota_admin_usage_failed", extra={"error": repr(exc)[:300]})
             raise _HttpError(503, "state topic unavailable", repr(exc)) from exc
-        return _json(
+        return json_response(
             UsageResponse(
                 usage=[
                     OperationUsage(
