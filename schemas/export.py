@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, TypeAdapter
 
-from schemas.limits import QuotaCharge, ResetUsage, SetLimits
+from schemas.quota import QuotaCharge, ResetUsage, SetLimits
 from schemas.replies import OperationReply, StreamChunk
 from schemas.requests import (
     CancelRequest,

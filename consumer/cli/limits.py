@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from consumer.bus.connection import KafkaConnection
 from consumer.cli.table import print_table
 from consumer.quota.days import day_of
-from consumer.quota.limits import (
+from consumer.quota.limit_book import (
     KEEP,
     Keep,
     LimitBook,
@@ -23,7 +23,7 @@ from consumer.quota.limits import (
     merge_override,
 )
 from consumer.settings import Settings
-from schemas.limits import ALL_TENANTS, TOTAL, UNLIMITED
+from schemas.quota import ALL_TENANTS, TOTAL, UNLIMITED
 from schemas.requests import OPERATIONS
 
 _SCOPES = (*OPERATIONS, TOTAL)

@@ -8,14 +8,22 @@ from consumer.operations.classify import Classify
 from consumer.operations.summarize import Summarize
 from consumer.operations.translate import Translate
 
-OPERATIONS: dict[str, Operation] = {
+OPERATIONS_BY_NAME: dict[str, Operation] = {
     op.name: op for op in (Summarize(), Translate(), Classify(), Chat())
 }
 
 
 def operation_of(request: AnyRequest) -> Operation:
     """The operation that serves `request`."""
-    return OPERATIONS[request.operation]
+    return OPERATIONS_BY_NAME[request.operation]
 
 
-__all__ = ["OPERATIONS", "AnyRequest", "Operation", "Prompt", "Result", "Served", "operation_of"]
+__all__ = [
+    "OPERATIONS_BY_NAME",
+    "AnyRequest",
+    "Operation",
+    "Prompt",
+    "Result",
+    "Served",
+    "operation_of",
+]

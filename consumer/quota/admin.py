@@ -16,10 +16,10 @@ from pydantic import ValidationError
 
 from consumer.json_response import json_response
 from consumer.quota.control import LimitCommandPublisher, LimitFollower
-from consumer.quota.limits import KEEP, Keep, OverrideValue, merge_override, remaining
+from consumer.quota.limit_book import KEEP, Keep, OverrideValue, merge_override, remaining
 from consumer.quota.store import QuotaStore
 from consumer.settings import Settings
-from schemas.limits import (
+from schemas.quota import (
     ALL_TENANTS,
     TOTAL,
     ErrorResponse,

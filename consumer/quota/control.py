@@ -14,8 +14,8 @@ from pydantic import TypeAdapter, ValidationError
 
 from consumer.bus.connection import KafkaConnection
 from consumer.bus.topic_reader import read_to_end, standalone_consumer, topic_partitions
-from consumer.quota.limits import LimitBook, LimitDefaults, Override, OverrideValue
-from schemas.limits import (
+from consumer.quota.limit_book import LimitBook, LimitDefaults, Override, OverrideValue
+from schemas.quota import (
     CONTROL_LIMITS_KEY,
     LIMIT_COMMAND_KINDS,
     LimitCommand,

@@ -8,8 +8,8 @@ from datetime import date, datetime, timedelta, tzinfo
 
 from consumer.errors import DuplicateRequest
 from consumer.quota.days import day_of, resets_at
-from consumer.quota.limits import LimitBook, Usage, first_trip, quota_exceeded
-from schemas.limits import TOTAL, QuotaCharge, charge_key
+from consumer.quota.limit_book import LimitBook, Usage, first_trip, quota_exceeded
+from schemas.quota import TOTAL, QuotaCharge, charge_key
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,7 @@ from aiokafka import AIOKafkaProducer
 from consumer.bus.connection import KafkaConnection
 from consumer.quota.admin import AdminHandler, admin_routes
 from consumer.quota.control import LimitCommandPublisher, LimitFollower
-from consumer.quota.limits import LimitBook, limit_defaults
+from consumer.quota.limit_book import LimitBook, limit_defaults
 from consumer.quota.store import DayClock, QuotaStore, make_state_producer, offset_clock
 from consumer.settings import Settings
 

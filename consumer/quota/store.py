@@ -22,10 +22,10 @@ from consumer.bus.topic_reader import (
 from consumer.errors import InfrastructureError
 from consumer.quota.days import day_of, resets_at
 from consumer.quota.ledger import ChargeKey, QuotaLedger, Reservation
-from consumer.quota.limits import DailyCap, LimitBook, Usage
+from consumer.quota.limit_book import DailyCap, LimitBook, Usage
 from consumer.quota.partitions import partition_for_tenant
 from consumer.settings.quota import QuotaSettings
-from schemas.limits import TOTAL, QuotaCharge
+from schemas.quota import TOTAL, QuotaCharge
 from schemas.requests import OPERATIONS
 
 log = logging.getLogger(__name__)

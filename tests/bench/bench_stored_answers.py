@@ -15,9 +15,9 @@ from zoneinfo import ZoneInfo
 
 from consumer.bus.connection import KafkaConnection
 from consumer.quota.ledger import QuotaLedger
-from consumer.quota.limits import LimitBook, limit_defaults
+from consumer.quota.limit_book import LimitBook, limit_defaults
 from consumer.settings.quota import QuotaSettings
-from schemas.limits import QuotaCharge
+from schemas.quota import QuotaCharge
 
 
 def charge_records(requests: int, reply_bytes: int) -> list[bytes]:

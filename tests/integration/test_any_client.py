@@ -20,7 +20,7 @@ import pytest
 import pytest_asyncio
 from aiokafka.partitioner import murmur2
 
-from schemas.limits import QuotaCharge
+from schemas.quota import QuotaCharge
 from tests.support.harness import (
     Broker,
     ConsumerProcess,

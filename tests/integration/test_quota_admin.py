@@ -29,7 +29,7 @@ from consumer.quota import (
     make_state_producer,
     partition_for_tenant,
 )
-from consumer.quota.limits import limit_defaults
+from consumer.quota.limit_book import limit_defaults
 from consumer.settings import KafkaSettings, OperationLimits, TopicSettings
 from tests.support.harness import (
     FETCH_MAX_WAIT_MS,

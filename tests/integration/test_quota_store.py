@@ -24,7 +24,7 @@ from consumer.quota import (
     make_state_producer,
     partition_for_tenant,
 )
-from consumer.quota.limits import limit_defaults
+from consumer.quota.limit_book import limit_defaults
 from tests.support.harness import FETCH_MAX_WAIT_MS, Broker, create_topic, unique_topic
 from tests.support.waiting import wait_until
 

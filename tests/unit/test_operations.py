@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consumer.operations import OPERATIONS
+from consumer.operations import OPERATIONS_BY_NAME
 from consumer.operations.base import output_budget
 from consumer.operations.chat import chat_prompt
 from consumer.operations.classify import classify_prompt, normalise_label_scores
@@ -86,8 +86,8 @@ def test_output_budget_uses_defaults_and_caps() -> None:
 def test_every_operation_of_the_contract_has_one_module() -> None:
     from schemas.requests import OPERATION_LIMITS
 
-    assert set(OPERATIONS) == set(OPERATION_LIMITS)
-    assert all(op.name == name for name, op in OPERATIONS.items())
+    assert set(OPERATIONS_BY_NAME) == set(OPERATION_LIMITS)
+    assert all(op.name == name for name, op in OPERATIONS_BY_NAME.items())
 
 
 @pytest.mark.parametrize(

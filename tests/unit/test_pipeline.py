@@ -419,7 +419,7 @@ def quota_processor(requests_per_day: int = 10) -> tuple[RequestProcessor, Memor
     from zoneinfo import ZoneInfo
 
     from consumer.quota.ledger import QuotaLedger
-    from consumer.quota.limits import LimitBook, limit_defaults
+    from consumer.quota.limit_book import LimitBook, limit_defaults
     from consumer.quota.store import QuotaStore
     from consumer.settings.quota import QuotaSettings
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from consumer.errors import QuotaExceeded
 from consumer.quota.days import day_of, day_start, resets_at
 from consumer.quota.ledger import Charge, QuotaLedger, Reservation
-from consumer.quota.limits import (
+from consumer.quota.limit_book import (
     KEEP,
     DailyCap,
     LimitBook,
@@ -27,7 +27,7 @@ from consumer.quota.limits import (
 )
 from consumer.quota.partitions import partition_for_tenant
 from consumer.settings.quota import QuotaSettings
-from schemas.limits import QuotaCharge
+from schemas.quota import QuotaCharge
 from schemas.replies import HTTP_STATUS
 
 UTC_ZONE = ZoneInfo("UTC")

@@ -8,8 +8,8 @@ import pytest
 from pydantic import ValidationError
 
 from consumer.quota import LimitBook, QuotaSettings, apply_control_record
-from consumer.quota.limits import limit_defaults
-from schemas.limits import (
+from consumer.quota.limit_book import limit_defaults
+from schemas.quota import (
     QuotaCharge,
     ResetUsage,
     SetLimits,

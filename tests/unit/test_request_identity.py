@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from consumer.errors import DuplicateRequest, QuotaExceeded
 from consumer.quota.ledger import AnsweredBefore, QuotaLedger, RepeatedRecord
-from consumer.quota.limits import DailyCap, LimitBook, LimitDefaults
+from consumer.quota.limit_book import DailyCap, LimitBook, LimitDefaults
 
 NOON = datetime(2025, 3, 10, 12, 0, tzinfo=UTC)
 

@@ -15,7 +15,7 @@ from consumer.quota.ledger import QuotaLedger
 from consumer.quota.store import QuotaStore
 from consumer.usage.rows import usage_row
 from schemas.headers import CORRELATION_ID, REPLAYED
-from schemas.limits import QuotaCharge
+from schemas.quota import QuotaCharge
 from schemas.replies import OperationReply
 from tests.support.fake_engine import FakeEngine
 from tests.support.waiting import wait_until

@@ -10,7 +10,7 @@ from typing import Literal
 from consumer.errors import QuotaExceeded
 from consumer.quota.days import resets_at
 from consumer.settings.quota import QuotaSettings
-from schemas.limits import ALL_TENANTS, TOTAL, UNLIMITED
+from schemas.quota import ALL_TENANTS, TOTAL, UNLIMITED
 
 Metric = Literal["requests", "tokens"]
 OverrideValue = int | Literal["unlimited"] | None
