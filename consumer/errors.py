@@ -101,6 +101,18 @@ class RequestCancelled(OpstreamError):
     code = "cancelled"
 
 
+class IncompleteOutput(OpstreamError):
+    """The output reached `max_tokens` before the JSON its schema asks for was complete
+    (HTTP 422): the model ran, and what it generated is charged."""
+
+    code = "incomplete_output"
+
+    def __init__(self, message: str, *, input_tokens: int, output_tokens: int) -> None:
+        super().__init__(message)
+        self.input_tokens = input_tokens
+        self.output_tokens = output_tokens
+
+
 class InternalError(OpstreamError):
     """Something failed on our side while serving the request (HTTP 500)."""
 

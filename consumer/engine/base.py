@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from consumer.engine.grammar.constraint import JsonConstraint
 
 Priority = Literal["interactive", "batch"]
 PRIORITIES: tuple[Priority, ...] = ("interactive", "batch")
@@ -49,6 +52,9 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     work: WorkTag = field(default_factory=WorkTag)
+    # The output must be JSON following it (constrained decoding, consumer.engine.grammar);
+    # generation ends when the JSON is complete.
+    constraint: JsonConstraint | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,11 +5,12 @@ from __future__ import annotations
 from consumer.operations.base import AnyRequest, Operation, Prompt, Result, Served
 from consumer.operations.chat import Chat
 from consumer.operations.classify import Classify
+from consumer.operations.extract import Extract
 from consumer.operations.summarize import Summarize
 from consumer.operations.translate import Translate
 
 OPERATIONS_BY_NAME: dict[str, Operation] = {
-    op.name: op for op in (Summarize(), Translate(), Classify(), Chat())
+    op.name: op for op in (Summarize(), Translate(), Classify(), Chat(), Extract())
 }
 
 

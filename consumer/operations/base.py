@@ -11,17 +11,24 @@ from typing import Any, Protocol
 
 from consumer.engine.base import ChatMessage, Engine, Generation, GenerationRequest, WorkTag
 from consumer.settings import OperationLimits
-from schemas.replies import ChatResult, ClassifyResult, SummarizeResult, TranslateResult
+from schemas.replies import (
+    ChatResult,
+    ClassifyResult,
+    ExtractResult,
+    SummarizeResult,
+    TranslateResult,
+)
 from schemas.requests import (
     OPERATION_LIMITS,
     ChatRequest,
     ClassifyRequest,
+    ExtractRequest,
     SummarizeRequest,
     TranslateRequest,
 )
 
-AnyRequest = SummarizeRequest | TranslateRequest | ClassifyRequest | ChatRequest
-Result = SummarizeResult | TranslateResult | ClassifyResult | ChatResult
+AnyRequest = SummarizeRequest | TranslateRequest | ClassifyRequest | ChatRequest | ExtractRequest
+Result = SummarizeResult | TranslateResult | ClassifyResult | ChatResult | ExtractResult
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,8 +61,8 @@ class Served:
 
 
 class Operation(Protocol):
-    """One operation of the contract (`summarize`, `translate`, `classify`, `chat`); its
-    methods take that operation's request model."""
+    """One operation of the contract (`summarize`, `translate`, `classify`, `chat`,
+    `extract`); its methods take that operation's request model."""
 
     name: str
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from consumer.engine.base import ChatMessage, Engine, GenerationRequest
+from consumer.engine.base import ChatMessage, Engine, Generation, GenerationRequest
 from consumer.errors import ValidationFailed
 from consumer.operations.base import Prompt, Served, generate, output_budget
+from consumer.operations.structured import (
+    generate_json,
+    parse_json_output,
+    response_constraint,
+)
 from consumer.settings import OperationLimits
 from schemas.replies import AssistantMessage, ChatResult, FieldError
 from schemas.requests import ChatRequest
@@ -19,6 +24,7 @@ def chat_prompt(request: ChatRequest, max_tokens: int) -> GenerationRequest:
         temperature=request.temperature,
         top_p=request.top_p,
         stop=tuple(request.stop or ()),
+        constraint=response_constraint(request),
     )
 
 
@@ -65,10 +71,18 @@ class Chat:
         return Prompt(generation.messages, generation.max_tokens, generation=generation)
 
     async def serve(self, engine: Engine, request: ChatRequest, prompt: Prompt) -> Served:
-        return await generate(
-            engine,
-            prompt,
-            lambda g: ChatResult(
-                message=AssistantMessage(content=g.text), finish_reason=g.finish_reason
-            ),
-        )
+        def shape(generation: Generation) -> ChatResult:
+            return ChatResult(
+                message=AssistantMessage(content=generation.text),
+                finish_reason=generation.finish_reason,
+            )
+
+        if request.response_format is None or request.response_format.type == "text":
+            return await generate(engine, prompt, shape)
+
+        def shape_json(generation: Generation) -> ChatResult:
+            # The content is the JSON text as generated (what the stream's chunks add up to).
+            parse_json_output(generation, prompt.max_tokens)
+            return shape(generation)
+
+        return await generate_json(engine, prompt, shape_json, ["response_format", "schema"])

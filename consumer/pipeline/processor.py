@@ -28,6 +28,7 @@ from consumer.engine.base import (
 from consumer.errors import (
     DeadlineExceeded,
     DuplicateRequest,
+    IncompleteOutput,
     InProgress,
     InternalError,
     OpstreamError,
@@ -294,6 +295,14 @@ class RequestProcessor:
                 self._telemetry.metrics.count_quota_rejection(
                     outcome.operation or "unknown", str(exc.details.get("limit_name") or "")
                 )
+            return error_reply(exc, outcome, self._clock())
+        except IncompleteOutput as exc:
+            # The model ran to max_tokens: what it generated is charged, as for an ok reply.
+            outcome.input_tokens, outcome.output_tokens = exc.input_tokens, exc.output_tokens
+            outcome.model = self._model_name
+            if engine_started is not None:
+                outcome.stages.engine_ms = (time.perf_counter() - engine_started) * 1000
+            self._settle(outcome, exc.input_tokens, exc.output_tokens, exc.code, ran=True)
             return error_reply(exc, outcome, self._clock())
         # What never reached the model is released (README, Quotas); what did is charged.
         except OpstreamError as exc:
