@@ -30,7 +30,7 @@ from consumer.observability.console import log_request_finished
 from consumer.observability.health import HealthReporter, health_routes
 from consumer.observability.logging import FASTSTREAM_LOGGER
 from consumer.observability.telemetry import Telemetry
-from consumer.pipeline import RequestProcessor
+from consumer.pipeline.processor import RequestProcessor
 from consumer.quota.runtime import QuotaRuntime
 from consumer.quota.store import DayClock
 from consumer.settings import Settings

@@ -1,24 +1,24 @@
 """Tenant authentication: the keys that verify signed requests, `opstream keys`.
 
-The signing scheme itself is part of the contract: `schemas.signing`.
+The signing scheme itself is part of the contract: `schemas.signing`. Names are imported
+from their modules on first use (PEP 562), so importing the package stays cheap.
 """
 
-from consumer.auth.keys import (
-    AuthSettings,
-    KeyRing,
-    SettingsWithAuth,
-    TenantKey,
-    append_key,
-    auth_required,
-    read_keys_file,
-)
+from __future__ import annotations
 
-__all__ = [
-    "AuthSettings",
-    "KeyRing",
-    "SettingsWithAuth",
-    "TenantKey",
-    "append_key",
-    "auth_required",
-    "read_keys_file",
-]
+from consumer.lazy import lazy_exports
+
+_EXPORTS: dict[str, str] = {
+    "AuthSettings": "consumer.settings.auth",
+    "KeyRing": "consumer.auth.keys",
+    "SettingsWithAuth": "consumer.auth.keys",
+    "TenantKey": "consumer.settings.auth",
+    "append_key": "consumer.auth.keys",
+    "auth_required": "consumer.auth.keys",
+    "read_keys_file": "consumer.auth.keys",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -86,12 +86,22 @@ def route_record(
         request_id = str_or_none(body.get("request_id"), 128)
         route = body_route(record, request_id, topics.replies)
         correlation_id = request_id
-    learned = {"correlation_id": correlation_id, "tenant_id": tenant_id, "operation": operation}
 
     # 2. Where the answer goes must be allowed, and there must be a way to match it.
     reply_to = route.topic if route else record.header(REPLY_TO) or topics.replies
-    if not topics.reply_topic_allowed(reply_to):
-        return DeadLetter(reason=f"reply_to topic '{reply_to[:200]}' is not allowed", **learned)
-    if route is None:
-        return DeadLetter(reason="no correlation_id header and no request_id", **learned)
-    return Serve(route=route, body=body, **learned)
+    if not topics.reply_topic_allowed(reply_to) or route is None:
+        reason = (
+            "no correlation_id header and no request_id"
+            if topics.reply_topic_allowed(reply_to)
+            else f"reply_to topic '{reply_to[:200]}' is not allowed"
+        )
+        return DeadLetter(
+            reason=reason, correlation_id=correlation_id, tenant_id=tenant_id, operation=operation
+        )
+    return Serve(
+        route=route,
+        body=body,
+        correlation_id=correlation_id,
+        tenant_id=tenant_id,
+        operation=operation,
+    )
