@@ -13,9 +13,10 @@ _EXPORTS: dict[str, str] = {
     "KeyRing": "consumer.auth.keys",
     "SettingsWithAuth": "consumer.auth.keys",
     "TenantKey": "consumer.settings.auth",
-    "append_key": "consumer.auth.keys",
+    "append_key": "consumer.auth.keys_file",
     "auth_required": "consumer.auth.keys",
-    "read_keys_file": "consumer.auth.keys",
+    "is_private": "consumer.auth.keys_file",
+    "read_keys_file": "consumer.auth.keys_file",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -11,14 +11,10 @@ from pathlib import Path
 
 from pydantic import SecretStr, ValidationError
 
-from consumer.auth.keys import (
-    SettingsWithAuth,
-    TenantKey,
-    append_key,
-    is_private,
-    read_keys_file,
-)
+from consumer.auth.keys import SettingsWithAuth
+from consumer.auth.keys_file import append_key, is_private, read_keys_file
 from consumer.cli.table import print_table
+from consumer.settings.auth import TenantKey
 from schemas.headers import SIGNATURE_HEADERS
 from schemas.signing import ID_PATTERN, SCHEME
 
