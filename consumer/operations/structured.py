@@ -38,7 +38,8 @@ def parse_json_output(generation: Generation, max_tokens: int) -> dict[str, Any]
             f"the output reached max_tokens ({max_tokens}) before its JSON was complete; "
             "raise max_tokens or ask for less"
             if generation.finish_reason == "length"
-            else "the output ended before its JSON was complete"
+            else "the output ended before its JSON was complete (a stop string, or the "
+            "grammar engine's per-step limit)"
         )
         raise IncompleteOutput(
             reason,

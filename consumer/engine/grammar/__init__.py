@@ -9,7 +9,7 @@ sampled token and stops when it is `complete`.
 
 from consumer.engine.grammar.compiler import CacheStats, GrammarCache, closed_objects
 from consumer.engine.grammar.constraint import JsonConstraint
-from consumer.engine.grammar.errors import GrammarFailed, GrammarRefused
+from consumer.engine.grammar.errors import GrammarRefused
 from consumer.engine.grammar.masking import allowed_tokens, mask_numpy, mask_torch_rows
 from consumer.engine.grammar.matcher import SequenceMatcher, TokenMask
 from consumer.engine.grammar.vocabulary import GrammarVocabulary
@@ -17,7 +17,6 @@ from consumer.engine.grammar.vocabulary import GrammarVocabulary
 __all__ = [
     "CacheStats",
     "GrammarCache",
-    "GrammarFailed",
     "GrammarRefused",
     "GrammarVocabulary",
     "JsonConstraint",

@@ -1,5 +1,4 @@
-"""Why constrained decoding could not run: a schema the grammar engine refuses, or a matcher
-that failed mid-generation."""
+"""Why constrained decoding could not run: a schema the grammar engine refuses."""
 
 from __future__ import annotations
 
@@ -9,14 +8,6 @@ from consumer.engine.base import EngineError
 class GrammarRefused(EngineError):
     """The grammar engine cannot compile the request's schema (unsatisfiable, too complex);
     the request's fault, answered `validation`."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, retryable=False)
-
-
-class GrammarFailed(EngineError):
-    """A sequence's matcher stopped accepting tokens while generating (a per-step resource
-    limit of the grammar engine was hit)."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message, retryable=False)

@@ -40,6 +40,13 @@ class GrammarVocabulary:
         return cls(tokenizer, stops)
 
     @classmethod
+    def from_llamacpp_model(cls, model: Any, stop_ids: Iterable[int]) -> GrammarVocabulary:
+        """From a loaded llama.cpp model handle (`llama_model_load_from_file`)."""
+        import llama_cpp
+
+        return cls.from_llamacpp(llama_cpp.llama_model_get_vocab(model), stop_ids)
+
+    @classmethod
     def from_tokenizer_json(
         cls, path: Path, stop_ids: Iterable[int], n_vocab: int | None = None
     ) -> GrammarVocabulary:

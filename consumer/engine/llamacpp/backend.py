@@ -11,6 +11,7 @@ every token of a scored candidate.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from itertools import count
@@ -26,6 +27,7 @@ from consumer.engine.base import (
     Scores,
 )
 from consumer.engine.chat_template import ChatTemplate, ChatTemplateError, end_of_turn_token
+from consumer.engine.grammar import GrammarCache, GrammarVocabulary
 from consumer.engine.llamacpp.native import Context, Model, Token
 from consumer.engine.llamacpp.sampling import Sampler, derive_seed, token_logprob
 from consumer.engine.llamacpp.text import TextStream
@@ -196,6 +198,8 @@ class LlamaCppBackend:
         self._cached: list[list[int]] = [[] for _ in range(slots + spare)]
         self._paused: set[int] = set()  # sequences whose cells a paused job will resume from
         self.reused_tokens = 0  # prompt tokens not computed again thanks to a slot's cache
+        self._grammar_cache: GrammarCache | None = None  # see `grammars`
+        self._grammar_lock = threading.Lock()
         # Unset n_threads: the count that measures fastest on this (maybe shared) CPU.
         self._threads = ThreadTuner(
             (n_threads,) if n_threads else thread_choices(self._context.threads)
@@ -234,6 +238,19 @@ class LlamaCppBackend:
         # A prompt needs room for one token; a budget beyond the window ends at the window
         # ("length"), as llama.cpp's own completion does.
         self._check_fits(prompt_ids, 1, "one generated token")
+        if request.constraint is not None:
+            # Compiled (or found cached) here, on the caller's thread: a schema the grammar
+            # engine refuses never queues.
+            self.grammars().compile(request.constraint)
+
+    def grammars(self) -> GrammarCache:
+        """JSON grammars compiled for this model's vocabulary (built at first use, ~0.4 s)."""
+        with self._grammar_lock:
+            if self._grammar_cache is None:
+                stops = {*self._model.end_of_generation_tokens(), self.end_of_turn_id}
+                vocabulary = GrammarVocabulary.from_llamacpp_model(self._model.handle, stops)
+                self._grammar_cache = GrammarCache(vocabulary)
+            return self._grammar_cache
 
     def check_score(self, prompt_ids: list[int], candidates: list[list[int]]) -> None:
         if not candidates:
@@ -252,6 +269,7 @@ class LlamaCppBackend:
             "threads": self._threads.current,
             "reused_prompt_tokens": self.reused_tokens,
             "thread_choices": list(self._threads.choices),
+            "grammar_cache": None if self._grammar_cache is None else self._grammar_cache.details(),
         }
 
     # -- the scheduler's thread ---------------------------------------------------------
@@ -413,7 +431,16 @@ class LlamaCppBackend:
         if seed is None:
             seed = derive_seed(self._seed, next(self._jobs))
         return _Generating(
-            sampler=Sampler(temperature=request.temperature, top_p=request.top_p, seed=seed),
+            sampler=Sampler(
+                temperature=request.temperature,
+                top_p=request.top_p,
+                seed=seed,
+                grammar=(
+                    None
+                    if request.constraint is None
+                    else self.grammars().matcher(request.constraint)
+                ),
+            ),
             text=TextStream(request.stop),
             started_at=time.perf_counter(),
         )
@@ -456,6 +483,9 @@ class LlamaCppBackend:
         text = state.text.feed(self._model.piece(token))
         finish: FinishReason | None = None
         if state.text.stopped:
+            finish = "stop"
+        elif state.sampler.complete:  # the JSON its grammar asks for is whole
+            text += state.text.finish()
             finish = "stop"
         elif (
             len(state.generated) >= request.max_tokens

@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
+from consumer.engine.grammar import SequenceMatcher, mask_numpy
+
 Logits = npt.NDArray[np.floating]
 
 
@@ -41,21 +43,45 @@ def nucleus(logits: Logits, *, temperature: float, top_p: float, rng: np.random.
 
 
 class Sampler:
-    """The sampling settings of one request, with its random state (survives a preemption)."""
+    """The sampling settings of one request, with its random state and, for JSON output, its
+    grammar state (both survive a preemption).
 
-    def __init__(self, *, temperature: float, top_p: float, seed: int) -> None:
+    With a `grammar`, every token the grammar forbids is masked out before choosing (greedy or
+    nucleus alike) and the chosen one advances it; `complete` says the JSON is whole.
+    """
+
+    def __init__(
+        self,
+        *,
+        temperature: float,
+        top_p: float,
+        seed: int,
+        grammar: SequenceMatcher | None = None,
+    ) -> None:
         self.temperature = temperature
         self.top_p = top_p
         self.rng = np.random.default_rng(seed)
+        self.grammar = grammar
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature <= 0.0
 
+    @property
+    def complete(self) -> bool:
+        """The grammar's output is complete: nothing but the end may follow."""
+        return self.grammar is not None and self.grammar.complete
+
     def __call__(self, logits: Logits) -> int:
+        if self.grammar is not None:
+            logits = mask_numpy(logits, self.grammar.mask())
         if self.is_greedy:
-            return greedy(logits)
-        return nucleus(logits, temperature=self.temperature, top_p=self.top_p, rng=self.rng)
+            token = greedy(logits)
+        else:
+            token = nucleus(logits, temperature=self.temperature, top_p=self.top_p, rng=self.rng)
+        if self.grammar is not None:
+            self.grammar.advance(token)
+        return token
 
 
 def derive_seed(base: int, counter: int) -> int:
