@@ -7,8 +7,8 @@ Tracing through Kafka headers is `observability.tracing`; the instruments are
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from functools import partial
 
 from faststream.asgi import AsgiResponse, get
 from faststream.asgi.handlers import GetHandler
@@ -18,7 +18,6 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace.export import SpanExporter
-from opentelemetry.trace import Span
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -30,7 +29,6 @@ from prometheus_client import (
 from consumer.observability.engine_gauges import EngineInfoSource, GpuMemory, gpu_memory
 from consumer.observability.metrics import LagSource, Metrics
 from consumer.observability.tracing import (
-    KafkaHeaders,
     consume_span,
     extract_context,
     inject_context,
@@ -65,6 +63,8 @@ class Telemetry:
 
         self.tracer_provider = tracer_provider(settings, resource, span_exporter)
         self.tracer = self.tracer_provider.get_tracer("opstream")
+        # A CONSUMER span for one request, child of the producer's span from its headers.
+        self.consume_span = partial(consume_span, self.tracer)
 
         self.registry = CollectorRegistry(auto_describe=True)
         readers = list(metric_readers)
@@ -75,27 +75,6 @@ class Telemetry:
             readers.append(PrometheusMetricReader(registry=self.registry, scope_info_enabled=False))
         self.meter_provider = MeterProvider(resource=resource, metric_readers=readers)
         self.metrics = Metrics(self.meter_provider.get_meter("opstream"))
-
-    @contextmanager
-    def consume_span(
-        self,
-        headers: KafkaHeaders,
-        *,
-        topic: str,
-        partition: int,
-        offset: int,
-        operation: str | None = None,
-    ) -> Iterator[Span]:
-        """A CONSUMER span for one request, child of the producer's span from `headers`."""
-        with consume_span(
-            self.tracer,
-            headers,
-            topic=topic,
-            partition=partition,
-            offset=offset,
-            operation=operation,
-        ) as span:
-            yield span
 
     def prometheus_text(self) -> bytes:
         """The current metrics in Prometheus text exposition format (one engine reading)."""
