@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
@@ -87,6 +88,23 @@ class EngineInfo:
     model: str
     loaded: bool
     details: dict[str, object] = field(default_factory=dict)
+
+
+class RequestState(enum.Enum):
+    """Where one request stands inside a backend (llama.cpp server's slot states): set where
+    it changes, never inferred from counters.
+
+    A request starts `PREFILLING` (its prompt, or what a resumed one must compute again, goes
+    into the cache), then `GENERATING` (one token per step) or `SCORING` (label tokens after
+    the prompt), and ends `DONE` (answered; its slot frees when the scheduler stops it).
+    `PAUSED`: preempted with its progress kept and no slot; it resumes `PREFILLING`.
+    """
+
+    PREFILLING = "prefilling"
+    GENERATING = "generating"
+    SCORING = "scoring"
+    PAUSED = "paused"
+    DONE = "done"
 
 
 @dataclass(frozen=True, slots=True)

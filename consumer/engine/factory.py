@@ -64,11 +64,12 @@ def load_engine(settings: Settings) -> Engine:
             n_batch=cfg.n_batch,
             seed=cfg.seed,
             repack_weights=cfg.repack_weights,
-            prefill_chunk=cfg.prefill_chunk_tokens,
         ),
         max_queued=queue_limit(settings, slots),
         output_weight=scheduler.output_weight,
         fair_preemption=scheduler.fair_preemption,
+        # The scheduler, not the backend, decides how much prompt a step takes.
+        step_tokens=cfg.prefill_chunk_tokens,
         stall_after_s=scheduler.stall_after_s,
     )
 

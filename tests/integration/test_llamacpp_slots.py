@@ -22,11 +22,13 @@ from consumer.engine.base import (
     EngineError,
     Generation,
     GenerationRequest,
+    RequestState,
     Scores,
     WorkTag,
 )
 from consumer.engine.model_files import packaged_smollm2
 from consumer.engine.scheduler.driver import Job, SlotUnavailable
+from consumer.engine.scheduler.policy import allot_step_tokens
 from tests.support.plain_llama import repacking_off
 
 pytestmark = pytest.mark.integration
@@ -145,8 +147,11 @@ def drive(
     *,
     before_step: Callable[[int], None] | None = None,
     max_steps: int = 2000,
+    step_tokens: int | None = None,
 ) -> None:
-    """Start `jobs`, then step until nothing runs; a finished job is stopped at once.
+    """Start `jobs`, then step until nothing runs; a finished job is stopped at once. Each
+    step computes the scheduler's budget for what the jobs want (`step_tokens` prompt tokens
+    at most, besides one per generating job).
 
     `before_step(n)` may start, stop or preempt jobs before step n (0-based).
     """
@@ -158,7 +163,9 @@ def drive(
             before_step(n)
         if not running(backend):
             return
-        for event in backend.step():
+        wants = backend.wants().items()
+        budget = allot_step_tokens(wants, step_tokens=step_tokens, capacity=backend.step_capacity)
+        for event in backend.step(budget):
             record = outcome(event.job)
             record.new_tokens += event.new_tokens
             if event.text:
@@ -607,9 +614,7 @@ def test_encoding_from_other_threads_while_the_backend_steps(backend: LlamaCppBa
 def test_a_prefill_chunk_bounds_the_prompt_tokens_of_a_step(
     backend: LlamaCppBackend, model_path: Path
 ) -> None:
-    chunked = LlamaCppBackend(
-        model_path, slots=2, n_ctx=512, n_threads=2, n_batch=512, seed=0, prefill_chunk=8
-    )
+    chunked = LlamaCppBackend(model_path, slots=2, n_ctx=512, n_threads=2, n_batch=512, seed=0)
     try:
         job = generate_job(chunked, PROMPTS[0])
         steps_to_first_token = 0
@@ -619,9 +624,33 @@ def test_a_prefill_chunk_bounds_the_prompt_tokens_of_a_step(
             if not outcome(job).new_tokens:
                 steps_to_first_token = n + 1
 
-        drive(chunked, [job], before_step=count)
+        drive(chunked, [job], before_step=count, step_tokens=8)
         got = outcome(job)
     finally:
         chunked.close()
     assert steps_to_first_token >= -(-len(job.prompt_ids) // 8)
     assert got.tokens == alone(backend, PROMPTS[0]).tokens  # same output, prompt in pieces
+
+
+def test_a_jobs_state_is_explicit_from_prefill_to_done(backend: LlamaCppBackend) -> None:
+    """PREFILLING while its prompt goes in chunk by chunk, GENERATING from its first token,
+    PAUSED while preempted (progress kept), back through PREFILLING-or-GENERATING on resume,
+    and the backend's record of it gone once it is done."""
+    job = generate_job(backend, LONG_PROMPT, max_tokens=12)
+    seen: list[RequestState] = []
+
+    def watch(step: int) -> None:
+        state = job.backend_state
+        if step == 12:
+            backend.stop(job, preempted=True)
+            assert job.backend_state.state is RequestState.PAUSED
+            backend.start(job)
+            state = job.backend_state
+        if state is not None and (not seen or seen[-1] is not state.state):
+            seen.append(state.state)
+
+    drive(backend, [job], before_step=watch, step_tokens=16)
+    assert seen[0] is RequestState.PREFILLING
+    assert RequestState.GENERATING in seen
+    assert job.backend_state is None  # stopped after its result
+    assert outcome(job).tokens == alone(backend, LONG_PROMPT, max_tokens=12).tokens

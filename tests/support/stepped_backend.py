@@ -5,6 +5,7 @@ real deadlines without a model (tests and `consumer_main --stepped`)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 
 from consumer.engine.base import ChatMessage, Generation, GenerationRequest, Scores
 from consumer.engine.factory import queue_limit
@@ -21,6 +22,7 @@ class SteppedBackend:
     model = "stepped-model"
     end_of_turn_id = 0
     can_preempt = True
+    step_capacity = None
 
     def __init__(self, slots: int = 4, step_s: float = 0.05, tokens: int = 8) -> None:
         self.slots = slots
@@ -52,7 +54,10 @@ class SteppedBackend:
     def live(self) -> int:
         return len(self.running)
 
-    def step(self) -> list[StepEvent]:
+    def wants(self) -> dict[Job, int]:
+        return dict.fromkeys(self.running, 1)
+
+    def step(self, budget: Mapping[Job, int]) -> list[StepEvent]:
         time.sleep(self.step_s)
         events = []
         for job in list(self.running):

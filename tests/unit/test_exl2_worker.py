@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import types
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import pytest
@@ -376,8 +376,8 @@ class Harness:
             self.log.append(("start", key_of(job)))
             start(job)
 
-        def watched_step() -> list[StepEvent]:
-            events: list[StepEvent] = step()
+        def watched_step(budget: Mapping[Job, int]) -> list[StepEvent]:
+            events: list[StepEvent] = step(budget)
             for event in events:
                 if event.new_tokens:
                     self.log.append(("token", key_of(event.job)))

@@ -165,3 +165,14 @@ def test_the_client_imports_only_the_contract_aiokafka_and_pydantic() -> None:
         [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_engine_imports_run_one_way_backends_scheduler_interface() -> None:
+    """The engine interface (base.py) imports no scheduler and no backend; the scheduler no
+    backend: a backend imports the scheduler's plain data, never the other way round."""
+    engine = CONSUMER / "engine"
+    backends = ("consumer.engine.llamacpp", "consumer.engine.exllamav2")
+    base = _module_imports(engine / "base.py")
+    assert not {m for m in base if m.startswith(("consumer.engine.scheduler", *backends))}
+    for path in (engine / "scheduler").rglob("*.py"):
+        assert not {m for m in _module_imports(path) if m.startswith(backends)}, path

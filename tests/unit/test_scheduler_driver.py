@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import pytest
@@ -34,6 +34,7 @@ class ScriptedBackend:
     name = "scripted"
     model = "scripted-model"
     end_of_turn_id = 0
+    step_capacity = None
 
     def __init__(self, slots: int = 2, *, can_preempt: bool = True) -> None:
         self.slots = slots
@@ -68,6 +69,9 @@ class ScriptedBackend:
     def live(self) -> int:
         return len(self.running)
 
+    def wants(self) -> dict[Job, int]:
+        return dict.fromkeys(self.running, 1)
+
     def start(self, job: Job) -> None:
         done = job.backend_state or 0
         self.running[job] = done
@@ -79,7 +83,7 @@ class ScriptedBackend:
             job.backend_state = done
         self.log.append(("preempt" if preempted else "stop", label(job)))
 
-    def step(self) -> list[StepEvent]:
+    def step(self, budget: Mapping[Job, int]) -> list[StepEvent]:
         time.sleep(self.step_s)
         if not self.gate.is_set():
             return []  # held: the step makes no progress
@@ -391,3 +395,56 @@ async def test_running_work_the_backend_does_not_advance_is_answered_not_stepped
         await asyncio.wait_for(engine.generate(request(key="t/2")), 5)
     # (The load snapshot follows the answer by a moment: the scheduler thread writes it.)
     await wait_until(lambda: engine.load().running == 0)
+
+
+class PrefillingBackend(ScriptedBackend):
+    """Each job first computes its prompt (2 tokens per character) as the budget allows, then
+    generates; records every step's budget."""
+
+    step_capacity = 24
+
+    def __init__(self, slots: int = 2) -> None:
+        super().__init__(slots)
+        self.prompt_left: dict[Job, int] = {}
+        self.budgets: list[dict[str, int]] = []
+
+    def start(self, job: Job) -> None:
+        super().start(job)
+        self.prompt_left[job] = 2 * len(job.prompt_ids)
+
+    def wants(self) -> dict[Job, int]:
+        return {job: self.prompt_left.get(job) or 1 for job in self.running}
+
+    def step(self, budget: Mapping[Job, int]) -> list[StepEvent]:
+        self.budgets.append({label(job): n for job, n in budget.items()})
+        prefilling = {job for job in self.running if self.prompt_left.get(job)}
+        for job in prefilling:
+            self.prompt_left[job] -= budget.get(job, 0)
+        generating = {job: n for job, n in self.running.items() if job not in prefilling}
+        held = {job: self.running.pop(job) for job in prefilling}
+        try:
+            return super().step(budget) if generating else []
+        finally:
+            self.running.update(held)
+
+
+async def test_the_scheduler_sets_each_steps_prompt_budget_and_the_backend_keeps_to_it(
+    make_engine: Any,
+) -> None:
+    """`step_tokens` bounds the prompt tokens of every step (generating jobs get their one
+    token besides), within what one step of the backend holds."""
+    backend = PrefillingBackend(slots=2)
+    engine = await make_engine(backend, step_tokens=16)
+    long = GenerationRequest(
+        messages=(ChatMessage("user", "x" * 20),), max_tokens=3, work=WorkTag(key="t/long")
+    )
+    short = asyncio.create_task(engine.generate(request(max_tokens=30, key="t/short")))
+    await wait_until(lambda: any(b.get("t/short") == 1 for b in backend.budgets))
+    generation = await engine.generate(long)
+    await short
+    assert generation.output_tokens == 3
+    prompt_steps = [b for b in backend.budgets if b.get("t/long", 0) > 1]
+    # 40 prompt tokens at most 16 a step: 16, 16, 8, each beside the short job's token.
+    assert [b["t/long"] for b in prompt_steps] == [16, 16, 8]
+    assert all(b.get("t/short") == 1 for b in prompt_steps)
+    assert all(sum(b.values()) <= backend.step_capacity for b in backend.budgets)

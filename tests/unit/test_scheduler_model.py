@@ -10,6 +10,7 @@ loop never steps a backend that has nothing live.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from hypothesis import given, settings
@@ -38,6 +39,7 @@ class StrictBackend:
     model = "strict-model"
     end_of_turn_id = 0
     can_preempt = True
+    step_capacity = None
 
     def __init__(self, slots: int) -> None:
         self.slots = slots
@@ -68,6 +70,9 @@ class StrictBackend:
     def live(self) -> int:
         return sum(1 for job in self.running if job not in self.finished)
 
+    def wants(self) -> dict[Job, int]:
+        return {job: 1 for job in self.running if job not in self.finished}
+
     def start(self, job: Job) -> None:
         if job in self.running:
             self.violations.append("start of a running job")
@@ -87,13 +92,15 @@ class StrictBackend:
         self.finished.discard(job)
         job.backend_state = done if preempted else None
 
-    def step(self) -> list[StepEvent]:
+    def step(self, budget: Mapping[Job, int]) -> list[StepEvent]:
         self.steps += 1
         if not self.live():
             self.empty_steps += 1
+        if set(budget) != set(self.wants()):
+            self.violations.append("a step budget that is not what the live jobs want")
         events = []
         for job in list(self.running):
-            if job in self.finished:
+            if job in self.finished or not budget.get(job):
                 continue
             self.running[job] += 1
             done = self.running[job]

@@ -9,7 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consumer.engine.scheduler.policy import MAX_PREEMPTIONS, Plan, Policy, QueueFull, Work
+from consumer.engine.scheduler.policy import (
+    MAX_PREEMPTIONS,
+    Plan,
+    Policy,
+    QueueFull,
+    Work,
+    allot_step_tokens,
+)
 
 
 def work(
@@ -328,3 +335,40 @@ def test_a_newcomer_starts_within_one_start_per_other_active_tenant(
 
 def _queued(policy: Policy) -> list[Work]:
     return [w for q in policy._queues["interactive"].values() for w in q]
+
+
+# -- the per-step token budget ---------------------------------------------------------------
+
+
+def test_every_generating_request_gets_its_token_before_any_prompt_chunk() -> None:
+    wants = [("long prompt", 300), ("gen a", 1), ("short prompt", 20), ("gen b", 1)]
+    budget = allot_step_tokens(wants, step_tokens=128, capacity=512)
+    assert budget == {"gen a": 1, "gen b": 1, "long prompt": 128}
+
+
+def test_prompt_chunks_go_in_start_order_within_step_tokens() -> None:
+    wants = [("first", 100), ("second", 50), ("third", 10)]
+    assert allot_step_tokens(wants, step_tokens=128, capacity=None) == {
+        "first": 100,
+        "second": 28,
+    }
+    assert allot_step_tokens(wants, step_tokens=None, capacity=None) == dict(wants)
+
+
+def test_the_budget_never_exceeds_what_one_step_holds() -> None:
+    wants = [("gen a", 1), ("gen b", 1), ("prompt", 100)]
+    budget = allot_step_tokens(wants, step_tokens=None, capacity=8)
+    assert budget == {"gen a": 1, "gen b": 1, "prompt": 6}
+    assert sum(budget.values()) == 8
+
+
+def test_policy_step_budget_follows_start_order_and_skips_work_not_running() -> None:
+    policy = Policy(slots=3, max_queued=10, step_tokens=16)
+    works = [Work(tenant=t, priority="interactive", prompt_tokens=40, max_tokens=8) for t in "abc"]
+    for work in works:
+        policy.admit(work)
+    plan = policy.schedule()
+    first, second, third = plan.start
+    outsider = Work(tenant="z", priority="interactive", prompt_tokens=5, max_tokens=1)
+    budget = policy.step_budget({third: 40, second: 1, first: 40, outsider: 5}, capacity=512)
+    assert budget == {second: 1, first: 16}

@@ -43,6 +43,10 @@ class Exl2Backend:
 
     name = "exllamav2"
     can_preempt = False
+    # exllamav2 cuts prompts itself (the dynamic generator's `max_chunk_size`, a padded batch's
+    # `max_input_len`), so the scheduler runs without a per-step limit here: its budget always
+    # covers what `wants` asks, and a step computes that.
+    step_capacity: int | None = None
 
     def __init__(
         self,
@@ -143,6 +147,13 @@ class Exl2Backend:
         return state
 
     # -- the scheduler's thread -----------------------------------------------------------
+
+    def _score_wants(self) -> dict[Job, int]:
+        """The score job's tokens: it runs whole (prompt and every label) at the next step."""
+        job = self._score
+        if job is None:
+            return {}
+        return {job: len(job.prompt_ids) + sum(len(c) for c in job.candidates)}
 
     def _score_fits(self, chosen: list[Job]) -> bool:
         """One score job at a time: it runs whole at the next step, between decode steps."""

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from consumer.engine.base import Generation
+from consumer.engine.base import Generation, RequestState
 from consumer.engine.exllamav2.backend import Exl2Backend, request_of
 from consumer.engine.exllamav2.batching import paged_completion
 from consumer.engine.exllamav2.fatal import cuda_context_alive
@@ -20,8 +20,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(eq=False)
 class _Running:
+    """A started job in the generator: PREFILLING until its first token, then GENERATING (it
+    leaves `_running` when it ends)."""
+
     handle: Any  # the ExLlamaV2DynamicJob
     reported: str = ""  # text already returned in a StepEvent
+    state: RequestState = RequestState.PREFILLING
 
 
 class PagedBackend(Exl2Backend):
@@ -60,6 +64,13 @@ class PagedBackend(Exl2Backend):
     def live(self) -> int:
         return len(self._running) + (1 if self._score is not None else 0)
 
+    def wants(self) -> dict[Job, int]:
+        wanted = {
+            job: 1 if running.state is RequestState.GENERATING else len(job.prompt_ids)
+            for job, running in self._running.items()
+        }
+        return {**self._score_wants(), **wanted}
+
     def free_slots(self) -> int:
         rows = max(self.slots - len(self._running), 0)
         return rows + (1 if self._score is None else 0)
@@ -81,7 +92,9 @@ class PagedBackend(Exl2Backend):
             raise self._failure(exc, "exl2_paged_enqueue_failed", 1, rejected=True) from exc
         self._running[job] = _Running(handle)
 
-    def step(self) -> list[StepEvent]:
+    def step(self, budget: Mapping[Job, int]) -> list[StepEvent]:
+        """The score job whole, then one `generator.iterate()`: a prefill chunk or one token
+        for every job (the budget always covers it: see `Exl2Backend.step_capacity`)."""
         events = self._run_score()
         if not self._running:
             return events
@@ -103,6 +116,7 @@ class PagedBackend(Exl2Backend):
 
     def _streamed(self, job: Job, running: _Running, result: dict[str, Any]) -> StepEvent:
         """One streaming result: a token was sampled (a stop token is not an output token)."""
+        running.state = RequestState.GENERATING
         new_tokens = 0 if result.get("eos_reason") == "stop_token" else 1
         if not result.get("eos"):
             text = str(result.get("text") or "")

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from consumer.engine.base import FinishReason, Generation, GenerationRequest
+from consumer.engine.base import FinishReason, Generation, GenerationRequest, RequestState
 from consumer.engine.exllamav2.batching import (
     chunks,
     find_stop,
@@ -60,11 +60,20 @@ class _Row:
     ticket: GenTicket
     sampling: RowSampling
     tokens: list[int] = field(default_factory=list)
-    done: bool = False
+    # Prefilled with its batch before its first step; DONE once ended or dropped (it rides on,
+    # fed padding, until the batch ends).
+    state: RequestState = RequestState.GENERATING
     reason: FinishReason = "length"
     text: str = ""
     reported: str = ""  # the prefix of the text already returned in a RowStep
     result: Generation | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.state is RequestState.DONE
+
+    def end(self, reason: FinishReason) -> None:
+        self.state, self.reason = RequestState.DONE, reason
 
 
 class StaticBatch:
@@ -155,7 +164,7 @@ class StaticBatch:
         keeps its place, fed padding, until the batch ends. Returns its text so far."""
         row = self.rows[index]
         if not row.done:
-            row.done = True
+            row.state = RequestState.DONE
             row.text = self._decode(row.tokens)
         return row.text
 
@@ -163,16 +172,17 @@ class StaticBatch:
         request = row.ticket.request
         text: str | None = None
         if token in self._stop_ids:
-            row.done, row.reason = True, "stop"
+            row.end("stop")
         else:
             row.tokens.append(token)
             if request.stop or row.ticket.stream:
                 text = self._decode(row.tokens)
                 cut = find_stop(text, request.stop)
                 if cut is not None:
-                    row.done, row.reason, text = True, "stop", text[:cut]
+                    row.end("stop")
+                    text = text[:cut]
             if not row.done and len(row.tokens) >= request.max_tokens:
-                row.done, row.reason = True, "length"
+                row.end("length")
         new_tokens = 0 if token in self._stop_ids else 1
         if row.done:
             row.text = self._decode(row.tokens) if text is None else text

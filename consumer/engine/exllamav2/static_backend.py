@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
+from consumer.engine.base import RequestState
 from consumer.engine.exllamav2.backend import Exl2Backend, request_of
 from consumer.engine.exllamav2.batching import QueuedShape, plan_static_batch
 from consumer.engine.exllamav2.fatal import cuda_context_alive
@@ -37,7 +38,7 @@ class StaticBackend(Exl2Backend):
         context_alive: Callable[[], bool] = cuda_context_alive,
     ) -> None:
         super().__init__(startup, runtime, context_alive=context_alive)
-        self._forming: list[Job] = []  # started: prefilled together at the next step
+        self._forming: list[Job] = []  # PREFILLING: started, prefilled together at the next step
         self._batch: StaticBatch | None = None
         self._rows: list[Job] = []  # the running batch's jobs, by row
 
@@ -49,6 +50,13 @@ class StaticBackend(Exl2Backend):
         batch = self._batch
         rows = 0 if batch is None else sum(1 for row in batch.rows if not row.done)
         return len(self._forming) + rows + (1 if self._score is not None else 0)
+
+    def wants(self) -> dict[Job, int]:
+        wanted = {job: len(job.prompt_ids) for job in self._forming}
+        if self._batch is not None:
+            rows = zip(self._rows, self._batch.rows, strict=True)
+            wanted.update((job, 1) for job, row in rows if row.state is RequestState.GENERATING)
+        return {**self._score_wants(), **wanted}
 
     def free_slots(self) -> int:
         rows = 0 if self._batch is not None else self.slots - len(self._forming)
@@ -72,7 +80,9 @@ class StaticBackend(Exl2Backend):
         else:
             self._forming.append(job)
 
-    def step(self) -> list[StepEvent]:
+    def step(self, budget: Mapping[Job, int]) -> list[StepEvent]:
+        """The score job whole, the forming batch's prefill, one token for every row (the
+        budget always covers it: see `Exl2Backend.step_capacity`)."""
         events = self._run_score()
         if self._batch is None and self._forming:
             events += self._begin_batch()

@@ -1,11 +1,12 @@
 """The CPU backend: a GGUF model run by llama.cpp, every running request in one decode per step.
 
-The scheduler (`consumer.engine.scheduler`) decides what runs; this backend runs it. Each
-running job owns one sequence of a llama.cpp context (a slot). Every `step` is one
-`llama_decode` over one batch: first the next token of every generating sequence, then prompt
-chunks of joining sequences (chunked prefill) and scoring candidates, within `n_batch` tokens.
-Logits are read only where needed: every generated token, the last token of a finished prompt,
-every token of a scored candidate.
+The scheduler (`consumer.engine.scheduler`) decides what runs and how many tokens each job
+computes per step (its budget); this backend runs it. Each running job owns one sequence of a
+llama.cpp context (a slot) and has an explicit state (`RequestState`: prefilling, generating,
+scoring, paused, done), as llama.cpp server's slots do. Every `step` is one `llama_decode`
+over one batch: first the next token of every generating sequence, then the prompt chunks
+(chunked prefill) and scoring candidates the budget gives. Logits are read only where needed:
+every generated token, the last token of a finished prompt, every token of a scored candidate.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from itertools import count
 from pathlib import Path
@@ -24,6 +26,7 @@ from consumer.engine.base import (
     FinishReason,
     Generation,
     GenerationRequest,
+    RequestState,
     Scores,
 )
 from consumer.engine.chat_template import ChatTemplate, ChatTemplateError, end_of_turn_token
@@ -70,23 +73,26 @@ def gguf_chat_template(model: GgufVocabulary, name: str) -> tuple[ChatTemplate, 
 
 @dataclass(eq=False)
 class _Generating:
-    """A generate job's progress (its `backend_state`; it survives a preemption)."""
+    """A generate job's progress and state (its `backend_state`; it survives a preemption)."""
 
     sampler: Sampler
     text: TextStream
     started_at: float
     generated: list[int] = field(default_factory=list)  # the last one is not decoded yet
     first_token_at: float | None = None
+    state: RequestState = RequestState.PREFILLING
 
 
 @dataclass(eq=False)
 class _Scoring:
-    """A score job's progress (its `backend_state`; finished candidates survive a preemption)."""
+    """A score job's progress and state (its `backend_state`; finished candidates survive a
+    preemption)."""
 
     logprobs: list[float] = field(default_factory=list)  # one per finished candidate
     first: list[float] = field(default_factory=list)  # each candidate's first-token logprob
     total: float = 0.0  # the current candidate's sum so far
     cursor: int = 0  # how many of the current candidate's tokens are decoded
+    state: RequestState = RequestState.PREFILLING
 
 
 @dataclass(eq=False)
@@ -96,20 +102,35 @@ class _Sequence:
     job: Job
     seq: int  # the llama.cpp sequence id (the slot)
     feed: list[int]  # what must be in the KV cache before it generates or scores
-    state: _Generating | _Scoring
+    progress: _Generating | _Scoring
     fed: int = 0  # how much of `feed` is in the KV cache
-    done: bool = False  # answered; waits for `stop`
 
     @property
-    def prefilling(self) -> bool:
-        return self.fed < len(self.feed)
+    def state(self) -> RequestState:
+        return self.progress.state
+
+    @state.setter
+    def state(self, state: RequestState) -> None:
+        self.progress.state = state
+
+    def wanted(self) -> int:
+        """Tokens it asks to compute at the next step (see `Backend.wants`)."""
+        if self.state is RequestState.PREFILLING:
+            return len(self.feed) - self.fed
+        if self.state is RequestState.GENERATING:
+            return 1
+        if isinstance(self.progress, _Scoring) and self.state is RequestState.SCORING:
+            # One candidate at a time; its last token (the end of turn) is only predicted.
+            body = len(self.job.candidates[len(self.progress.logprobs)]) - 1
+            return body - self.progress.cursor
+        return 0
 
     def cached(self) -> list[int]:
         """Tokens whose cells it holds from position 0 on (candidates' cells are dropped
         after each is scored; a generation's last sampled token is not decoded yet)."""
-        if self.prefilling or isinstance(self.state, _Scoring):
+        if self.fed < len(self.feed) or isinstance(self.progress, _Scoring):
             return self.feed[: self.fed]
-        return [*self.job.prompt_ids, *self.state.generated[:-1]]
+        return [*self.job.prompt_ids, *self.progress.generated[:-1]]
 
 
 @dataclass(eq=False)
@@ -153,13 +174,10 @@ class LlamaCppBackend:
         seed: int = 0,
         repack_weights: bool = False,
         flash_attn: bool = True,
-        prefill_chunk: int | None = None,
         spare_sequences: int | None = None,
     ) -> None:
-        """`prefill_chunk`: prompt (and label) tokens one step takes at most, besides one
-        token per generating sequence (None: as many as `n_batch` holds). Prefill is
-        compute-bound: a step holding 512 prompt tokens takes ~2 s on 2 cores, and every
-        running sequence, and every request waiting for a slot, waits for it."""
+        """How many prompt tokens a step takes is the scheduler's budget (`step`), within
+        `n_batch` (`step_capacity`)."""
         if slots < 1:
             raise ValueError("slots must be at least 1")
         if n_batch < slots:
@@ -171,7 +189,7 @@ class LlamaCppBackend:
         # work that displaced it runs in a spare one, so resuming it computes nothing again
         # (what makes fair-share pauses cheap). Each costs one sequence's KV cache.
         spare = max(1, slots // 4) if spare_sequences is None else spare_sequences
-        self._prefill_chunk = prefill_chunk or n_batch
+        self.step_capacity = n_batch
         self.n_ctx = n_ctx
         self._seed = seed
         self._jobs = count()
@@ -283,7 +301,10 @@ class LlamaCppBackend:
         return True
 
     def live(self) -> int:
-        return sum(1 for s in self._running.values() if not s.done)
+        return sum(1 for s in self._running.values() if s.state is not RequestState.DONE)
+
+    def wants(self) -> dict[Job, int]:
+        return {job: s.wanted() for job, s in self._running.items() if s.wanted() > 0}
 
     def start(self, job: Job) -> None:
         """Take the free slot whose cache shares the longest prefix with the job's tokens
@@ -296,14 +317,14 @@ class LlamaCppBackend:
         if job.kind == "generate":
             generating = self._resume_generating(job)
             feed = [*job.prompt_ids, *generating.generated[:-1]]
-            state: _Generating | _Scoring = generating
+            progress: _Generating | _Scoring = generating
             # A fresh generation or a score needs the logits of its last fed token; a resumed
             # generation has its next token sampled already.
             reusable = len(feed) if generating.generated else len(feed) - 1
         else:
             scoring = job.backend_state if isinstance(job.backend_state, _Scoring) else _Scoring()
             scoring.total, scoring.cursor = 0.0, 0
-            feed, state, reusable = list(job.prompt_ids), scoring, len(job.prompt_ids) - 1
+            feed, progress, reusable = list(job.prompt_ids), scoring, len(job.prompt_ids) - 1
         # Longest shared prefix first; on a tie, a sequence no paused job waits to resume in.
         seq, cached = max(
             ((seq, _common_prefix(self._cached[seq], feed)) for seq in self._free),
@@ -317,12 +338,16 @@ class LlamaCppBackend:
         self._cached[seq] = feed[:cached]
         self.reused_tokens += cached
         job.resumed_prefill = len(feed) - cached
-        sequence = _Sequence(job, seq, feed, state, fed=cached)
-        job.backend_state = sequence.state
+        sequence = _Sequence(job, seq, feed, progress, fed=cached)
+        # A resumed generation whose every cell survived samples its next token at once.
+        sequence.state = RequestState.GENERATING if cached == len(feed) else RequestState.PREFILLING
+        job.backend_state = progress
         self._running[job] = sequence
 
-    def step(self) -> list[StepEvent]:
-        batch = self._plan()
+    def step(self, budget: Mapping[Job, int]) -> list[StepEvent]:
+        """Compute what `budget` (the scheduler's) gives each job: a generating job's next
+        token, a prefilling job's next prompt chunk, a scoring job's next label tokens."""
+        batch = self._plan(budget)
         if batch.tokens:
             started = time.perf_counter()
             self._context.decode(batch.tokens)
@@ -333,6 +358,10 @@ class LlamaCppBackend:
             self._collect(events, s, self._take_token, row)
         for s, fed, last_row in batch.prompts:
             s.fed = fed
+            if fed == len(s.feed):
+                s.state = (
+                    RequestState.GENERATING if s.job.kind == "generate" else RequestState.SCORING
+                )
             if last_row is not None:
                 self._collect(events, s, self._finish_prompt, last_row)
         for s, first_row, rows in batch.candidates:
@@ -347,8 +376,10 @@ class LlamaCppBackend:
         self._cached[sequence.seq] = sequence.cached()
         self._free.append(sequence.seq)
         if preempted:
+            sequence.state = RequestState.PAUSED
             self._paused.add(sequence.seq)
-        if not preempted:
+        else:
+            sequence.state = RequestState.DONE
             job.backend_state = None
 
     def close(self) -> None:
@@ -377,48 +408,48 @@ class LlamaCppBackend:
                 retryable=False,
             )
 
-    def _plan(self) -> _Batch:
-        """This step's batch: every generating sequence's next token first, then prompt chunks
-        and candidates in start order while the batch has room."""
-        live = [s for s in self._running.values() if not s.done]
+    def _plan(self, budget: Mapping[Job, int]) -> _Batch:
+        """This step's batch, as `budget` says: every generating sequence's next token first,
+        then prompt chunks and candidate tokens in start order."""
+        live = [s for s in self._running.values() if budget.get(s.job, 0) > 0]
         batch = _Batch()
         # In slot order: a batch whose sequences come in the same order as the last one's
         # reuses llama.cpp's graph; another order costs ~1.5x the decode (measured, 8 seqs).
         for s in sorted(live, key=lambda s: s.seq):
-            if isinstance(s.state, _Generating) and not s.prefilling:
-                position = len(s.job.prompt_ids) + len(s.state.generated) - 1
+            if s.state is RequestState.GENERATING:
+                assert isinstance(s.progress, _Generating)
+                position = len(s.job.prompt_ids) + len(s.progress.generated) - 1
                 batch.generating.append((s, len(batch.tokens)))
-                batch.tokens.append(Token(s.state.generated[-1], position, s.seq, True))
-        budget = self._prefill_chunk
+                batch.tokens.append(Token(s.progress.generated[-1], position, s.seq, True))
         for s in live:
-            room = min(self._context.capacity - len(batch.tokens), budget)
-            if room <= 0:
-                break
-            budget -= room  # what this sequence may take; given back below if it takes less
-            if s.prefilling:
-                end = min(len(s.feed), s.fed + room)
+            take = min(budget[s.job], s.wanted())
+            if s.state is RequestState.PREFILLING:
+                end = s.fed + take
                 # A finished prompt's last logits: the first token, or every candidate's first
                 # (a resumed generation has its next token already).
                 wants_row = end == len(s.feed) and (
-                    isinstance(s.state, _Scoring) or not s.state.generated
+                    isinstance(s.progress, _Scoring) or not s.progress.generated
                 )
                 for position in range(s.fed, end):
                     row = wants_row and position == end - 1
                     batch.tokens.append(Token(s.feed[position], position, s.seq, row))
                 batch.prompts.append((s, end, len(batch.tokens) - 1 if wants_row else None))
-                budget += room - (end - s.fed)
-            elif isinstance(s.state, _Scoring):
+            elif s.state is RequestState.SCORING:
+                assert isinstance(s.progress, _Scoring)
                 # One candidate at a time after the prompt, every token's logits read; the
                 # candidate's last token (the end of turn) is only predicted, never decoded.
-                body = s.job.candidates[len(s.state.logprobs)][:-1]
-                end = min(len(body), s.state.cursor + room)
-                batch.candidates.append((s, len(batch.tokens), end - s.state.cursor))
+                body = s.job.candidates[len(s.progress.logprobs)][:-1]
+                cursor = s.progress.cursor
+                batch.candidates.append((s, len(batch.tokens), take))
                 offset = len(s.job.prompt_ids)
-                for i in range(s.state.cursor, end):
+                for i in range(cursor, cursor + take):
                     batch.tokens.append(Token(body[i], offset + i, s.seq, True))
-                budget += room - (end - s.state.cursor)
-            else:
-                budget += room  # generating: its token is already in
+        if len(batch.tokens) > self._context.capacity:
+            raise EngineError(
+                f"the step's budget ({len(batch.tokens)} tokens) exceeds n_batch "
+                f"({self._context.capacity})",
+                retryable=True,
+            )
         return batch
 
     def _resume_generating(self, job: Job) -> _Generating:
@@ -456,21 +487,22 @@ class LlamaCppBackend:
             )
         if event is not None:
             if event.result is not None or event.error is not None:
-                s.done = True
+                s.state = RequestState.DONE
             events.append(event)
 
     def _finish_prompt(self, s: _Sequence, row: int) -> StepEvent | None:
-        if isinstance(s.state, _Generating):
+        progress = s.progress
+        if isinstance(progress, _Generating):
             return self._take_token(s, row)
         # The prompt's last logits predict every candidate's first token.
         logits = self._context.logits(row)
-        s.state.first = [token_logprob(logits, c[0]) for c in s.job.candidates]
-        if len(s.state.logprobs) < len(s.state.first):
-            s.state.total = s.state.first[len(s.state.logprobs)]
+        progress.first = [token_logprob(logits, c[0]) for c in s.job.candidates]
+        if len(progress.logprobs) < len(progress.first):
+            progress.total = progress.first[len(progress.logprobs)]
         return self._settle_candidates(s)
 
     def _take_token(self, s: _Sequence, row: int) -> StepEvent:
-        state = s.state
+        state = s.progress
         request = s.job.request
         assert isinstance(state, _Generating) and request is not None
         token = state.sampler(self._context.logits(row))
@@ -497,7 +529,7 @@ class LlamaCppBackend:
         return StepEvent(s.job, new_tokens=1, text=text, result=result)
 
     def _generation(self, s: _Sequence, finish: FinishReason) -> Generation:
-        state = s.state
+        state = s.progress
         assert isinstance(state, _Generating)
         first = state.first_token_at
         return Generation(
@@ -509,7 +541,7 @@ class LlamaCppBackend:
         )
 
     def _take_candidate_rows(self, s: _Sequence, first_row: int, rows: int) -> StepEvent | None:
-        state = s.state
+        state = s.progress
         assert isinstance(state, _Scoring)
         candidate = s.job.candidates[len(state.logprobs)]
         for i in range(rows):
@@ -521,7 +553,7 @@ class LlamaCppBackend:
 
     def _settle_candidates(self, s: _Sequence) -> StepEvent | None:
         """Record the candidates whose every token is scored; the result once all are."""
-        state = s.state
+        state = s.progress
         assert isinstance(state, _Scoring)
         candidates = s.job.candidates
         scored = 0

@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
@@ -115,6 +115,11 @@ class Backend(Protocol):
     end_of_turn_id: int  # ends an assistant turn: scored after every label
     can_preempt: bool  # stop(job, preempted=True) keeps progress and start resumes it
 
+    @property
+    def step_capacity(self) -> int | None:
+        """Tokens one step holds at most (llama.cpp: `n_batch`); None: no limit."""
+        ...
+
     def encode_prompt(self, messages: tuple[ChatMessage, ...]) -> list[int]: ...
 
     def encode_text(self, text: str) -> list[int]: ...
@@ -142,8 +147,15 @@ class Backend(Protocol):
         """Started jobs the next step advances (not finished, not stopped)."""
         ...
 
-    def step(self) -> list[StepEvent]:
-        """Advance every started job by one step (prefill or one token)."""
+    def wants(self) -> dict[Job, int]:
+        """Tokens each started job asks to compute at the next step, in start order: the rest
+        of its prompt (or of the label it scores), 1 while it generates. Called before every
+        step; the policy's budget (`Policy.step_budget`) is decided from it."""
+        ...
+
+    def step(self, budget: Mapping[Job, int]) -> list[StepEvent]:
+        """Advance every started job by one step: each computes the tokens `budget` gives it
+        (a prompt chunk, or its next token), no more; a job it leaves out waits."""
         ...
 
     def stop(self, job: Job, *, preempted: bool = False) -> None:
@@ -186,6 +198,7 @@ class SchedulerLoop(threading.Thread):
         max_queued: int,
         output_weight: float = 2.0,
         fair_preemption: bool = True,
+        step_tokens: int | None = None,
         on_fatal: FatalHandler | None = None,
         clock: Callable[[], float] = time.time,
         stall_after_s: float = 30.0,
@@ -193,7 +206,9 @@ class SchedulerLoop(threading.Thread):
         name: str = "engine-scheduler",
     ) -> None:
         """`idle_wait_s`: how long one cycle waits for new work when there is nothing to do
-        (a tenth of it when open work cannot move); tests that drive `cycle` pass 0."""
+        (a tenth of it when open work cannot move); tests that drive `cycle` pass 0.
+        `step_tokens`: prompt and label tokens one step computes at most (the policy's
+        per-step budget, see `Policy.step_budget`); None: as many as a step holds."""
         super().__init__(name=name, daemon=True)
         self.ready: concurrent.futures.Future[Backend] = concurrent.futures.Future()
         self.on_batch: BatchObserver | None = None
@@ -203,6 +218,7 @@ class SchedulerLoop(threading.Thread):
         self._max_queued = max_queued
         self._output_weight = output_weight
         self._fair_preemption = fair_preemption
+        self._step_tokens = step_tokens
         self._clock = clock
         self._inbox: queue.Queue[object] = queue.Queue()
         self._inbox_lock = threading.Lock()
@@ -281,6 +297,7 @@ class SchedulerLoop(threading.Thread):
             can_preempt=backend.can_preempt,
             fair_preemption=self._fair_preemption,
             output_weight=self._output_weight,
+            step_tokens=self._step_tokens,
         )
         self._policy = policy
         self._load = policy.load()
@@ -324,7 +341,9 @@ class SchedulerLoop(threading.Thread):
         live = backend.live()
         self._report_batch(len(policy.running))
         try:
-            events = backend.step()
+            wants = {job.work: n for job, n in backend.wants().items() if job.work is not None}
+            budget = policy.step_budget(wants, backend.step_capacity)
+            events = backend.step({work.payload: n for work, n in budget.items()})
         except BackendLost:
             raise
         except Exception as exc:

@@ -210,16 +210,19 @@ def start_scheduled_engine(
     max_queued: int,
     output_weight: float = 2.0,
     fair_preemption: bool = True,
+    step_tokens: int | None = None,
     on_fatal: Callable[[str], None] | None = None,
     stall_after_s: float = 30.0,
 ) -> ScheduledEngine:
     """Start the scheduler thread, build the backend on it and wait until it is ready
-    (blocking: call it off the event loop)."""
+    (blocking: call it off the event loop). `step_tokens`: the prompt tokens one step
+    computes at most (the scheduler's per-step budget; None: what a step holds)."""
     scheduler = SchedulerLoop(
         make_backend,
         max_queued=max_queued,
         output_weight=output_weight,
         fair_preemption=fair_preemption,
+        step_tokens=step_tokens,
         on_fatal=on_fatal,
         stall_after_s=stall_after_s,
     )

@@ -19,6 +19,11 @@ waiting and no slot is free, the policy preempts running batch work (latest star
 the backend can resume it, so batch work never holds interactive work back by more than the
 step in progress.
 
+The per-step token budget is the policy's too (vLLM v1's `schedule()` owns it): before every
+step, `step_budget` says how many tokens each running request computes (every generating one
+its next token, prompt chunks in start order up to `step_tokens`), and the backend computes
+exactly that.
+
 A plan is consistent by construction, so a backend is never asked for what it cannot do: the
 slots a plan fills are the backend's free slots plus one per preemption in the same plan
 (the driver stops the preempted work before it starts anything), work started in a plan is
@@ -36,10 +41,10 @@ tenant's flood whose requests end together, it cut the light tenant's latency fr
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from itertools import count
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from consumer.engine.base import PRIORITIES, Load, Priority
 
@@ -47,6 +52,35 @@ WorkState = Literal["queued", "running", "done"]
 
 
 MAX_PREEMPTIONS = 3  # a work paused this often is never taken again: it must finish
+
+
+K = TypeVar("K")
+
+
+def allot_step_tokens(
+    wants: Iterable[tuple[K, int]], *, step_tokens: int | None, capacity: int | None
+) -> dict[K, int]:
+    """How many tokens each of `wants` (what each running request asks to compute at the next
+    step, in start order) computes at it: the per-step token budget.
+
+    Every request asking for one token (a generating sequence's next) gets it: a step never
+    holds a stream back for a prompt. Then prompt and label tokens go out in start order, at
+    most `step_tokens` of them (None: no limit) and no more than `capacity` (the most one step
+    holds; None: no limit) leaves; a prompt that does not fit takes the rest at the next steps
+    (chunked prefill). Prefill is compute-bound: a step holding 512 prompt tokens takes ~2 s
+    on 2 cores, and every running sequence, and every request waiting for a slot, waits for it.
+    """
+    asked = list(wants)
+    budget = {key: 1 for key, tokens in asked if tokens == 1}
+    left = sum(tokens for _, tokens in asked) if step_tokens is None else step_tokens
+    if capacity is not None:
+        left = min(left, capacity - len(budget))
+    for key, tokens in asked:
+        if tokens <= 1 or left <= 0:
+            continue
+        budget[key] = min(tokens, left)
+        left -= budget[key]
+    return budget
 
 
 def default_queue_limit(slots: int) -> int:
@@ -115,7 +149,10 @@ class Policy:
         output_weight: float = 2.0,
         min_run_tokens: int = 16,
         patience_tokens: int = 16,
+        step_tokens: int | None = None,
     ) -> None:
+        """`step_tokens`: prompt and label tokens one step computes at most, besides one
+        token per generating request (None: as many as the backend's step holds)."""
         if slots < 1 or max_queued < 1:
             raise ValueError("slots and max_queued must be at least 1")
         self.slots = slots
@@ -126,6 +163,7 @@ class Policy:
         self._output_weight = output_weight
         self.min_run_tokens = min_run_tokens
         self.patience_tokens = patience_tokens
+        self.step_tokens = step_tokens
         # priority -> tenant -> that tenant's queue, oldest (or preempted) first
         self._queues: dict[Priority, dict[str, deque[Work]]] = {p: {} for p in PRIORITIES}
         self._running: list[Work] = []  # in start order
@@ -274,6 +312,17 @@ class Policy:
                 fresh.add(id(work))
                 start.append(work)
         return Plan(start=tuple(start), preempt=tuple(preempt))
+
+    def step_budget(self, wants: Mapping[Work, int], capacity: int | None) -> dict[Work, int]:
+        """Tokens each running work computes at the next step (see `allot_step_tokens`).
+
+        Called before every step, after the plan's starts: `wants` is what each running work
+        asks for (the backend's count: the rest of its prompt, one token while it
+        generates), `capacity` the most one step of the backend holds. The backend computes
+        what this says, no more (vLLM v1's `schedule()`: the scheduler owns the budget).
+        """
+        asked = [(w, wants[w]) for w in self._running if wants.get(w, 0) > 0]
+        return allot_step_tokens(asked, step_tokens=self.step_tokens, capacity=capacity)
 
     def _share_swap(self, passed: set[int], fresh: set[int]) -> tuple[Work, Work] | None:
         """(waiting work of a tenant below its fair share, running work of the tenant most
