@@ -34,13 +34,16 @@ async def topic_partitions(
     """The partition numbers of `topic`; raises TopicUnavailable when it does not exist.
 
     The one way opstream and its tests learn a topic's partitions, through aiokafka's public
-    API only. A started consumer's metadata may lack the topic (created after it started, or
-    a broker that answers the bootstrap with no topics), and `consumer.topics()` reads the
-    brokers' list without updating that metadata; assigning the topic makes the consumer
-    fetch it. So `consumer` may be left assigned to the topic: assign what you read after.
+    API only. Whether the topic exists is asked of the brokers (`consumer.topics()`), but
+    that answer does not update the consumer's own metadata, which may lack the topic
+    (created after the consumer started, or a broker that answers the bootstrap with no
+    topics); assigning the topic makes the consumer fetch it. So `consumer` may be left
+    assigned to the topic: assign what you read after.
     """
+    if topic not in await consumer.topics():
+        raise TopicUnavailable(f"topic {topic} does not exist; run `opstream topics ensure`")
     partitions = consumer.partitions_for_topic(topic)
-    if not partitions and topic in await consumer.topics():
+    if not partitions:
         consumer.assign([TopicPartition(topic, 0)])
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
@@ -48,8 +51,6 @@ async def topic_partitions(
             if loop.time() > deadline:
                 raise TimeoutError(f"no metadata for topic {topic} within {timeout_s}s")
             await asyncio.sleep(0.01)
-    if not partitions:
-        raise TopicUnavailable(f"topic {topic} does not exist; run `opstream topics ensure`")
     return set(partitions)
 
 
