@@ -30,7 +30,12 @@ from consumer.quota import (
     partition_for_tenant,
 )
 from consumer.quota.limit_book import limit_defaults
-from consumer.settings import KafkaSettings, OperationLimits, TopicSettings
+from consumer.settings import (
+    KafkaSecuritySettings,
+    KafkaSettings,
+    OperationLimits,
+    TopicSettings,
+)
 from tests.support.harness import (
     FETCH_MAX_WAIT_MS,
     Broker,
@@ -49,6 +54,7 @@ def host_settings(bootstrap: str, quota: QuotaSettings) -> Any:
     return SimpleNamespace(
         quota=quota,
         kafka=KafkaSettings(bootstrap_servers=bootstrap, fetch_max_wait_ms=FETCH_MAX_WAIT_MS),
+        security=KafkaSecuritySettings(),
         limits=OperationLimits(),
         topics=TopicSettings(request_partitions=2),
     )
