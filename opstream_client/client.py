@@ -320,6 +320,25 @@ class OperationsClient:
             {"operation": "chat", "tenant_id": tenant_id, "messages": messages, **extra}
         )
 
+    async def extract(
+        self,
+        *,
+        tenant_id: str,
+        text: str,
+        schema: dict[str, Any],
+        instructions: str | None = None,
+        **extra: Any,
+    ) -> OperationReply:
+        """Fields from `text` as a JSON object valid against `schema` (a JSON Schema): on
+        `ok`, `reply.result.data`; a schema the service cannot enforce is `validation`, an
+        object that did not fit in `max_tokens` is `incomplete_output`."""
+        body: dict[str, Any] = {
+            "operation": "extract", "tenant_id": tenant_id, "text": text, "schema": schema,
+        }  # fmt: skip
+        if instructions is not None:
+            body["instructions"] = instructions
+        return await self.request({**body, **extra})
+
     async def _read_replies(self) -> None:
         assert self._consumer is not None
         while True:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from consumer.cli.keys import signing_key
@@ -14,7 +16,7 @@ from consumer.settings import Settings
 def register(
     subparsers: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
 ) -> None:
-    """Add `opstream request summarize|translate|classify|chat|cancel`."""
+    """Add `opstream request summarize|translate|classify|chat|extract|cancel`."""
     request = subparsers.add_parser(
         "request", help="send one operation request and print the reply JSON"
     )
@@ -24,6 +26,7 @@ def register(
         ("translate", "translate --text into --target-language"),
         ("classify", "classify --text into one of --category (repeat it)"),
         ("chat", "chat: --text is the user's message (or --message role:content, repeated)"),
+        ("extract", "extract fields from --text as JSON valid against --schema FILE"),
         ("cancel", "cancel the tenant's request --request-id"),
     ):
         op = ops.add_parser(name, parents=[common], help=helptext)
@@ -63,6 +66,18 @@ def _add_request_options(parser: argparse.ArgumentParser, operation: str) -> Non
             default=[],
             help="role:content, in order (system/user/assistant)",
         )
+        shape = parser.add_mutually_exclusive_group()
+        shape.add_argument(
+            "--json", action="store_true", help="answer with a JSON object (response_format)"
+        )
+        shape.add_argument(
+            "--schema", type=Path, default=None, help="answer with JSON valid against this schema"
+        )
+    if operation == "extract":
+        parser.add_argument(
+            "--schema", type=Path, required=True, help="JSON Schema file the result follows"
+        )
+        parser.add_argument("--instructions", default=None, help="what to extract, in words")
 
 
 def request_body(args: argparse.Namespace) -> dict[str, Any]:
@@ -87,6 +102,10 @@ def request_body(args: argparse.Namespace) -> dict[str, Any]:
         if args.text is not None:
             messages.append({"role": "user", "content": args.text})
         body["messages"] = messages
+        if args.schema is not None:
+            body["response_format"] = {"type": "json_schema", "schema": _schema(args.schema)}
+        elif args.json:
+            body["response_format"] = {"type": "json_object"}
         return body
     if args.text is None:
         raise ValueError(f"{operation} needs --text")
@@ -99,7 +118,22 @@ def request_body(args: argparse.Namespace) -> dict[str, Any]:
             body["source_language"] = args.source_language
     if operation == "classify":
         body["categories"] = args.categories
+    if operation == "extract":
+        body["schema"] = _schema(args.schema)
+        if args.instructions:
+            body["instructions"] = args.instructions
     return body
+
+
+def _schema(path: Path) -> Any:
+    """The JSON Schema in `path` (`-`: standard input)."""
+    try:
+        text = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
+        return json.loads(text)
+    except OSError as exc:
+        raise ValueError(f"cannot read --schema {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ValueError(f"--schema {path} is not JSON: {exc}") from None
 
 
 def cmd_request(args: argparse.Namespace, settings: Settings) -> int:

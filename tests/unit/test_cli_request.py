@@ -3,6 +3,7 @@ contract accepts."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -158,3 +159,43 @@ def test_a_closed_pipe_ends_the_command_quietly(
         os.dup2(saved, 1)
         os.close(saved)
     assert "Traceback" not in capfd.readouterr().err
+
+
+INVOICE = {
+    "type": "object",
+    "properties": {"number": {"type": "string"}, "total": {"type": "number", "minimum": 0}},
+    "required": ["number", "total"],
+}
+
+
+def test_extract_body_reads_the_schema_file(tmp_path: Any) -> None:
+    schema = tmp_path / "invoice.json"
+    schema.write_text(json.dumps(INVOICE))
+    body = body_of("extract", "--tenant", "acme", "--text", "Invoice 7, total 12.50 EUR",
+                   "--schema", str(schema), "--instructions", "the invoice")  # fmt: skip
+    assert body == {"operation": "extract", "tenant_id": "acme",
+                    "text": "Invoice 7, total 12.50 EUR", "schema": INVOICE,
+                    "instructions": "the invoice"}  # fmt: skip
+
+
+def test_extract_with_a_schema_file_that_is_not_json_exits_2(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    schema = tmp_path / "broken.json"
+    schema.write_text("{not json")
+    code = main(["request", "extract", "--bootstrap-servers", "127.0.0.1:1", "--tenant", "a",
+                 "--text", "x", "--schema", str(schema)])  # fmt: skip
+    assert code == 2
+    assert "is not JSON" in capsys.readouterr().err
+
+
+def test_chat_response_formats() -> None:
+    body = body_of("chat", "--tenant", "acme", "--text", "List two colours", "--json")
+    assert body["response_format"] == {"type": "json_object"}
+
+
+def test_chat_with_a_schema(tmp_path: Any) -> None:
+    schema = tmp_path / "s.json"
+    schema.write_text(json.dumps(INVOICE))
+    body = body_of("chat", "--tenant", "acme", "--text", "Make one up", "--schema", str(schema))
+    assert body["response_format"] == {"type": "json_schema", "schema": INVOICE}
