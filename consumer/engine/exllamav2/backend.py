@@ -10,6 +10,7 @@ between decode steps.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -26,6 +27,7 @@ from consumer.engine.exllamav2.fatal import cuda_context_alive
 from consumer.engine.exllamav2.loader import Runtime
 from consumer.engine.exllamav2.runner import ScoreTicket, score_candidates
 from consumer.engine.exllamav2.startup import Startup
+from consumer.engine.grammar import GrammarCache, GrammarVocabulary, SequenceMatcher
 from consumer.engine.scheduler.driver import BackendLost, Job, StepEvent
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,8 @@ class Exl2Backend:
         self._context_alive = context_alive
         self._score: Job | None = None  # started; runs at the next step
         self._lost: str | None = None
+        self._grammar_cache: GrammarCache | None = None  # see `grammars`
+        self._grammar_lock = threading.Lock()
 
     # -- callers' threads -----------------------------------------------------------------
 
@@ -91,6 +95,31 @@ class Exl2Backend:
                 f"max_seq_len {self._max_seq_len}",
                 retryable=False,
             )
+        if request.constraint is not None:
+            # Compiled (or found cached) on the caller's thread: a refused schema never queues.
+            self.grammars().compile(request.constraint)
+
+    def grammars(self) -> GrammarCache:
+        """JSON grammars compiled for the model's tokenizer (its tokenizer.json; built at
+        first use)."""
+        with self._grammar_lock:
+            if self._grammar_cache is None:
+                model_dir = self.startup.settings.model_dir
+                assert model_dir is not None
+                vocabulary = GrammarVocabulary.from_tokenizer_json(
+                    model_dir / "tokenizer.json",
+                    self.runtime.stop_ids,
+                    n_vocab=self.runtime.vocab_size,
+                )
+                self._grammar_cache = GrammarCache(vocabulary)
+            return self._grammar_cache
+
+    def matcher_for(self, job: Job) -> SequenceMatcher | None:
+        """A generate job's fresh grammar state (None: unconstrained)."""
+        request = job.request
+        if request is None or request.constraint is None:
+            return None
+        return self.grammars().matcher(request.constraint)
 
     def check_score(self, prompt_ids: list[int], candidates: list[list[int]]) -> None:
         """`candidates` end with the end-of-turn token, as the scheduler's engine builds them."""
@@ -115,6 +144,7 @@ class Exl2Backend:
             "exllamav2_version": self.runtime.exllamav2_version,
             "flash_attn_version": start.flash_attn.version,
             "flash_attn_problem": start.flash_attn.problem,
+            "grammar_cache": None if self._grammar_cache is None else self._grammar_cache.details(),
         }
         if start.decision.mode == "static":
             details["static_attention"] = start.settings.static_attention

@@ -11,8 +11,10 @@ from consumer.engine.base import Generation, RequestState
 from consumer.engine.exllamav2.backend import Exl2Backend, request_of
 from consumer.engine.exllamav2.batching import paged_completion
 from consumer.engine.exllamav2.fatal import cuda_context_alive
+from consumer.engine.exllamav2.grammar_filter import GrammarFilter
 from consumer.engine.exllamav2.loader import Runtime
 from consumer.engine.exllamav2.startup import Startup
+from consumer.engine.grammar import SequenceMatcher
 from consumer.engine.scheduler.driver import Job, StepEvent
 
 log = logging.getLogger(__name__)
@@ -86,7 +88,7 @@ class PagedBackend(Exl2Backend):
             self._score = job
             return
         try:
-            handle = make_paged_job(job, self.runtime.stop_ids)
+            handle = make_paged_job(job, self.runtime.stop_ids, self.matcher_for(job))
             self._generator.enqueue(handle)
         except Exception as exc:
             raise self._failure(exc, "exl2_paged_enqueue_failed", 1, rejected=True) from exc
@@ -151,8 +153,11 @@ class PagedBackend(Exl2Backend):
             self._check_alive(exc)
 
 
-def make_paged_job(job: Job, stop_ids: frozenset[int]) -> Any:
-    """The ExLlamaV2DynamicJob for a generate job (greedy, or temperature + top_p)."""
+def make_paged_job(
+    job: Job, stop_ids: frozenset[int], grammar: SequenceMatcher | None = None
+) -> Any:
+    """The ExLlamaV2DynamicJob for a generate job (greedy, or temperature + top_p; with a
+    `grammar`, masked by it through a `GrammarFilter`)."""
     import torch
     from exllamav2.generator import ExLlamaV2DynamicJob, ExLlamaV2Sampler
 
@@ -173,4 +178,5 @@ def make_paged_job(job: Job, stop_ids: frozenset[int]) -> Any:
         seed=request.seed,
         stop_conditions=[*sorted(stop_ids), *(s for s in request.stop if s)],
         identifier=job,
+        filters=[GrammarFilter(grammar)] if grammar is not None else None,
     )

@@ -24,6 +24,7 @@ from consumer.engine.exllamav2.batching import (
     sum_candidate_logprobs,
 )
 from consumer.engine.exllamav2.sampling import RowSampling, mask_padded_vocab, sample_rows
+from consumer.engine.grammar import SequenceMatcher
 
 
 @dataclass(eq=False)
@@ -35,6 +36,7 @@ class GenTicket:
     # Report text as it is generated (held back while it may begin a stop string or ends in
     # half a character); otherwise a row's text is decoded once, when it ends.
     stream: bool = False
+    grammar: SequenceMatcher | None = None  # JSON output: the row's own grammar state
 
 
 @dataclass(eq=False)
@@ -113,6 +115,7 @@ class StaticBatch:
                     temperature=t.request.temperature,
                     top_p=t.request.top_p,
                     seed=t.request.seed,
+                    grammar=t.grammar,
                 ),
             )
             for t in tickets
@@ -175,12 +178,16 @@ class StaticBatch:
             row.end("stop")
         else:
             row.tokens.append(token)
+            if row.sampling.grammar is not None:
+                row.sampling.grammar.advance(token)
             if request.stop or row.ticket.stream:
                 text = self._decode(row.tokens)
                 cut = find_stop(text, request.stop)
                 if cut is not None:
                     row.end("stop")
                     text = text[:cut]
+            if not row.done and row.sampling.grammar is not None and row.sampling.grammar.complete:
+                row.end("stop")  # the JSON its grammar asks for is whole
             if not row.done and len(row.tokens) >= request.max_tokens:
                 row.end("length")
         new_tokens = 0 if token in self._stop_ids else 1

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from consumer.engine.grammar import SequenceMatcher, mask_torch_rows
+
 
 @dataclass(slots=True)
 class RowSampling:
@@ -22,6 +24,8 @@ class RowSampling:
     temperature: float
     top_p: float
     seed: int | None = None
+    # JSON output: the row's tokens are masked by its grammar (consumer.engine.grammar).
+    grammar: SequenceMatcher | None = None
     _generator: torch.Generator | None = None
 
     def generator(self, device: torch.device) -> torch.Generator | None:
@@ -62,8 +66,14 @@ def sample_rows(
     logits: torch.Tensor, rows: Sequence[RowSampling], vocab_size: int | None = None
 ) -> list[int]:
     """Next token for each row of `logits` (batch x head width, float32), never an id at or
-    past `vocab_size`."""
+    past `vocab_size`, nor one a row's grammar forbids."""
     logits = mask_padded_vocab(logits, vocab_size)
+    constrained = [
+        (index, row.grammar.mask())
+        for index, row in enumerate(rows)
+        if row.grammar is not None and not row.grammar.complete
+    ]
+    logits = mask_torch_rows(logits, constrained)
     greedy = logits.argmax(dim=-1).tolist()
     chosen: list[int] = []
     for index, row in enumerate(rows):

@@ -111,7 +111,12 @@ class StaticBackend(Exl2Backend):
         runtime = self.runtime
         try:
             tickets = [
-                GenTicket(ids=j.prompt_ids, request=request_of(j), stream=j.on_text is not None)
+                GenTicket(
+                    ids=j.prompt_ids,
+                    request=request_of(j),
+                    stream=j.on_text is not None,
+                    grammar=self.matcher_for(j),
+                )
                 for j in jobs
             ]
             batch = StaticBatch(
