@@ -21,50 +21,25 @@ import argparse
 import asyncio
 import os
 import statistics
-import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:  # run as a script: make `tests.support` importable
-    sys.path.insert(0, str(REPO))
-
-from consumer.engine.model_files import resolve_gguf  # noqa: E402
-from opstream_client import OperationsClient  # noqa: E402
-from tests.support.harness import (  # noqa: E402
-    FETCH_MAX_WAIT_MS,
+from _common import (  # first: puts the repository on sys.path
+    PROMPTS,
     Broker,
-    ConsumerProcess,
-    TopicSet,
-    base_settings,
-    ensure_test_topics,
-    merge,
+    add_model_arguments,
+    bench_client,
+    bench_parser,
+    chat,
+    in_flight,
+    model_path,
+    rate_line,
+    running_consumer,
 )
-from tests.support.plain_llama import repacking_off  # noqa: E402
-from tests.support.waiting import wait_until  # noqa: E402
 
-PROMPTS = [
-    "Explain what a Kafka consumer group is in two sentences.",
-    "Write a haiku about the sea.",
-    "List three uses of a hash function.",
-    "What is the capital of France, and why is it famous?",
-    "Give me a short recipe for pancakes.",
-    "Describe a cat to someone who has never seen one.",
-    "Why is the sky blue?",
-    "Summarize the plot of Romeo and Juliet.",
-]
-
-
-def chat(tenant: str, prompt: str, max_tokens: int) -> dict[str, Any]:
-    return {
-        "operation": "chat",
-        "tenant_id": tenant,
-        "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": max_tokens,
-        "temperature": 0.0,
-    }
+from opstream_client import OperationsClient
+from tests.support.plain_llama import repacking_off
+from tests.support.waiting import wait_until
 
 
 def direct_sequential(
@@ -76,7 +51,7 @@ def direct_sequential(
 
     with repacking_off():
         llama = Llama(
-            model_path=str(resolve_gguf(None, None, None)),
+            model_path=str(model_path()),
             n_ctx=2048,
             n_threads=threads,
             n_threads_batch=threads,
@@ -97,88 +72,43 @@ def direct_sequential(
         llama.close()
 
 
-async def in_flight(
-    client: OperationsClient,
-    bodies: list[dict[str, Any]],
-    concurrency: int,
-    metas: list[Any] | None = None,
-) -> tuple[float, int, list[float]]:
-    """Seconds, generated tokens and per-request latencies with `concurrency` in flight."""
-    gate = asyncio.Semaphore(concurrency)
-    latencies: list[float] = []
-    tokens = 0
-
-    async def one(body: dict[str, Any]) -> None:
-        nonlocal tokens
-        async with gate:
-            sent = time.perf_counter()
-            reply = await client.request(body)
-            latencies.append(time.perf_counter() - sent)
-            if reply.status != "ok":
-                raise RuntimeError(f"error reply: {reply.error}")
-            tokens += reply.meta.output_tokens
-            if metas is not None:
-                metas.append(reply.meta)
-
-    started = time.perf_counter()
-    await asyncio.gather(*(one(b) for b in bodies))
-    return time.perf_counter() - started, tokens, latencies
-
-
 async def through_consumer(args: argparse.Namespace) -> None:
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.prompts)]
     cores = len(os.sched_getaffinity(0))
     print(f"{len(prompts)} chat prompts, max_tokens {args.max_tokens}, greedy, {cores} cores")
     default_s, default_tokens = direct_sequential(prompts, args.max_tokens)
-    print(f"  direct llama.cpp, its default threads {default_tokens:5d} tokens in "
-          f"{default_s:6.2f} s  {default_tokens / default_s:7.1f} tok/s")  # fmt: skip
+    rate_line("direct llama.cpp, its default threads", default_s, default_tokens)
     # The baseline: the same threads as the consumer's engine uses (every core).
     direct_s, direct_tokens = direct_sequential(prompts, args.max_tokens, cores)
-    direct_rate = direct_tokens / direct_s
-    print(f"  direct llama.cpp, {cores} threads, one after another {direct_tokens:5d} tokens "
-          f"in {direct_s:6.2f} s  {direct_rate:7.1f} tok/s  (the baseline)")  # fmt: skip
-
-    broker = Broker.start()
-    try:
-        topics = TopicSet.unique()
-        await ensure_test_topics(broker, topics)
-        tmp = Path(tempfile.mkdtemp(prefix="opstream-bench-cpu-"))
-        settings = merge(
-            base_settings(broker, topics, tmp),
-            {
-                "engine": {"backend": "llamacpp"},
-                "logging": {"level": "WARNING"},
-                "kafka": {"fetch_max_wait_ms": args.fetch_wait_ms},
-            },
-        )
-        consumer = ConsumerProcess(settings, fake_engine=False, log_path=tmp / "consumer.log")
-        consumer.start()
-        try:
-            consumer.wait_ready(timeout_s=180)
+    direct_rate = rate_line(
+        f"direct llama.cpp, {cores} threads, one after another",
+        direct_s,
+        direct_tokens,
+        "  (the baseline)",
+    )
+    extra = {
+        "engine": {"backend": "llamacpp"},
+        "kafka": {"fetch_max_wait_ms": args.fetch_wait_ms},
+    }
+    with Broker.start() as broker:
+        async with running_consumer(broker, extra, name="cpu") as (consumer, topics):
             _, health = consumer.get("/health")
             scheduler = health.get("scheduler") if isinstance(health, dict) else None
             print(f"  consumer scheduler: {scheduler or 'none (one request at a time)'}")
-            async with OperationsClient(
-                broker.bootstrap,
-                request_topic=topics.requests,
-                reply_topic=topics.replies,
-                fetch_max_wait_ms=args.fetch_wait_ms,
-                timeout_s=900,
-            ) as client:
+            async with bench_client(broker, topics, args.fetch_wait_ms) as client:
                 await client.request(chat("warm-up", prompts[0], 8))
                 for concurrency in (1, 4, 8):
                     bodies = [chat("bench", p, args.max_tokens) for p in prompts]
                     seconds, tokens, _ = await in_flight(client, bodies, concurrency)
                     rate = tokens / seconds
-                    print(f"  consumer, {concurrency} in flight{'':16}{tokens:5d} tokens in "
-                          f"{seconds:6.2f} s  {rate:7.1f} tok/s  = {rate / direct_rate:.2f}x "
-                          "direct")  # fmt: skip
+                    rate_line(
+                        f"consumer, {concurrency} in flight",
+                        seconds,
+                        tokens,
+                        f"  = {rate / direct_rate:.2f}x direct",
+                    )
                 if not args.skip_fairness:
                     await fairness(client, args)
-        finally:
-            consumer.stop()
-    finally:
-        broker.stop()
 
 
 async def fairness(client: OperationsClient, args: argparse.Namespace) -> None:
@@ -270,18 +200,9 @@ async def bench(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser = bench_parser(__doc__)
+    add_model_arguments(parser, prompts=8)
     parser.add_argument("--flood", type=int, default=64)
-    parser.add_argument("--slots", type=int, default=8)
-    parser.add_argument(
-        "--fetch-wait-ms",
-        type=int,
-        default=FETCH_MAX_WAIT_MS,
-        help="consumer's and client's fetch_max_wait_ms (Tansu waits all of it on every "
-        "fetch; the tests' 5 ms keeps it busy polling, which takes CPU from the model)",
-    )
     parser.add_argument("--skip-fairness", action="store_true")
     parser.add_argument("--skip-cancel", action="store_true")
     asyncio.run(bench(parser.parse_args()))

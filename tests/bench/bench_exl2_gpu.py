@@ -16,25 +16,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from _common import bench_parser  # first: puts the repository on sys.path
 
-from consumer.engine.exllamav2.loader import load_runtime  # noqa: E402
-from consumer.engine.exllamav2.modes import flash_attn_blocker  # noqa: E402
-from consumer.engine.exllamav2.probes import probe_flash_attn, probe_gpus  # noqa: E402
-from consumer.engine.exllamav2.startup import (  # noqa: E402
+from consumer.engine.exllamav2.loader import load_runtime
+from consumer.engine.exllamav2.modes import flash_attn_blocker
+from consumer.engine.exllamav2.probes import probe_flash_attn, probe_gpus
+from consumer.engine.exllamav2.startup import (
     build_vram_plan,
     prepare_startup,
     read_model_dir,
 )
-from consumer.engine.exllamav2.vram import GIB, decode_step_bytes  # noqa: E402
-from consumer.settings.exllamav2 import ExLlamaV2Settings  # noqa: E402
+from consumer.engine.exllamav2.vram import GIB, decode_step_bytes
+from consumer.settings.exllamav2 import ExLlamaV2Settings
 
 # Peak DRAM bandwidth, GB/s, from the vendors' spec sheets.
 BANDWIDTH_GBS = {
@@ -165,7 +163,7 @@ def reset_peaks() -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--model-dir", type=Path, help="existing EXL2 model (skip building)")
     parser.add_argument("--work-dir", type=Path, help="where to build the random model")
     parser.add_argument("--layers", type=int, default=28, help="decoder layers (7B has 28)")

@@ -30,11 +30,8 @@ import json
 import multiprocessing
 import os
 import shutil
-import socket
 import statistics
 import subprocess
-import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Awaitable, Iterator
@@ -43,24 +40,23 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:  # run as a script: make `tests.support` importable
-    sys.path.insert(0, str(REPO))
-
-import psutil  # noqa: E402
-
-from consumer.engine.base import ChatMessage, GenerationRequest, WorkTag  # noqa: E402
-from consumer.engine.model_files import resolve_gguf  # noqa: E402
-from opstream_client import OperationsClient  # noqa: E402
-from tests.bench.bench_cpu_engine import PROMPTS, chat, in_flight  # noqa: E402
-from tests.support.harness import (  # noqa: E402
+import psutil
+from _common import (  # first: puts the repository on sys.path
+    PROMPTS,
+    REPO,
     Broker,
-    ConsumerProcess,
-    TopicSet,
-    base_settings,
-    ensure_test_topics,
-    merge,
+    add_model_arguments,
+    bench_client,
+    bench_parser,
+    chat,
+    in_flight,
+    model_path,
+    rate_line,
+    running_consumer,
 )
+
+from consumer.bus.devbroker import free_port
+from consumer.engine.base import ChatMessage, GenerationRequest, WorkTag
 
 CACHED = Path.home() / ".cache" / "opstream" / "llama-server" / "llama-server"
 HOG_LIMIT_S = 300.0  # the busy loop ends by itself even if the benchmark dies
@@ -73,12 +69,6 @@ def find_llama_server(build: bool) -> Path | None:
     if not CACHED.is_file() and build:
         subprocess.run([str(REPO / "tests/bench/build_llama_server.sh")], check=True)
     return CACHED if CACHED.is_file() else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _spin(until: float) -> None:
@@ -107,7 +97,7 @@ def llama_server(binary: Path, threads: int, slots: int, n_ctx: int) -> Iterator
     port = free_port()
     args = [
         str(binary),
-        "-m", str(resolve_gguf(None, None, None)),
+        "-m", str(model_path()),
         "--host", "127.0.0.1", "--port", str(port),
         "-np", str(slots), "-c", str(slots * n_ctx),
         "-t", str(threads), "-tb", str(threads),
@@ -176,12 +166,6 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
 
 
-def line(label: str, seconds: float, tokens: int, extra: str = "") -> float:
-    rate = tokens / seconds
-    print(f"  {label:<44}{tokens:5d} tokens in {seconds:6.2f} s  {rate:7.1f} tok/s{extra}")
-    return rate
-
-
 async def peer(args: argparse.Namespace) -> None:
     cores = len(os.sched_getaffinity(0))
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.prompts)]
@@ -202,87 +186,64 @@ async def peer(args: argparse.Namespace) -> None:
             server_completion(url, prompts[0], 8)  # warm-up
             for concurrency in (1, args.slots):
                 seconds, tokens = server_in_flight(url, prompts, concurrency, args.max_tokens)
-                server[f"{concurrency}"] = line(
+                server[f"{concurrency}"] = rate_line(
                     f"llama-server -np {args.slots}, {concurrency} in flight", seconds, tokens
                 )
             seconds, tokens = server_in_flight(url, serial, 1, args.max_tokens)
-            server["quiet"] = line("llama-server serial, quiet", seconds, tokens)
+            server["quiet"] = rate_line("llama-server serial, quiet", seconds, tokens)
             with cpu_hog():
                 seconds, tokens = server_in_flight(url, serial, 1, args.max_tokens)
-            server["hog"] = line(
+            server["hog"] = rate_line(
                 "llama-server serial, one core hogged",
                 seconds,
                 tokens,
                 f"  = {tokens / seconds / server['quiet']:.2f}x quiet",
             )
 
-    broker = Broker.start()
-    try:
-        topics = TopicSet.unique()
-        await ensure_test_topics(broker, topics)
-        tmp = Path(tempfile.mkdtemp(prefix="opstream-bench-peer-"))
-        settings = merge(
-            base_settings(broker, topics, tmp),
-            {
-                "engine": {"backend": "llamacpp", "llamacpp": {"slots": args.slots}},
-                "logging": {"level": "WARNING"},
-                # The service's default (the tests flush every 0.2 s, and each flush is a
-                # DuckDB COPY that takes a core from the model for a moment).
-                "usage": {"flush_age_s": 5.0},
-                "kafka": {"fetch_max_wait_ms": args.fetch_wait_ms},
-            },
-        )
-        consumer = ConsumerProcess(settings, fake_engine=False, log_path=tmp / "consumer.log")
-        consumer.start()
-        try:
-            consumer.wait_ready(timeout_s=180)
+    extra = {
+        "engine": {"backend": "llamacpp", "llamacpp": {"slots": args.slots}},
+        # The service's default (the tests flush every 0.2 s, and each flush is a DuckDB COPY
+        # that takes a core from the model for a moment).
+        "usage": {"flush_age_s": 5.0},
+        "kafka": {"fetch_max_wait_ms": args.fetch_wait_ms},
+    }
+    with Broker.start() as broker:
+        async with (
+            running_consumer(broker, extra, name="peer") as (consumer, topics),
+            bench_client(broker, topics, args.fetch_wait_ms) as client,
+        ):
             assert consumer.process is not None
-            async with OperationsClient(
-                broker.bootstrap,
-                request_topic=topics.requests,
-                reply_topic=topics.replies,
-                fetch_max_wait_ms=args.fetch_wait_ms,
-                timeout_s=900,
-            ) as client:
-                await client.request(chat("warm-up", prompts[0], 8))
-                for concurrency in (1, args.slots):
-                    broker_cpu = cpu_seconds(broker.local.process.pid) if broker.local else 0.0
-                    consumer_cpu = cpu_seconds(consumer.process.pid)
-                    bodies = [chat("bench", p, args.max_tokens) for p in prompts]
-                    seconds, tokens, _ = await in_flight(client, bodies, concurrency)
-                    peer_rate = server.get(f"{concurrency}")
-                    ratio = (
-                        f"  = {tokens / seconds / peer_rate:.2f}x llama-server" if peer_rate else ""
+            await client.request(chat("warm-up", prompts[0], 8))
+            for concurrency in (1, args.slots):
+                broker_cpu = cpu_seconds(broker.local.process.pid) if broker.local else 0.0
+                consumer_cpu = cpu_seconds(consumer.process.pid)
+                bodies = [chat("bench", p, args.max_tokens) for p in prompts]
+                seconds, tokens, _ = await in_flight(client, bodies, concurrency)
+                peer_rate = server.get(f"{concurrency}")
+                ratio = f"  = {tokens / seconds / peer_rate:.2f}x llama-server" if peer_rate else ""
+                rate_line(f"opstream via Kafka, {concurrency} in flight", seconds, tokens, ratio)
+                if broker.local:
+                    used = cpu_seconds(broker.local.process.pid) - broker_cpu
+                    own = cpu_seconds(consumer.process.pid) - consumer_cpu
+                    print(
+                        f"    CPU: broker {used / seconds / cores:.0%} of the machine, "
+                        f"consumer process (model included) {own / seconds / cores:.0%}"
                     )
-                    line(f"opstream via Kafka, {concurrency} in flight", seconds, tokens, ratio)
-                    if broker.local:
-                        used = cpu_seconds(broker.local.process.pid) - broker_cpu
-                        own = cpu_seconds(consumer.process.pid) - consumer_cpu
-                        print(
-                            f"    CPU: broker {used / seconds / cores:.0%} of the machine, "
-                            f"consumer process (model included) {own / seconds / cores:.0%}"
-                        )
-                bodies = [chat("serial", p, args.max_tokens) for p in serial]
-                seconds, tokens, _ = await in_flight(client, bodies, 1)
-                quiet = line("opstream serial via Kafka, quiet", seconds, tokens)
-                with cpu_hog():
-                    seconds, tokens, _ = await in_flight(client, [dict(b) for b in bodies], 1)
-                ratio = tokens / seconds / quiet
-                peer_ratio = (
-                    f"; llama-server {server['hog'] / server['quiet']:.2f}x" if server else ""
-                )
-                line(
-                    "opstream serial via Kafka, one core hogged",
-                    seconds,
-                    tokens,
-                    f"  = {ratio:.2f}x quiet (goal >= 0.4x){peer_ratio}",
-                )
-                _, health = consumer.get("/health")
-                print(f"    engine threads now: {health.get('models')} {_threads(health)}")
-        finally:
-            consumer.stop()
-    finally:
-        broker.stop()
+            bodies = [chat("serial", p, args.max_tokens) for p in serial]
+            seconds, tokens, _ = await in_flight(client, bodies, 1)
+            quiet = rate_line("opstream serial via Kafka, quiet", seconds, tokens)
+            with cpu_hog():
+                seconds, tokens, _ = await in_flight(client, [dict(b) for b in bodies], 1)
+            ratio = tokens / seconds / quiet
+            peer_ratio = f"; llama-server {server['hog'] / server['quiet']:.2f}x" if server else ""
+            rate_line(
+                "opstream serial via Kafka, one core hogged",
+                seconds,
+                tokens,
+                f"  = {ratio:.2f}x quiet (goal >= 0.4x){peer_ratio}",
+            )
+            _, health = consumer.get("/health")
+            print(f"    engine threads now: {health.get('models')} {_threads(health)}")
 
 
 def _threads(health: Any) -> str:
@@ -335,7 +296,7 @@ async def fair_share(args: argparse.Namespace) -> None:
     from consumer.engine.llamacpp import LlamaCppBackend
     from consumer.engine.scheduler.engine import start_scheduled_engine
 
-    path = resolve_gguf(None, None, None)
+    path = model_path()
     loads = {
         f"3 heavy tenants x {args.heavy} ({args.max_tokens} tokens)": (
             3,
@@ -385,19 +346,13 @@ async def bench(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__)
+    add_model_arguments(parser, prompts=16, fetch_wait_ms=100)
     parser.add_argument("--build", action="store_true", help="build llama-server if missing")
-    parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--serial", type=int, default=6)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--n-ctx", type=int, default=2048)
     parser.add_argument("--heavy", type=int, default=8, help="requests per heavy tenant")
     parser.add_argument("--repeat", type=int, default=3, help="fair-share on/off pairs")
-    # Tansu answers a fetch only when its wait is over, so at the tests' 5 ms the consumer and
-    # the broker busy-poll and take CPU from the model (~25% at 8 in flight, measured); a
-    # real Kafka broker answers as soon as data arrives, whatever the wait.
-    parser.add_argument("--fetch-wait-ms", type=int, default=100)
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--skip-fair", action="store_true")
     asyncio.run(bench(parser.parse_args()))

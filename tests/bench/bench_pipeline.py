@@ -18,28 +18,21 @@ import asyncio
 import json
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:  # run as a script: make `tests.support` importable
-    sys.path.insert(0, str(REPO))
-
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition  # noqa: E402
-
-from consumer.bus.topic_reader import topic_partitions  # noqa: E402
-from tests.support.harness import (  # noqa: E402
+from _common import (  # first: puts the repository on sys.path
     FETCH_MAX_WAIT_MS,
+    REPO,
     Broker,
-    ConsumerProcess,
-    TopicSet,
-    base_settings,
-    ensure_test_topics,
-    merge,
+    bench_parser,
+    running_consumer,
 )
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from consumer.bus.topic_reader import topic_partitions
+from tests.support.harness import TopicSet, ensure_test_topics
 
 TENANTS = [f"bench-tenant-{i:02d}" for i in range(64)]  # 2000 requests stay far below quotas
 ECHO_REPLY = json.dumps(
@@ -240,67 +233,69 @@ def merged(label: str, results: list[RunResult]) -> RunResult:
 
 
 async def bench(args: argparse.Namespace) -> None:
-    broker = Broker.start()
     echo_process: subprocess.Popen[bytes] | None = None
-    consumer: ConsumerProcess | None = None
     loads: list[LoadGenerator] = []
-    try:
-        echo_topics, consumer_topics = TopicSet.unique(), TopicSet.unique()
-        await ensure_test_topics(broker, echo_topics)
-        await ensure_test_topics(broker, consumer_topics)
-        # One group join at a time: concurrent joins can wedge Tansu's group coordinator
-        # (README, "Tests and benchmarks"); Apache Kafka does not need this.
-        echo_process = start_echo_service(broker.bootstrap, echo_topics)
-        echo = LoadGenerator(broker.bootstrap, echo_topics)
-        loads.append(echo)
-        await echo.start()
-        await wait_until_answering(echo, "echo service")
-        tmp = Path(tempfile.mkdtemp(prefix="opstream-bench-"))
-        settings = merge(
-            base_settings(broker, consumer_topics, tmp),
+    with Broker.start() as broker:
+        try:
+            echo_topics = TopicSet.unique()
+            await ensure_test_topics(broker, echo_topics)
+            # One group join at a time: concurrent joins can wedge Tansu's group coordinator
+            # (README, "Tests and benchmarks"); Apache Kafka does not need this.
+            echo_process = start_echo_service(broker.bootstrap, echo_topics)
+            echo = LoadGenerator(broker.bootstrap, echo_topics)
+            loads.append(echo)
+            await echo.start()
+            await wait_until_answering(echo, "echo service")
             # Production intervals: commit every 50 ms, usage rows flushed every 5 s.
-            {"intake": {"commit_interval_ms": 50}, "usage": {"flush_age_s": 5.0,
-             "enabled": args.usage},
-             "logging": {"level": "WARNING"},
-             "quota": {"enabled": args.quota}},
-        )  # fmt: skip
-        consumer = ConsumerProcess(settings, log_path=tmp / "consumer.log").start()
-        full = LoadGenerator(broker.bootstrap, consumer_topics)
-        loads.append(full)
-        await full.start()
-        await wait_until_answering(full, "consumer")
+            extra = {
+                "intake": {"commit_interval_ms": 50},
+                "usage": {"flush_age_s": 5.0, "enabled": args.usage},
+                "quota": {"enabled": args.quota},
+            }
+            async with running_consumer(broker, extra, name="pipeline", fake_engine=True) as (
+                _,
+                consumer_topics,
+            ):
+                full = LoadGenerator(broker.bootstrap, consumer_topics)
+                loads.append(full)
+                await full.start()
+                await wait_until_answering(full, "consumer")
+                await measure(args, broker, echo, full)
+        finally:
+            for load in loads:
+                await load.stop()
+            if echo_process is not None:
+                echo_process.terminate()
+                echo_process.wait(10)
+
+
+async def measure(
+    args: argparse.Namespace, broker: Broker, echo: LoadGenerator, full: LoadGenerator
+) -> None:
+    """Warm both up, then alternate runs of the echo service and the consumer; print each."""
+    for load, label in ((echo, "echo"), (full, "consumer")):
+        await load.run(label, args.warmup, args.concurrency)
+    print(
+        f"\n{args.requests} requests per run, {args.concurrency} concurrent, "
+        f"{args.rounds} rounds (alternating); quota {'on' if args.quota else 'OFF'}, "
+        f"usage {'on' if args.usage else 'OFF'}; broker {broker.bootstrap}",
+        flush=True,
+    )
+    rounds: dict[str, list[RunResult]] = {"echo": [], "consumer": []}
+    for round_number in range(1, args.rounds + 1):
+        print(f"round {round_number}:")
         for load, label in ((echo, "echo"), (full, "consumer")):
-            await load.run(label, args.warmup, args.concurrency)
-        print(
-            f"\n{args.requests} requests per run, {args.concurrency} concurrent, "
-            f"{args.rounds} rounds (alternating); quota {'on' if args.quota else 'OFF'}, "
-            f"usage {'on' if args.usage else 'OFF'}; broker {broker.bootstrap}",
-            flush=True,
-        )
-        rounds: dict[str, list[RunResult]] = {"echo": [], "consumer": []}
-        for round_number in range(1, args.rounds + 1):
-            print(f"round {round_number}:")
-            for load, label in ((echo, "echo"), (full, "consumer")):
-                result = await load.run(label, args.requests, args.concurrency)
-                rounds[label].append(result)
-                report(result)
-        echo_all, full_all = merged("echo", rounds["echo"]), merged("consumer", rounds["consumer"])
-        print("all rounds:")
-        report(echo_all)
-        report(full_all)
-        print(
-            f"\nconsumer / echo throughput: {full_all.rate / echo_all.rate:.2f}x (target >= 0.8x)"
-            f"   p50 latency ratio {full_all.percentile(0.5) / echo_all.percentile(0.5):.2f}x"
-        )
-    finally:
-        for load in loads:
-            await load.stop()
-        if consumer is not None:
-            consumer.stop()
-        if echo_process is not None:
-            echo_process.terminate()
-            echo_process.wait(10)
-        broker.stop()
+            result = await load.run(label, args.requests, args.concurrency)
+            rounds[label].append(result)
+            report(result)
+    echo_all, full_all = merged("echo", rounds["echo"]), merged("consumer", rounds["consumer"])
+    print("all rounds:")
+    report(echo_all)
+    report(full_all)
+    print(
+        f"\nconsumer / echo throughput: {full_all.rate / echo_all.rate:.2f}x (target >= 0.8x)"
+        f"   p50 latency ratio {full_all.percentile(0.5) / echo_all.percentile(0.5):.2f}x"
+    )
 
 
 def main() -> None:
@@ -310,7 +305,7 @@ def main() -> None:
         except KeyboardInterrupt:
             pass
         return
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--requests", type=int, default=2000, help="requests per run")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=200)

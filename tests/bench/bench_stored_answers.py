@@ -8,10 +8,11 @@ own (or KAFKA_BOOTSTRAP_SERVERS).
 
 from __future__ import annotations
 
-import argparse
 import time
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
+
+from _common import Broker, bench_parser  # first: puts the repository on sys.path
 
 from consumer.bus.connection import KafkaConnection
 from consumer.quota.ledger import QuotaLedger
@@ -69,7 +70,7 @@ async def kafka_restore(values: list[bytes]) -> float:
     from aiokafka import AIOKafkaProducer
 
     from consumer.quota.store import QuotaStore
-    from tests.support.harness import Broker, create_topic
+    from tests.support.harness import create_topic
 
     with Broker.start() as broker:
         topic = f"bench.state.{uuid.uuid4().hex[:8]}"
@@ -98,7 +99,7 @@ async def kafka_restore(values: list[bytes]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = bench_parser(__doc__)
     parser.add_argument("--requests", type=int, default=100_000)
     parser.add_argument("--reply-bytes", type=int, default=1_200)
     parser.add_argument("--kafka", action="store_true", help="also restore through a broker")

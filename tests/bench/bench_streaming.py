@@ -16,29 +16,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:  # run as a script: make `tests.support` importable
-    sys.path.insert(0, str(REPO))
-
-from consumer.engine.base import ChatMessage, GenerationRequest, WorkTag  # noqa: E402
-from consumer.engine.factory import load_engine  # noqa: E402
-from consumer.settings import Settings  # noqa: E402
-from opstream_client import OperationsClient  # noqa: E402
-from tests.support.harness import (  # noqa: E402
-    FETCH_MAX_WAIT_MS,
+from _common import (  # first: puts the repository on sys.path
     Broker,
-    ConsumerProcess,
-    TopicSet,
-    base_settings,
-    ensure_test_topics,
-    merge,
+    bench_client,
+    bench_parser,
+    chat,
+    running_consumer,
 )
+
+from consumer.engine.base import ChatMessage, GenerationRequest, WorkTag
+from consumer.engine.factory import load_engine
+from consumer.settings import Settings
+from tests.support.harness import merge
 
 PROMPTS = [
     "Write a haiku about the sea.",
@@ -47,17 +39,6 @@ PROMPTS = [
     "Give me a short recipe for pancakes.",
 ]
 ENGINE = {"backend": "llamacpp", "llamacpp": {"n_ctx": 1024}}
-
-
-def chat(tenant: str, prompt: str, max_tokens: int, **extra: Any) -> dict[str, Any]:
-    return {
-        "operation": "chat",
-        "tenant_id": tenant,
-        "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": max_tokens,
-        "temperature": 0.0,
-        **extra,
-    }
 
 
 async def engine_first_tokens(count: int) -> list[float]:
@@ -82,89 +63,62 @@ async def engine_first_tokens(count: int) -> list[float]:
         await engine.close()
 
 
-async def start_consumer(broker: Broker, extra: dict[str, Any]) -> tuple[ConsumerProcess, TopicSet]:
-    topics = TopicSet.unique()
-    await ensure_test_topics(broker, topics)
-    tmp = Path(tempfile.mkdtemp(prefix="opstream-bench-stream-"))
-    settings = merge(
-        merge(
-            base_settings(broker, topics, tmp), {"engine": ENGINE, "logging": {"level": "WARNING"}}
-        ),
-        extra,
-    )
-    consumer = ConsumerProcess(settings, fake_engine=False, log_path=tmp / "consumer.log")
-    consumer.start()
-    await asyncio.to_thread(consumer.wait_ready, 180)
-    return consumer, topics
-
-
-def client_for(broker: Broker, topics: TopicSet) -> OperationsClient:
-    return OperationsClient(
-        broker.bootstrap,
-        request_topic=topics.requests,
-        reply_topic=topics.replies,
-        fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
-        timeout_s=600,
-    )
+def consumer_on(broker: Broker, extra: dict[str, Any]) -> Any:
+    """A ready consumer running the benchmark's engine, with `extra` settings on top."""
+    return running_consumer(broker, merge({"engine": ENGINE}, extra), name="stream")
 
 
 async def kafka_first_chunks(broker: Broker, count: int) -> list[float]:
-    consumer, topics = await start_consumer(broker, {"streaming": {"chunk_tokens": 1}})
-    try:
-        async with client_for(broker, topics) as client:
-            firsts: list[float] = []
-            for i in range(count + 1):
-                started = time.perf_counter()
-                stream = client.stream(chat("bench", PROMPTS[i % len(PROMPTS)], 16))
-                first = None
-                async for _chunk in stream:
-                    first = first or time.perf_counter()
-                if i and first is not None:
-                    firsts.append(first - started)
-            return firsts
-    finally:
-        consumer.stop()
+    async with (
+        consumer_on(broker, {"streaming": {"chunk_tokens": 1}}) as (_, topics),
+        bench_client(broker, topics) as client,
+    ):
+        firsts: list[float] = []
+        for i in range(count + 1):
+            started = time.perf_counter()
+            stream = client.stream(chat("bench", PROMPTS[i % len(PROMPTS)], 16))
+            first = None
+            async for _chunk in stream:
+                first = first or time.perf_counter()
+            if i and first is not None:
+                firsts.append(first - started)
+        return firsts
 
 
 async def kafka_cancel(broker: Broker) -> tuple[float, float]:
-    consumer, topics = await start_consumer(
-        broker, {"engine": {"llamacpp": {"slots": 1}}, "streaming": {"chunk_tokens": 1}}
-    )
-    try:
-        async with client_for(broker, topics) as client:
-            long = client.stream(chat("bench", "Count from 1 to 500.", 400, request_id="long"))
-            queued = client.stream(chat("bench", "Say hi.", 8))
-            seen = 0
-            queued_first: list[float] = []
+    extra = {"engine": {"llamacpp": {"slots": 1}}, "streaming": {"chunk_tokens": 1}}
+    async with (
+        consumer_on(broker, extra) as (_, topics),
+        bench_client(broker, topics) as client,
+    ):
+        long = client.stream(chat("bench", "Count from 1 to 500.", 400, request_id="long"))
+        queued = client.stream(chat("bench", "Say hi.", 8))
+        seen = 0
+        queued_first: list[float] = []
 
-            async def read_queued() -> None:
-                async for _chunk in queued:
-                    queued_first.append(time.perf_counter())
+        async def read_queued() -> None:
+            async for _chunk in queued:
+                queued_first.append(time.perf_counter())
 
-            reading = None
-            async for _chunk in long:
-                seen += 1
-                if seen == 5:
-                    reading = asyncio.create_task(read_queued())
-                    await asyncio.sleep(0.5)  # the queued request reaches the scheduler
-                    cancelled_at = time.perf_counter()
-                    await client.cancel("long", tenant_id="bench")
-            ended = time.perf_counter()
-            assert reading is not None
-            await reading
-            return ended - cancelled_at, queued_first[0] - cancelled_at
-    finally:
-        consumer.stop()
+        reading = None
+        async for _chunk in long:
+            seen += 1
+            if seen == 5:
+                reading = asyncio.create_task(read_queued())
+                await asyncio.sleep(0.5)  # the queued request reaches the scheduler
+                cancelled_at = time.perf_counter()
+                await client.cancel("long", tenant_id="bench")
+        ended = time.perf_counter()
+        assert reading is not None
+        await reading
+        return ended - cancelled_at, queued_first[0] - cancelled_at
 
 
 async def bench(args: argparse.Namespace) -> None:
     engine_ttft = await engine_first_tokens(args.requests)
-    broker = Broker.start()
-    try:
+    with Broker.start() as broker:
         kafka_ttfc = await kafka_first_chunks(broker, args.requests)
         to_reply, to_queued = await kafka_cancel(broker)
-    finally:
-        broker.stop()
     engine_ms = statistics.median(engine_ttft) * 1000
     kafka_ms = statistics.median(kafka_ttfc) * 1000
     print(f"{args.requests} chat requests one at a time, 16 tokens, greedy")
@@ -177,7 +131,7 @@ async def bench(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--requests", type=int, default=8)
     asyncio.run(bench(parser.parse_args()))
 

@@ -6,7 +6,6 @@ Not a test: it prints numbers and asserts nothing.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import shutil
 import statistics
@@ -14,6 +13,8 @@ import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+from _common import bench_parser  # first: puts the repository on sys.path
 
 from consumer.usage import UsageSettings, UsageWriter
 from consumer.usage.segments import SegmentWriter, row_values, rows_to_arrow
@@ -198,7 +199,7 @@ def bench_segment_path(rows: list[UsageRow], root: Path, size: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = bench_parser(__doc__)
     parser.add_argument("--rows", type=int, default=300_000)
     parser.add_argument("--distinct", type=int, default=50_000, help="distinct rows built")
     parser.add_argument("--producers", type=int, default=5_000)

@@ -523,8 +523,15 @@ async def start_consumer(process: ConsumerProcess, timeout_s: float = 90.0) -> C
     return process
 
 
-def client_for(broker: Broker, topics: TopicSet, timeout_s: float = 60.0) -> OperationsClient:
-    """An OperationsClient (not started) for `topics`, polling at the tests' fetch wait."""
+def client_for(
+    broker: Broker,
+    topics: TopicSet,
+    timeout_s: float = 60.0,
+    *,
+    fetch_max_wait_ms: int = FETCH_MAX_WAIT_MS,
+) -> OperationsClient:
+    """An OperationsClient (not started) for `topics`, polling at the tests' fetch wait
+    unless told another."""
     from opstream_client import OperationsClient
 
     return OperationsClient(
@@ -532,5 +539,5 @@ def client_for(broker: Broker, topics: TopicSet, timeout_s: float = 60.0) -> Ope
         request_topic=topics.requests,
         reply_topic=topics.replies,
         timeout_s=timeout_s,
-        fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+        fetch_max_wait_ms=fetch_max_wait_ms,
     )
