@@ -92,6 +92,8 @@ RECIPES = {
     "kcat",
     "kcat-librdkafka",
     "cli-request",
+    "cli-extract",
+    "python-extract",
     "cli-batch",
     "cli-limits",
     "cli-usage",
@@ -454,3 +456,26 @@ def test_the_settings_file_loads_as_the_readme_says(tmp_path: Path) -> None:
     assert settings.engine.backend == "exllamav2"
     assert str(settings.engine.exllamav2.model_dir).endswith("exl2-4.25bpw")
     assert settings.quota.default_daily_requests == 1000
+
+
+def test_the_cli_extract_lines_answer_data_valid_against_the_schema(
+    service: ConsumerProcess, own_broker: Broker, tmp_path: Path
+) -> None:
+    import jsonschema
+
+    done = run_console_block(
+        readme_blocks()["cli-extract"], service, own_broker.bootstrap, tmp_path
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    reply = next(doc for doc in _json_documents(done.stdout) if "status" in doc)
+    assert reply["status"] == "ok", reply
+    schema = json.loads((tmp_path / "person.schema.json").read_text())
+    jsonschema.validate(reply["result"]["data"], schema)
+
+
+def test_the_python_extract_snippet_prints_two_schema_fields(
+    service: ConsumerProcess, own_broker: Broker, tmp_path: Path
+) -> None:
+    out = run_python_block(readme_blocks()["python-extract"], own_broker.bootstrap, tmp_path)
+    # `severity refund_requested` on ok: values only the schema allows.
+    assert re.search(r"^(low|medium|high) (True|False)$", out.strip().splitlines()[-1]), out
