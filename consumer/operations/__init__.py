@@ -1,30 +1,24 @@
-"""The operations of the contract, one module each, found by name (`operation_of`)."""
+"""The operations of the contract, one module each, found by name (`operation_of`).
+
+Names are imported from their modules on first use (PEP 562), so importing the package
+stays cheap.
+"""
 
 from __future__ import annotations
 
-from consumer.operations.base import AnyRequest, Operation, Prompt, Result, Served
-from consumer.operations.chat import Chat
-from consumer.operations.classify import Classify
-from consumer.operations.extract import Extract
-from consumer.operations.summarize import Summarize
-from consumer.operations.translate import Translate
+from consumer.lazy import lazy_exports
 
-OPERATIONS_BY_NAME: dict[str, Operation] = {
-    op.name: op for op in (Summarize(), Translate(), Classify(), Chat(), Extract())
+_EXPORTS: dict[str, str] = {
+    "OPERATIONS_BY_NAME": "consumer.operations.registry",
+    "AnyRequest": "consumer.operations.base",
+    "Operation": "consumer.operations.base",
+    "Prompt": "consumer.operations.base",
+    "Result": "consumer.operations.base",
+    "Served": "consumer.operations.base",
+    "operation_of": "consumer.operations.registry",
 }
 
-
-def operation_of(request: AnyRequest) -> Operation:
-    """The operation that serves `request`."""
-    return OPERATIONS_BY_NAME[request.operation]
+__all__ = sorted(_EXPORTS)
 
 
-__all__ = [
-    "OPERATIONS_BY_NAME",
-    "AnyRequest",
-    "Operation",
-    "Prompt",
-    "Result",
-    "Served",
-    "operation_of",
-]
+__getattr__ = lazy_exports(__name__, _EXPORTS)

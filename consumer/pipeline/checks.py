@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from consumer.bus.records import InboundRecord
 from consumer.engine.base import WorkTag
 from consumer.errors import DeadlineExceeded, ValidationFailed
-from consumer.operations import AnyRequest
+from consumer.operations.base import AnyRequest
 from consumer.quota.partitions import partition_for_key, partition_for_tenant
 from schemas.headers import FORWARDED_FROM
 from schemas.replies import FieldError

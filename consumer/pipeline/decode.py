@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from consumer.bus.records import InboundRecord, ReplyRoute
 from consumer.errors import ValidationFailed
-from consumer.operations import AnyRequest
+from consumer.operations.base import AnyRequest
 from schemas.headers import CORRELATION_ID, REPLY_TO
 from schemas.replies import FieldError
 from schemas.requests import CancelRequest, operation_request_adapter

@@ -38,7 +38,8 @@ from consumer.errors import (
     ValidationFailed,
 )
 from consumer.observability.telemetry import Telemetry
-from consumer.operations import AnyRequest, Prompt, operation_of
+from consumer.operations.base import AnyRequest, Prompt
+from consumer.operations.registry import operation_of
 from consumer.pipeline.cancels import Serving, ServingRequests
 from consumer.pipeline.checks import (
     check_deadline,

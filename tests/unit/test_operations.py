@@ -8,11 +8,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consumer.operations import OPERATIONS_BY_NAME
 from consumer.operations.base import output_budget
 from consumer.operations.chat import chat_prompt
 from consumer.operations.classify import classify_prompt, normalise_label_scores
 from consumer.operations.languages import language_name
+from consumer.operations.registry import OPERATIONS_BY_NAME
 from consumer.operations.summarize import DEFAULT_MAX_TOKENS as SUMMARIZE_DEFAULT_MAX_TOKENS
 from consumer.operations.summarize import parse_summary, split_sentences, summarize_prompt
 from consumer.operations.translate import parse_translation, translate_prompt
