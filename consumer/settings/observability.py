@@ -23,7 +23,8 @@ class LoggingSettings(BaseModel):
     backups: int = Field(default=5, ge=0, le=1_000)
     levels: dict[str, LevelName] = Field(
         default_factory=lambda: dict(QUIET_LOGGERS),
-        description="Per-logger level overrides, e.g. {'aiokafka': 'WARNING'}.",
+        description="Per-logger level overrides by name prefix, e.g. {'consumer.engine': "
+        "'DEBUG'}; opstream's own loggers are all under consumer. (README, Observability).",
     )
 
 
