@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 
-from consumer.bus.topic_reader import topic_partitions
+from consumer.bus.connection import KafkaConnection
+from consumer.bus.topic_reader import read_to_end, standalone_consumer, topic_partitions
 from opstream_client import OperationsClient
 from schemas.headers import (
     CORRELATION_ID,
@@ -65,31 +66,20 @@ class Record:
 
 async def read_topic(bootstrap: str, topic: str) -> list[Record]:
     """Every record currently in `topic`, read from the beginning without a consumer group."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=FETCH_MAX_WAIT_MS
-    )
+    consumer = standalone_consumer(KafkaConnection(bootstrap), fetch_max_wait_ms=FETCH_MAX_WAIT_MS)
     await consumer.start()
     try:
         partitions = await topic_partitions(consumer, topic)
-        assignment = [TopicPartition(topic, p) for p in sorted(partitions)]
-        consumer.assign(assignment)
-        await consumer.seek_to_beginning(*assignment)
-        ends = await consumer.end_offsets(assignment)
-        out: list[Record] = []
-        while [tp for tp in assignment if await consumer.position(tp) < ends[tp]]:
-            batches = await consumer.getmany(timeout_ms=200)
-            for records in batches.values():
-                out.extend(
-                    Record(
-                        r.partition,
-                        r.offset,
-                        r.key,
-                        r.value,
-                        {k: (v or b"").decode("utf-8", "replace") for k, v in r.headers or ()},
-                    )
-                    for r in records
-                )
-        return out
+        return [
+            Record(
+                r.partition,
+                r.offset,
+                r.key,
+                r.value,
+                {k: (v or b"").decode("utf-8", "replace") for k, v in r.headers or ()},
+            )
+            async for r in read_to_end(consumer, topic, partitions, timeout_s=30.0)
+        ]
     finally:
         await consumer.stop()
 
