@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import time
 from typing import Any
@@ -37,6 +36,7 @@ from _common import (  # first: puts the repository on sys.path
     running_consumer,
 )
 
+from consumer.engine.llamacpp.native import usable_cores
 from opstream_client import OperationsClient
 from tests.support.plain_llama import repacking_off
 from tests.support.waiting import wait_until
@@ -74,7 +74,7 @@ def direct_sequential(
 
 async def through_consumer(args: argparse.Namespace) -> None:
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.prompts)]
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     print(f"{len(prompts)} chat prompts, max_tokens {args.max_tokens}, greedy, {cores} cores")
     default_s, default_tokens = direct_sequential(prompts, args.max_tokens)
     rate_line("direct llama.cpp, its default threads", default_s, default_tokens)

@@ -57,6 +57,7 @@ from _common import (  # first: puts the repository on sys.path
 
 from consumer.bus.devbroker import free_port
 from consumer.engine.base import ChatMessage, GenerationRequest, WorkTag
+from consumer.engine.llamacpp.native import usable_cores
 
 CACHED = Path.home() / ".cache" / "opstream" / "llama-server" / "llama-server"
 HOG_LIMIT_S = 300.0  # the busy loop ends by itself even if the benchmark dies
@@ -167,7 +168,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 async def peer(args: argparse.Namespace) -> None:
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.prompts)]
     serial = prompts[: args.serial]
     print(
@@ -313,8 +314,9 @@ async def fair_share(args: argparse.Namespace) -> None:
             for fair in (False, True):
                 engine = await asyncio.to_thread(
                     start_scheduled_engine,
-                    lambda: LlamaCppBackend(path, slots=args.slots, prefill_chunk=128),
+                    lambda: LlamaCppBackend(path, slots=args.slots),
                     max_queued=1000,
+                    step_tokens=128,
                     fair_preemption=fair,
                 )
                 try:
