@@ -168,3 +168,19 @@ def gpu_memory(info: EngineInfo | None) -> list[GpuMemory]:
         and isinstance(gpu.get("memory_used_bytes"), int)
         and isinstance(gpu.get("memory_total_bytes"), int)
     ]
+
+
+GRAMMAR_CACHE_RESULTS = ("hit", "miss", "refused")
+
+
+def grammar_cache_counts(info: EngineInfo | None) -> dict[str, int]:
+    """The engine's compiled-grammar cache lookups by result (`details["grammar_cache"]`);
+    empty before the first constrained request builds the cache."""
+    cache = info.details.get("grammar_cache") if info is not None else None
+    if not isinstance(cache, dict):
+        return {}
+    return {
+        "hit": int(cache.get("hits") or 0),
+        "miss": int(cache.get("misses") or 0),
+        "refused": int(cache.get("refused") or 0),
+    }

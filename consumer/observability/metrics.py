@@ -22,6 +22,7 @@ from consumer.observability.engine_gauges import (
     GpuMemory,
     SchedulerState,
     gpu_memory,
+    grammar_cache_counts,
     scheduler_state,
 )
 
@@ -123,6 +124,15 @@ class Metrics:
             callbacks=[self._observe_gpu_memory_limit],
             unit="By",
             description="GPU memory each device the engine runs on has in all.",
+        )
+
+        # Constrained decoding (extract, response_format): compiled grammars by schema hash.
+        meter.create_observable_counter(
+            "opstream.grammar.cache.lookups",
+            callbacks=[self._observe_grammar_cache],
+            unit="{lookup}",
+            description="Compiled-grammar cache lookups by result: hit, miss (compiled now), "
+            "refused (the schema could not be compiled).",
         )
 
         # The scheduler's capacity signals (what an autoscaler reads: queued tokens).
@@ -261,6 +271,10 @@ class Metrics:
             return [] if state is None else read(state)
 
         return observe
+
+    def _observe_grammar_cache(self, options: CallbackOptions) -> Iterable[Observation]:
+        counts = grammar_cache_counts(self.engine.info())
+        return [Observation(n, {"result": result}) for result, n in counts.items()]
 
     def _gpus(self) -> list[GpuMemory]:
         return gpu_memory(self.engine.info())
