@@ -581,6 +581,7 @@ def test_details_and_identity(backend: LlamaCppBackend) -> None:
         "flash_attn": True,
         "threads": 2,
         "thread_choices": [2],
+        "grammar_cache": None,  # built at the first constrained request
     }
     assert backend.encode_text("<|im_end|>") != [backend.end_of_turn_id]
     assert backend.encode_prompt((ChatMessage("user", "hi"),))[-1] != backend.end_of_turn_id
