@@ -4,6 +4,7 @@ constraint a request asks for, refusals as validation errors, and parsing the fi
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from consumer.engine.base import Engine, Generation
@@ -52,7 +53,7 @@ def parse_json_output(generation: Generation, max_tokens: int) -> dict[str, Any]
 async def generate_json(
     engine: Engine,
     prompt: Prompt,
-    shape: Any,
+    shape: Callable[[Generation], Result],
     schema_loc: list[str | int],
 ) -> Served:
     """Run a constrained prompt; a schema the grammar engine refuses is a validation error
@@ -63,6 +64,3 @@ async def generate_json(
         raise ValidationFailed(
             str(exc), errors=[FieldError(loc=schema_loc, msg=str(exc), type="json_schema")]
         ) from exc
-
-
-__all__ = ["Result", "generate_json", "parse_json_output", "response_constraint"]
