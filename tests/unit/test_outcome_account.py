@@ -263,6 +263,15 @@ async def test_cancel_request(caplog: pytest.LogCaptureFixture) -> None:
     assert_one_account(account, "ok", None)
 
 
+async def test_incomplete_output(caplog: pytest.LogCaptureFixture) -> None:
+    # The fake engine writes words, never the JSON an extract's schema asks for.
+    body = {"operation": "extract", "tenant_id": "tenant-a", "request_id": "cut", "text": "x",
+            "schema": {"type": "object"}}  # fmt: skip
+    account = await run_case(caplog, lambda: keyed("acme", body))
+    assert_one_account(account, "error", "incomplete_output")
+    assert account.reply is not None and account.reply.meta.output_tokens > 0  # it ran: charged
+
+
 def test_every_kind_is_covered() -> None:
     # ok, each error code of the wire, dlq, forwarded, repeat, replay: each has a case above.
     from typing import get_args
@@ -271,4 +280,5 @@ def test_every_kind_is_covered() -> None:
 
     covered = {"validation", "unauthorized", "duplicate_request", "quota_exceeded"}
     covered |= {"deadline_exceeded", "overloaded", "cancelled", "internal", "in_progress"}
+    covered |= {"incomplete_output"}
     assert covered == set(get_args(ErrorCode))
