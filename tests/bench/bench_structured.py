@@ -21,6 +21,12 @@ Prints, in one run:
 
 Run: .venv/bin/python tests/bench/bench_structured.py [--texts 2] [--max-tokens 128]
 Not a test: it prints numbers and asserts nothing.
+
+Measured 2026-12-06 on the 2-core development VM, quiet: extract 21/22 ok, 21/21 valid, 1
+incomplete_output; plain chat 0/22 parse as JSON (SmolLM2-135M answers in prose), so 100%
+fail validation. Per token with a schema: +5.9% at 1 in flight, +0.1% at 8 (the grammar's
+own share: 311 and 224 us a token, +4.2% and +2.8%). Compile: 11 schemas 7.5 ms cold
+(median 0.71 ms, slowest 0.90 ms), cached 0.001 ms; the vocabulary, once per model, 308 ms.
 """
 
 from __future__ import annotations
