@@ -168,3 +168,22 @@ async def test_an_object_cut_by_max_tokens_is_incomplete_output_and_its_tokens_c
     assert reply.error.code == "incomplete_output" and reply.error.http_status == 422
     assert "max_tokens (4)" in reply.error.message
     assert reply.meta.output_tokens == 4 and reply.meta.input_tokens > 0
+
+
+async def test_a_running_extract_is_cancelled_and_charged_what_it_generated(live: Live) -> None:
+    # At least 40 strings: far more than it gets to before the cancel.
+    long = {"type": "object", "required": ["notes"],
+            "properties": {"notes": {"type": "array", "items": {"type": "string"},
+                                     "minItems": 40}}}  # fmt: skip
+    body = {"operation": "extract", "tenant_id": "extract-cancel", "request_id": "long-1",
+            "text": TEXTS["review"][0], "schema": long, "max_tokens": 1000}  # fmt: skip
+    stream = live.client.stream(body)
+    seen = 0
+    async for _chunk in stream:
+        seen += 1
+        if seen == 1:
+            cancel = await live.client.cancel("long-1", tenant_id="extract-cancel")
+            assert cancel.status == "ok"
+    reply = stream.reply
+    assert reply is not None and reply.error is not None and reply.error.code == "cancelled"
+    assert 0 < reply.meta.output_tokens < 1000
