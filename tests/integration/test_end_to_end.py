@@ -37,6 +37,7 @@ from tests.support.harness import (
     client_for,
     merge,
     new_topics,
+    serving,
     start_consumer,
     wait_requests_finished,
 )
@@ -125,15 +126,8 @@ async def live(broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> Asyn
         base_settings(broker, topics, tmp),
         {"engine": {"backend": "llamacpp", "llamacpp": {"n_ctx": 2048}}},
     )
-    consumer = ConsumerProcess(settings, fake_engine=False, log_path=tmp / "consumer.log")
-    await start_consumer(consumer, timeout_s=120.0)
-    client = client_for(broker, topics)
-    await client.start()
-    try:
+    async with serving(broker, topics, settings, tmp / "consumer.log") as (consumer, client):
         yield Live(broker, topics, consumer, client)
-    finally:
-        await client.close()
-        consumer.stop()
 
 
 def assert_ok_meta(reply: OperationReply, operation: str, request_id: str) -> None:

@@ -21,10 +21,9 @@ from tests.support.harness import (
     Broker,
     ConsumerProcess,
     base_settings,
-    client_for,
     merge,
     new_topics,
-    start_consumer,
+    serving,
 )
 
 pytestmark = pytest.mark.integration
@@ -46,19 +45,11 @@ async def live(broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> Asyn
         base_settings(broker, topics, tmp),
         {"engine": {"backend": "llamacpp", "llamacpp": {"n_ctx": 1536, "slots": 8}}},
     )
-    consumer = ConsumerProcess(settings, fake_engine=False, log_path=tmp / "consumer.log")
-    await start_consumer(consumer, timeout_s=120.0)
-    client = client_for(broker, topics, timeout_s=240.0)
-    try:
-        await client.start()
-    except BaseException:
-        consumer.kill()
-        raise
-    try:
+    async with serving(broker, topics, settings, tmp / "consumer.log", client_timeout_s=240.0) as (
+        consumer,
+        client,
+    ):
         yield Live(consumer, client)
-    finally:
-        await client.close()
-        consumer.stop()
 
 
 async def test_every_ok_reply_of_the_corpus_validates_against_its_schema(live: Live) -> None:

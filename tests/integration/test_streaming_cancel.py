@@ -26,9 +26,9 @@ from tests.support.harness import (
     ConsumerProcess,
     TopicSet,
     base_settings,
-    client_for,
     merge,
     new_topics,
+    serving,
     start_consumer,
 )
 from tests.support.rdkafka import RdkafkaRequester
@@ -61,19 +61,11 @@ async def live(broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> Asyn
             "quota": {"admin_key": ADMIN_KEY},
         },
     )
-    consumer = ConsumerProcess(settings, fake_engine=False, log_path=tmp / "consumer.log")
-    await start_consumer(consumer, timeout_s=120.0)
-    client = client_for(broker, topics, timeout_s=120.0)
-    try:
-        await client.start()
-    except BaseException:
-        consumer.kill()
-        raise
-    try:
+    async with serving(broker, topics, settings, tmp / "consumer.log", client_timeout_s=120.0) as (
+        consumer,
+        client,
+    ):
         yield Live(broker, topics, consumer, client, tmp / "usage")
-    finally:
-        await client.close()
-        consumer.stop()
 
 
 def chat(tenant: str, text: str, max_tokens: int, **extra: Any) -> dict[str, Any]:

